@@ -1,0 +1,8 @@
+"""Shared test set-up. Fixture modules for real services live in tests/fixtures/ and are registered here."""
+import os
+
+# Two cores: keep each test process from oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+pytest_plugins = [
+]

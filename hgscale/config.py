@@ -44,6 +44,7 @@ def fld(default: Any, doc: str, **kw):
 DOWNSAMPLE = ("avg", "linear", "attention_avg", "attention_linear")
 UPSAMPLE = ("repeat", "linear", "attention_repeat", "attention_linear")
 ATTENTION = ("relative", "rotary")
+ATTN_IMPL = ("auto", "sdpa", "blocked", "naive")
 
 _LEVEL_RE = re.compile(r"^(\d+)@(\d+)$")
 
@@ -102,6 +103,7 @@ class ModelConfig:
     attn_dropout: float = fld(0.0, "Dropout on attention probabilities.")
     max_seq_len: int = fld(8192, "Longest sequence (tokens) the model is built for (evaluation context included).")
     init_std: float = fld(0.02, "Standard deviation of the normal initialisation of weights.")
+    attn_impl: str = fld("auto", "Relative attention kernel: 'auto' (sdpa on GPU, blocked on CPU), 'sdpa', 'blocked' or 'naive'.")
 
     def levels(self) -> list[tuple[int, int]]:
         return parse_hierarchy(self.hierarchy)
@@ -119,7 +121,8 @@ class ModelConfig:
             self.levels()
         except ValueError as e:
             out.append(str(e))
-        for name, choices in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("attention", ATTENTION)):
+        for name, choices in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("attention", ATTENTION),
+                              ("attn_impl", ATTN_IMPL)):
             val = getattr(self, name)
             if val not in choices:
                 out.append(f"model.{name} = {val!r} is not one of {', '.join(choices)}")
@@ -174,6 +177,9 @@ class DataConfig:
     seed: int = fld(1234, "Seed of the data order.")
     on_corrupt: str = fld("error", "A corrupt or truncated shard: 'error' stops naming it, 'skip' skips and counts it.")
     verify_manifest: bool = fld(True, "Check shard sizes named in the manifest before training starts.")
+    verify_checksums: bool = fld(False, "Also read every shard and check its sha256 and counts before training (slow).")
+    worker_start_method: str = fld("forkserver", "How data workers start: 'forkserver' (fast) or 'spawn'; never fork (s3fs).")
+    request_timeout_s: float = fld(60.0, "Connect/read timeout of one storage request; a slower one is retried.")
     s3_endpoint_url: str = fld("", "S3 endpoint (for MinIO, moto, ...); empty uses AWS_ENDPOINT_URL or AWS itself.")
     s3_region: str = fld("", "S3 region; empty uses AWS_DEFAULT_REGION.")
     retries: int = fld(5, "Attempts per storage request before giving up on transient errors.")
@@ -233,6 +239,24 @@ class TrackingConfig:
     run_name: str = fld("", "MLflow run name; empty derives one from the config file name.")
     system_metrics: bool = fld(True, "Log CPU, memory and GPU use per node.")
     peak_tflops: float = fld(0.0, "Peak TFLOP/s per device for MFU; 0 looks up the GPU or measures the CPU.")
+    start_timeout_s: float = fld(30.0, "Seconds to wait for the tracking run at start-up before training on (it is created later).")
+    close_timeout_s: float = fld(60.0, "Seconds close() waits to deliver queued records; the rest is spooled in run_dir.")
+    http_timeout_s: int = fld(5, "Timeout of one request to a tracking server (MLFLOW_HTTP_REQUEST_TIMEOUT if unset).")
+
+    URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
+
+    def problems(self, env_uri: str = "") -> list[str]:
+        """Bad tracking settings; ``env_uri`` is MLFLOW_TRACKING_URI, checked when tracking.uri is empty."""
+        out = []
+        uri, source = (self.uri, "tracking.uri") if self.uri else (env_uri, "MLFLOW_TRACKING_URI")
+        scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+        if self.enabled and "://" in uri and scheme not in self.URI_SCHEMES:
+            out.append(f"{source} = {uri!r} has an unknown scheme {scheme!r}: use http(s)://host:port for a "
+                       f"tracking server or sqlite:///path.db for a local store")
+        for name in ("start_timeout_s", "close_timeout_s", "http_timeout_s", "peak_tflops"):
+            if getattr(self, name) < 0:
+                out.append(f"tracking.{name} = {getattr(self, name)} must be >= 0")
+        return out
 
 
 # ---------------------------------------------------------------------------------------- checkpoint
@@ -305,12 +329,8 @@ class Config:
             out.append(f"data.seq_len = {d.seq_len} must be >= 1")
         elif not out and d.seq_len > self.model.max_seq_len:
             out.append(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len}")
-        if not self.model.problems() and p.pipeline_stages > 1:
-            k = self.model.total_factor()
-            if d.seq_len % k:
-                out.append(f"data.seq_len = {d.seq_len} is not a multiple of the total shortening factor {k} of "
-                           f"model.hierarchy {self.model.hierarchy!r}; pipelines need fixed shapes: use "
-                           f"data.seq_len={d.seq_len - d.seq_len % k or k}")
+        # data.seq_len need not divide by the total shortening factor, pipelines included: the embedding
+        # layer pads every batch to the same multiple, so stage shapes stay fixed; the loss strips the padding.
         if self.checkpoint.resume not in ("auto", "never") and not self.checkpoint.resume:
             out.append("checkpoint.resume is empty: use 'auto', 'never' or a checkpoint path")
         return out

@@ -5,4 +5,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 pytest_plugins = [
+    "tests.fixtures.s3",
+    "tests.fixtures.mlflow_server",
+    "tests.fixtures.slurm",
 ]

@@ -1,0 +1,162 @@
+"""Training throughput of the enwik8 Hourglass against the vanilla Transformer of the same depth.
+
+    python benchmarks/model_throughput.py                       # T=2048, "5@1 24@3 5@1" vs "34@1"
+    python benchmarks/model_throughput.py --layers-scale 0.25   # same shapes, a quarter of the layers
+
+Measured side by side in one run (iterations of the two models interleaved, so machine load hits both
+alike): forward+backward tokens/s at batch 1, the fp32 matrix-multiply peak (2048^3 GEMM), model FLOPs
+(hgscale.models.flops: full-square attention convention) and MFU against that peak, the measured
+speed-up against the analytic FLOPs ratio, and the relative-attention kernels (naive / sdpa / blocked)
+on one layer's shapes. Prints a table; writes benchmarks/results/model_throughput.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hgscale.config import MODEL_SIZES, ModelConfig, parse_hierarchy  # noqa: E402
+from hgscale.models import HourglassLM, flops_per_token  # noqa: E402
+from hgscale.models.attention import Geometry, REL_KERNELS  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "model_throughput.json"
+
+
+def matmul_peak(n: int = 2048, reps: int = 5) -> float:
+    """Best fp32 GEMM FLOP/s over a few repetitions."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def scaled(hierarchy: str, scale: float) -> str:
+    return " ".join(f"{max(1, round(n * scale))}@{k}" for n, k in parse_hierarchy(hierarchy))
+
+
+def model_configs(scale: float, impl: str) -> dict[str, ModelConfig]:
+    hg = ModelConfig(**{**MODEL_SIZES["enwik8"], "attn_impl": impl})
+    hg.hierarchy = scaled(hg.hierarchy, scale)
+    depth = sum(n for n, _ in parse_hierarchy(hg.hierarchy))
+    van = ModelConfig(**{**MODEL_SIZES["enwik8_baseline"], "attn_impl": impl, "hierarchy": f"{depth}@1"})
+    return {"hourglass": hg, "vanilla": van}
+
+
+def train_step(model, tokens, labels) -> None:
+    logits = model(tokens)
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1)).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def bench_models(cfgs: dict, T: int, batch: int, warmup: int, iters: int) -> dict:
+    torch.manual_seed(0)
+    models = {name: HourglassLM(cfg).train() for name, cfg in cfgs.items()}
+    tokens = torch.randint(0, 256, (batch, T + 1))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for i in range(warmup + iters):
+        for name, model in models.items():  # interleaved: drifting machine load hits both models alike
+            t = time.perf_counter()
+            train_step(model, inputs, labels)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    out = {}
+    for name, cfg in cfgs.items():
+        best = min(times[name])
+        fpt = flops_per_token(cfg, T, batch)
+        out[name] = {"hierarchy": cfg.hierarchy, "params": models[name].num_params(), "step_s": best,
+                     "step_s_all": times[name], "tokens_per_s": batch * T / best, "flops_per_token": fpt,
+                     "model_flops_per_s": fpt * batch * T / best}
+    return out
+
+
+def bench_kernels(T: int, heads: int, d_head: int, d_model: int, reps: int) -> dict:
+    """One self-attention layer's relative-attention core, forward + backward."""
+    torch.manual_seed(0)
+    leaves = [torch.randn(1, heads, T, d_head, requires_grad=True) for _ in range(4)] + \
+             [torch.randn(d_model, d_model, requires_grad=True)]
+    geo = Geometry("self", T, T, 1, 1)
+    out = {}
+    for name in ("naive", "sdpa", "blocked"):
+        best = float("inf")
+        for i in range(reps + 1):
+            t = time.perf_counter()
+            REL_KERNELS[name](*leaves, geo).sum().backward()
+            if i:
+                best = min(best, time.perf_counter() - t)
+        out[name] = best
+    t = time.perf_counter()
+    for i in range(reps + 1):
+        if i == 1:
+            t = time.perf_counter()
+        F.scaled_dot_product_attention(*leaves[:3], is_causal=True).sum().backward()
+    out["sdpa_causal_no_positions"] = (time.perf_counter() - t) / reps
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--layers-scale", type=float, default=1.0, help="multiply every level's layer count")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--impl", default="auto", help="model.attn_impl for both models")
+    ap.add_argument("--kernel-reps", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS))
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    peak_before = matmul_peak()
+    cfgs = model_configs(args.layers_scale, args.impl)
+    models = bench_models(cfgs, args.seq_len, args.batch, args.warmup, args.iters)
+    kernels = bench_kernels(args.seq_len, 8, 64, 512, args.kernel_reps)
+    peak = max(peak_before, matmul_peak())
+    hg, van = models["hourglass"], models["vanilla"]
+    analytic = van["flops_per_token"] / hg["flops_per_token"]
+    speedup = hg["tokens_per_s"] / van["tokens_per_s"]
+    for m in models.values():
+        m["mfu"] = m["model_flops_per_s"] / peak
+
+    print(f"fp32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'model':10s} {'hierarchy':16s} {'params':>8s} {'step s':>8s} {'tok/s':>8s} {'GFLOP/tok':>10s} "
+          f"{'GFLOP/s':>8s} {'MFU':>6s}")
+    for name, m in models.items():
+        print(f"{name:10s} {m['hierarchy']:16s} {m['params'] / 1e6:7.1f}M {m['step_s']:8.2f} {m['tokens_per_s']:8.1f} "
+              f"{m['flops_per_token'] / 1e9:10.3f} {m['model_flops_per_s'] / 1e9:8.1f} {m['mfu']:6.1%}")
+    print(f"speed-up hourglass/vanilla: measured {speedup:.2f}x, analytic FLOPs ratio {analytic:.2f}x, "
+          f"measured/analytic {speedup / analytic:.2f} (goal >= 0.9)")
+    print(f"relative attention kernel, one layer, T={args.seq_len}, 8 heads x 64, fwd+bwd: " + ", ".join(
+        f"{k} {v * 1e3:.0f} ms" for k, v in kernels.items()) + f"; blocked is {kernels['naive'] / kernels['blocked']:.1f}x "
+        f"faster than naive")
+
+    result = {"command": "python benchmarks/model_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "seq_len": args.seq_len, "batch": args.batch, "layers_scale": args.layers_scale,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
+              "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+              "matmul_peak_flops": peak, "models": models, "analytic_flops_ratio": analytic,
+              "measured_speedup": speedup, "speedup_over_analytic": speedup / analytic,
+              "relative_attention_kernel_s": kernels}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""DeepSpeed engine set-up: one path for `deepspeed hgscale/train.py` and a single `python` process.
+
+    rt = init_distributed(cfg)                  # env rendezvous (RANK, WORLD_SIZE, ...); gloo on CPU
+    eng = TrainEngine(cfg, ds_json, rt)         # ZeRO data-parallel, or a pipeline when pipeline_stages > 1
+    loss = eng.train_step(data_iter)            # one optimizer step over the global batch
+    val = eng.eval_loss(batches)                # mean nats/token over all data-parallel ranks
+
+Data: in data-parallel mode every rank reads its own (inputs, labels) micro-batches; in pipeline mode
+only the first and last stage read, and both read the stream of their data-parallel rank, so they see the
+same samples in the same order (``reads_data``, ``dp_rank``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hgscale.config import Config
+from hgscale.distributed.ds_config import lr_multiplier
+from hgscale.distributed.pipeline import lm_loss, pipeline_module, stage_parts
+from hgscale.models import HourglassLM
+
+
+@dataclass
+class Runtime:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_env() -> int:
+    """World size from the launcher's env; a bare `python` run becomes rank 0 of a world of one."""
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(cfg: Config) -> Runtime:
+    import deepspeed
+    import torch.distributed as dist
+
+    world = rendezvous_env()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available()
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return Runtime(dist.get_rank(), local_rank, world, device, backend)
+
+
+class LossModel(nn.Module):
+    """HourglassLM plus its loss, the module DeepSpeed wraps in data-parallel mode."""
+
+    def __init__(self, model: HourglassLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return lm_loss(self.model(inputs), labels)
+
+
+class _Timed:
+    """Wraps a batch iterator and adds the time spent waiting in next() to ``seconds``."""
+
+    def __init__(self, it, device):
+        self.it, self.device, self.seconds, self.batches = it, device, 0.0, []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        t0 = time.perf_counter()
+        x, y = next(self.it)
+        self.seconds += time.perf_counter() - t0
+        self.batches.append((x, y))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class TrainEngine:
+    def __init__(self, cfg: Config, ds_json: dict, rt: Runtime):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.cfg, self.rt, self.dist = cfg, rt, dist
+        self.pipeline = cfg.parallel.pipeline_stages > 1
+        self.accum = cfg.train.grad_accum_steps
+        torch.manual_seed(cfg.train.seed + rt.rank)  # dropout streams differ per rank; weights are seeded per layer
+        scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg))  # noqa: E731
+        if self.pipeline:
+            self.parts = stage_parts(cfg, cfg.parallel.pipeline_stages)
+            module = pipeline_module(cfg, self.parts)
+        else:
+            self.parts = None
+            module = LossModel(HourglassLM(cfg.model, seed=cfg.train.seed))
+        params = [p for p in module.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds_json, model_parameters=params,
+                                                    lr_scheduler=scheduler)
+        if self.pipeline:
+            grid = self.engine.grid
+            self.stage_id, self.num_stages = self.engine.stage_id, self.engine.num_stages
+            self.dp_rank, self.dp_size = grid.data_parallel_id, grid.data_parallel_size
+            self.is_first, self.is_last = self.engine.is_first_stage(), self.engine.is_last_stage()
+        else:
+            self.stage_id, self.num_stages = 0, 1
+            self.dp_rank, self.dp_size = rt.rank, rt.world_size
+            self.is_first = self.is_last = True
+        self.reads_data = self.is_first or self.is_last
+        self.local_params = sum(p.numel() for p in params)
+        self.timings: dict[str, float] = {}
+        self.last_batches: list[tuple] = []  # this step's (inputs, labels) as read, for data-order checks
+
+    # ------------------------------------------------------------------------------------ training
+    def train_step(self, data_iter) -> float:
+        """One optimizer step over the global batch; returns the mean loss (nats/token) on every rank.
+        ``timings`` gets data_s (waiting for batches), compute_s (fwd+bwd) and optimizer_s."""
+        it = _Timed(data_iter, self.rt.device) if data_iter is not None else None
+        t0 = time.perf_counter()
+        if self.pipeline:
+            loss = float(self.engine.train_batch(it))
+            total = time.perf_counter() - t0
+            data_s = it.seconds if it else 0.0
+            self.timings = {"data_s": data_s, "compute_s": total - data_s, "optimizer_s": 0.0, "step_s": total}
+        else:
+            self.engine.train()
+            acc = torch.zeros((), device=self.rt.device)
+            for i in range(self.accum):
+                x, y = next(it)
+                loss_t = self.engine(x, y)
+                self.engine.backward(loss_t)
+                acc += loss_t.detach().float()
+                if i < self.accum - 1:
+                    self.engine.step()  # DeepSpeed only steps the optimizer at the accumulation boundary
+            t1 = time.perf_counter()
+            self.engine.step()
+            t2 = time.perf_counter()
+            acc /= self.accum
+            if self.dp_size > 1:
+                self.dist.all_reduce(acc)
+                acc /= self.dp_size
+            loss = float(acc)
+            self.timings = {"data_s": it.seconds, "compute_s": t1 - t0 - it.seconds, "optimizer_s": t2 - t1,
+                            "step_s": time.perf_counter() - t0}
+        self.last_batches = it.batches if it else []
+        return loss
+
+    @property
+    def global_step(self) -> int:
+        return int(self.engine.global_steps)
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    def grad_norm(self) -> float | None:
+        g = self.engine.get_global_grad_norm()
+        return None if g is None else float(g)
+
+    def loss_scale(self) -> float | None:
+        if self.cfg.train.precision != "fp16":
+            return None
+        s = getattr(self.engine.optimizer, "loss_scale", None) or getattr(self.engine.optimizer, "cur_scale", None)
+        return None if s is None else float(s)
+
+    def skipped_steps(self) -> int:
+        return int(getattr(self.engine, "skipped_steps", 0))
+
+    # ---------------------------------------------------------------------------------- evaluation
+    def agree_min(self, n: int) -> int:
+        """The smallest ``n`` over all ranks (ranks that read no data pass a large number)."""
+        t = torch.tensor([n], dtype=torch.long, device=self.rt.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MIN)
+        return int(t.item())
+
+    def eval_loss(self, batches: list | None) -> float | None:
+        """Mean loss over ``batches`` (this rank's (inputs, labels) list; None on stages that read no
+        data), averaged over data-parallel ranks. All ranks call it; None if no rank has a batch."""
+        B, T = self.cfg.train.micro_batch_size, self.cfg.data.seq_len
+        if batches is not None:  # a pipeline's buffers have the training shape
+            batches = [(x, y) for x, y in batches if tuple(x.shape) == (B, T)]
+        n = self.agree_min(len(batches) if batches is not None else 1 << 30)
+        if n == 0:
+            return None
+        if self.pipeline:
+            it = iter([(x.to(self.rt.device), y.to(self.rt.device)) for x, y in batches[:n]]) if batches else None
+            loss = float(self.engine.eval_batch(it, num_micro_batches=n))
+            self.engine.module.train()
+            return loss
+        self.engine.eval()
+        acc = torch.zeros((), device=self.rt.device)
+        with torch.no_grad():
+            for x, y in batches[:n]:
+                acc += self.engine(x.to(self.rt.device), y.to(self.rt.device)).float()
+        self.engine.train()
+        acc /= n
+        if self.dp_size > 1:
+            self.dist.all_reduce(acc)
+            acc /= self.dp_size
+        return float(acc)
+
+    # ---------------------------------------------------------------------------------- agreement
+    def any_rank(self, flag: bool) -> bool:
+        """True on every rank when ``flag`` is true on any (preemption signals, NaN stops)."""
+        t = torch.tensor([1 if flag else 0], dtype=torch.long, device=self.rt.device)
+        self.dist.all_reduce(t, op=self.dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+    def topology(self) -> dict:
+        return {"world_size": self.rt.world_size, "pipeline_stages": self.num_stages, "data_parallel_size": self.dp_size,
+                "zero_stage": self.cfg.parallel.zero_stage, "backend": self.rt.backend, "device": str(self.rt.device),
+                "stage_boundaries": self.parts}
+
+
+def is_finite(x: float) -> bool:
+    return math.isfinite(x)

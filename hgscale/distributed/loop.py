@@ -1,0 +1,196 @@
+"""The training loop behind `hgscale/train.py`: build, resume, train, validate, checkpoint, stop.
+
+Preemption: SIGUSR1 or SIGTERM sets a flag; after the current step every rank learns whether any rank
+was signalled (one all-reduce per step), all save a checkpoint together, rank 0 prints
+"preempted at step N; checkpoint saved" and the process exits 0. Starting the same command again
+resumes from that checkpoint (same tracking run, same data position).
+
+A NaN/Inf loss: with fp16 DeepSpeed's loss scaler skips the step and lowers the scale; otherwise the run
+stops without saving, naming the step and the last good checkpoint (exit status 3).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+from hgscale.checkpoint import CheckpointManager
+from hgscale.config import Config
+from hgscale.distributed.ds_config import batch_layout, lr_at
+
+EXIT_NAN = 3
+
+
+class _Signals:
+    def __init__(self):
+        self.received: str | None = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+
+def _fmt_eta(seconds: float) -> str:
+    return str(timedelta(seconds=int(max(seconds, 0))))
+
+
+def _progress_line(step: int, steps: int, loss: float, metric: str, bits: float, lr: float, tps: float,
+                   mfu: float | None, eta_s: float) -> str:
+    m = f"{mfu:6.1%}" if mfu is not None else "   n/a"
+    return (f"step {step:>{len(str(steps))}d}/{steps} | loss {loss:.4f} | {metric} {loss * bits:.4f} | lr {lr:.2e} | "
+            f"{tps:,.0f} tok/s | MFU {m} | ETA {_fmt_eta(eta_s)}")
+
+
+def run(cfg: Config, ds_json: dict, dataset) -> int:
+    """Train ``cfg`` (already validated, with its DeepSpeed JSON and opened dataset). Returns an exit status."""
+    from hgscale.distributed.engine import TrainEngine, init_distributed
+    from hgscale.distributed.plan import stage_plan
+    from hgscale.models import flops_per_token
+    from hgscale.tracking import EfficiencyMeter, Tracker, names, peak_flops, pipeline_bubble_fraction
+
+    signals = _Signals()
+    rt = init_distributed(cfg)
+    eng = TrainEngine(cfg, ds_json, rt)
+    lay = batch_layout(cfg, rt.world_size)
+    t, d = cfg.train, cfg.data
+    say = (lambda *a: print(*a, flush=True)) if rt.rank == 0 else (lambda *a: None)  # noqa: E731
+
+    ckpt = CheckpointManager(cfg, eng, ds_json)
+    state: dict = {}
+    where = ckpt.find_resume()
+    if where:
+        state = ckpt.load(*where)
+        say(f"resumed from {where[0] / where[1]} at step {state['step']}")
+    step = int(state.get("step", 0))
+    tracker = Tracker(cfg, rt.rank, rt.world_size, resume_run_id=state.get("run_id"))
+    plan = stage_plan(cfg, eng.num_stages) if eng.pipeline else None
+    if not state:
+        tracker.log_run_info(cfg, ds_json, eng.topology(), dataset.manifest, plan)
+
+    stream = it = None
+    if eng.reads_data:
+        stream = dataset.stream(d.train_split, t.micro_batch_size, d.seq_len, eng.dp_rank, eng.dp_size, seed=d.seed)
+        if "data" in state:
+            stream.load_state_dict(state["data"])
+        it = iter(stream)
+    val_batches = None
+    if t.eval_interval and eng.reads_data:
+        val_batches = list(dataset.eval_batches(d.valid_split, t.micro_batch_size, d.seq_len, eng.dp_rank,
+                                                eng.dp_size, max_batches=t.eval_batches))
+
+    fpt = flops_per_token(cfg.model, d.seq_len)
+    meter = EfficiencyMeter(fpt, n_devices=rt.world_size,
+                            peak_flops_per_device=peak_flops(rt.device, cfg.tracking.peak_tflops, t.precision))
+    if "meter" in state:
+        meter.load_state_dict(state["meter"])
+    bits, metric = dataset.bits_per_nat_token, dataset.metric_name
+    tokens_per_step = lay["global_batch_size"] * d.seq_len
+    bubble = pipeline_bubble_fraction(eng.num_stages, t.grad_accum_steps)
+
+    def save(at: int) -> None:
+        rank_state = {"meter": meter.state_dict()}
+        if stream is not None:
+            rank_state["data"] = stream.state_dict()
+        ckpt.save(at, rank_state, tracker.run_id)
+
+    def validate(at: int) -> None:
+        loss = eng.eval_loss(val_batches)
+        if loss is not None:
+            say(f"validation at step {at}: loss {loss:.4f} | {metric} {loss * bits:.4f}")
+            vals = {names.val_metric(metric): loss * bits, "val/loss": loss}
+            tracker.log_metrics(vals, at)
+            if rt.rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": at, **vals}) + "\n")
+
+    metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
+    if rt.rank == 0:
+        metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    bar = None
+    if rt.rank == 0 and sys.stderr.isatty():
+        from tqdm import tqdm
+        bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
+    if rt.rank == 0:
+        say(f"training {cfg.model.hierarchy!r} for {t.steps} steps: {rt.world_size} process(es), "
+            f"{eng.num_stages} stage(s) x {eng.dp_size} data-parallel, ZeRO-{cfg.parallel.zero_stage}, "
+            f"{t.precision}, global batch {lay['global_batch_size']} x {d.seq_len} tokens")
+    status, last_saved = 0, step if where else None
+    win_loss, win_n, win_t, win_parts = 0.0, 0, time.perf_counter(), {"data_s": 0.0, "compute_s": 0.0,
+                                                                       "optimizer_s": 0.0, "step_s": 0.0}
+    skipped0, win_start = eng.skipped_steps(), step
+    while step < t.steps:
+        loss = eng.train_step(it)
+        step += 1
+        for k in win_parts:
+            win_parts[k] += eng.timings.get(k, 0.0)
+        finite = loss == loss and abs(loss) != float("inf")
+        if not finite and t.precision != "fp16":
+            say(f"error: the training loss is {loss} at step {step}; stopping without saving. "
+                f"The last good checkpoint is {'step ' + str(last_saved) if last_saved is not None else 'none'} in "
+                f"{cfg.checkpoint.dir}; lower train.lr or raise train.warmup_steps before resuming")
+            status = EXIT_NAN
+            break
+        if finite:
+            win_loss, win_n = win_loss + loss, win_n + 1
+        if bar is not None:
+            bar.update(1)
+        if step % t.log_interval == 0 or step == t.steps:
+            dt = time.perf_counter() - win_t
+            win_steps = step - win_start
+            perf = meter.update(tokens=tokens_per_step * win_steps, seconds=dt,
+                                samples=lay["global_batch_size"] * win_steps)
+            steps_in = max(win_steps, 1)
+            mean_loss = win_loss / win_n if win_n else float("nan")
+            lr = lr_at(cfg, step - 1)
+            eta = (t.steps - step) * dt / steps_in
+            line = _progress_line(step, t.steps, mean_loss, metric, bits, lr, perf[names.TOKENS_PER_S],
+                                  perf.get(names.MFU), eta)
+            if bar is not None:
+                bar.write(line)
+            else:
+                say(line)
+            metrics = {names.TRAIN_LOSS: mean_loss, f"train/{metric}": mean_loss * bits, names.LR: lr, **perf,
+                       "time/data_wait_share": win_parts["data_s"] / max(win_parts["step_s"], 1e-9),
+                       "time/fwd_bwd_share": win_parts["compute_s"] / max(win_parts["step_s"], 1e-9),
+                       "time/optimizer_share": win_parts["optimizer_s"] / max(win_parts["step_s"], 1e-9),
+                       "time/bubble_share": bubble, "train/skipped_steps": eng.skipped_steps() - skipped0}
+            if eng.grad_norm() is not None:
+                metrics[names.GRAD_NORM] = eng.grad_norm()
+            if eng.loss_scale() is not None:
+                metrics[names.LOSS_SCALE] = eng.loss_scale()
+            if torch.cuda.is_available():
+                metrics[names.PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated() / 2**30
+            tracker.log_metrics(metrics, step)
+            if rt.rank == 0:  # a local record beside MLflow: one JSON line per log interval
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"step": step, **{k: v for k, v in metrics.items() if v is not None}}) + "\n")
+            tracker.gather_and_log(step, timings={k: v / steps_in for k, v in win_parts.items()},
+                                   stage=eng.stage_id, device=rt.device)
+            win_loss, win_n, win_t, win_start = 0.0, 0, time.perf_counter(), step
+            win_parts = dict.fromkeys(win_parts, 0.0)
+        t_pause = time.perf_counter()  # validation and saving do not count as training time
+        if t.eval_interval and step % t.eval_interval == 0:
+            validate(step)
+        preempted = eng.any_rank(signals.received is not None)
+        if preempted or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == t.steps:
+            save(step)
+            last_saved = step
+        win_t += time.perf_counter() - t_pause
+        if preempted:
+            say(f"preempted at step {step}; checkpoint saved")
+            break
+    if bar is not None:
+        bar.close()
+    if status == 0 and step >= t.steps:
+        say(f"finished {t.steps} steps; checkpoint {cfg.checkpoint.dir}/latest")
+    tracker.close(status="FINISHED" if status == 0 and step >= t.steps else ("KILLED" if status == 0 else "FAILED"))
+    if stream is not None and hasattr(stream, "close"):
+        stream.close()
+    eng.barrier()
+    return status

@@ -1,0 +1,137 @@
+"""Hourglass -> DeepSpeed PipelineModule, split into stages balanced by compute.
+
+The model is already a flat list of layers (hgscale.models.build_layers): embed, blocks, down, up,
+head, each mapping a state tuple to the next. The pipeline passes that tuple between stages:
+
+    stage 0                         | stage 1                          | stage 2
+    embed, blocks@1, down ->        | (x/3, uv, skip) blocks@3 ... up  | (x, uv) blocks@1, head -> logits
+    (x (B,T,D), uv (2,H,dh))        |                                  |
+
+- uv, the shared relative-attention biases, is one tensor made by the embedding layer on stage 0; each
+  stage's blocks use the copy that arrives in the tuple and DeepSpeed sends its gradient back, so the
+  single parameter on stage 0 receives the gradient of every block on every stage.
+- The residual skip pushed by a shortening layer rides along until its upsampling layer pops it.
+- DeepSpeed requires every floating tensor received by a stage to get a gradient: the head only reads
+  x, so it adds ``0 * sum(extras)`` to keep uv on the gradient path (exact: the gradient it adds is 0).
+
+Stages are balanced by per-layer training FLOPs at the layer's own sequence length (a block at factor
+k costs about 1/k of a full-length one), with DeepSpeed's ``partition_balanced`` on those costs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hgscale.config import Config
+from hgscale.models import build_layer, layer_flops, layer_plan, state_shapes
+
+PARTITIONS = ("flops", "parameters", "uniform")
+
+
+def layer_names(cfg: Config) -> list[str]:
+    """'embed', 'block@1', 'down 1->3', 'up 3->1', 'head' in model order."""
+    out = []
+    for kind, *args in layer_plan(cfg.model):
+        out.append({"block": lambda: f"block@{args[0]}", "down": lambda: f"down {args[0]}->{args[1]}",
+                    "up": lambda: f"up {args[0]}->{args[1]}"}.get(kind, lambda: kind)())
+    return out
+
+
+def layer_param_counts(cfg: Config) -> list[int]:
+    """Parameters of each layer, counted on the meta device (nothing is allocated)."""
+    n = len(layer_plan(cfg.model))
+    with torch.device("meta"):
+        return [sum(p.numel() for p in build_layer(cfg.model, i).parameters()) for i in range(n)]
+
+
+def layer_costs(cfg: Config) -> list[float]:
+    """Training FLOPs (fwd + bwd) of each layer for one sequence of data.seq_len tokens."""
+    return [float(c) for c in layer_flops(cfg.model, cfg.data.seq_len)]
+
+
+def partition(weights: list[float], stages: int) -> list[int]:
+    """Stage boundaries: stage s holds layers [parts[s], parts[s+1])."""
+    from deepspeed.runtime.utils import partition_balanced
+    return [int(p) for p in partition_balanced(weights=list(weights), num_parts=stages)]
+
+
+def stage_parts(cfg: Config, stages: int, method: str | None = None) -> list[int]:
+    from deepspeed.runtime.utils import partition_uniform
+    method = method or cfg.parallel.partition
+    if method == "flops":
+        return partition(layer_costs(cfg), stages)
+    if method == "parameters":
+        return partition([float(p) for p in layer_param_counts(cfg)], stages)
+    return [int(p) for p in partition_uniform(len(layer_plan(cfg.model)), stages)]
+
+
+def activation_bytes(cfg: Config) -> list[float]:
+    """Rough activation memory each layer keeps for backward, per micro-batch (bytes).
+
+    A pre-LN block at length n keeps about n*(16*D + 2*d_ff) values (LayerNorm in/out, q/k/v, attention
+    and projection outputs, the two FF hidden tensors; fused attention keeps no T x T matrix). With
+    activation checkpointing a layer keeps only its input tuple.
+    """
+    m, B = cfg.model, cfg.train.micro_batch_size
+    elt = 4 if cfg.train.precision == "fp32" else 2
+    shapes = state_shapes(m, B, cfg.data.seq_len)
+    out = []
+    for (kind, *_), shape in zip(layer_plan(m), shapes):
+        n = shape[0][1]  # length of the layer's main output
+        if cfg.parallel.activation_checkpointing and kind != "head":
+            vals = sum(torch.Size(s).numel() for s in shape)
+        elif kind == "head":
+            vals = B * n * (2 * m.d_model + 2 * m.vocab_size)  # LN, logits, log-softmax
+        elif kind == "embed":
+            vals = B * n * m.d_model
+        else:
+            vals = B * n * (16 * m.d_model + 2 * m.d_ff)
+        out.append(float(vals * elt))
+    return out
+
+
+def _keep_extras_on_grad_path(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    state = inputs[0]
+    extras = [t for t in state[1:] if t.is_floating_point()] if isinstance(state, tuple) else []
+    if not extras:
+        return output
+    return output + 0.0 * sum(t.sum() for t in extras)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats); strips the embedding layer's right padding."""
+    T = labels.shape[1]
+    logits = logits[:, :T]  # (B, T, V)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
+
+
+def pipeline_module(cfg: Config, parts: list[int], topology=None):
+    """The DeepSpeed PipelineModule of ``cfg.model`` split at ``parts``; each stage builds only its layers."""
+    from deepspeed.pipe import LayerSpec, PipelineModule
+
+    class _Spec(LayerSpec):
+        def __init__(self, index: int):
+            self.index = index
+            self.typename = type(f"{layer_names(cfg)[index]}", (nn.Module,), {})
+            self.module_args, self.module_kwargs = (), {}
+
+        def build(self, log=False):
+            layer = build_layer(cfg.model, self.index, seed=cfg.train.seed)
+            if layer.kind == "head":
+                layer.register_forward_hook(_keep_extras_on_grad_path)
+            return layer
+
+    class HourglassPipe(PipelineModule):
+        def _partition_layers(self, method="uniform"):
+            # DeepSpeed offers parameters/uniform/type: splits; ours come precomputed from costs.
+            self.parts = list(parts)
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+    n = len(layer_plan(cfg.model))
+    if len(parts) != cfg.parallel.pipeline_stages + 1 or parts[0] != 0 or parts[-1] != n:
+        raise ValueError(f"stage boundaries {parts} do not split {n} layers into {cfg.parallel.pipeline_stages} stages")
+    return HourglassPipe(layers=[_Spec(i) for i in range(n)], num_stages=cfg.parallel.pipeline_stages,
+                         topology=topology, loss_fn=lm_loss, partition_method="uniform",
+                         activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0)

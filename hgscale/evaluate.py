@@ -1,0 +1,130 @@
+"""Score a whole split with a trained model, on one device, without DeepSpeed.
+
+    python -m hgscale.evaluate --checkpoint runs/enwik8_xl/checkpoints --split test [--data-url URL]
+
+Text (enwik8 protocol of the paper): the split is cut into chunks of 128 tokens; each chunk is scored
+with the 53 x 128 tokens before it as context (6912 tokens per window), so every token but the first is
+scored exactly once with long context. Images (and ``--protocol windows``): non-overlapping windows of
+data.seq_len tokens, as in validation. Prints bits per character (text) or per dimension (images).
+
+--checkpoint takes a training checkpoint directory (consolidated in memory) or an exported one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def sliding_nll(model, tokens: torch.Tensor, chunk: int = 128, context_chunks: int = 53, batch_size: int = 8,
+                max_chunks: int | None = None, device="cpu") -> tuple[float, int]:
+    """(sum of NLL in nats, scored tokens) of ``tokens`` (1-D): target chunk [s, e) is predicted from the
+    inputs tokens[max(0, s-1-ctx) : e-1], ctx = context_chunks * chunk. Windows are right-padded to one
+    length; the model is causal, so padding after a position never changes its prediction."""
+    n = len(tokens)
+    ctx = context_chunks * chunk
+    L = ctx + chunk
+    starts = list(range(1, n, chunk))
+    if max_chunks is not None:
+        starts = starts[:max_chunks]
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        group = starts[i:i + batch_size]
+        inp = torch.zeros(len(group), L, dtype=torch.long)
+        tgt = torch.full((len(group), L), -100, dtype=torch.long)  # -100: not scored
+        for row, s in enumerate(group):
+            e = min(s + chunk, n)
+            a = max(0, s - 1 - ctx)
+            inp[row, :e - 1 - a] = tokens[a:e - 1]
+            tgt[row, s - 1 - a:e - 1 - a] = tokens[s:e]  # input position j predicts token j + 1
+        with torch.no_grad():
+            logits = model(inp.to(device)).float()  # (B, L, V)
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.to(device).reshape(-1),
+                              ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((tgt != -100).sum())
+    return total, count
+
+
+def windows_nll(model, batches, device="cpu") -> tuple[float, int]:
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            logits = model(x.to(device)).float()
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.to(device).reshape(-1),
+                                           reduction="sum"))
+            count += y.numel()
+    return total, count
+
+
+def evaluate(checkpoint: str, split: str = "test", data_url: str | None = None, protocol: str = "auto",
+             chunk: int = 128, context_chunks: int = 53, batch_size: int = 8, max_chunks: int | None = None,
+             device: str = "auto") -> dict:
+    from hgscale.checkpoint import load_any
+    from hgscale.data import open_dataset
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    model, cfg = load_any(checkpoint, dev)
+    if data_url:
+        cfg.data.url = data_url
+    ds = open_dataset(cfg.data)
+    if protocol == "auto":
+        protocol = "sliding" if ds.modality.startswith("text") else "windows"
+    if protocol == "sliding" and context_chunks * chunk + chunk > cfg.model.max_seq_len:
+        raise ValueError(f"a window of ({context_chunks} + 1) x {chunk} tokens exceeds model.max_seq_len = "
+                         f"{cfg.model.max_seq_len}; lower --context-chunks")
+    t0 = time.perf_counter()
+    if protocol == "sliding":
+        total, count = sliding_nll(model, ds.split_tokens(split), chunk, context_chunks, batch_size, max_chunks, dev)
+    else:
+        batches = ds.eval_batches(split, batch_size, cfg.data.seq_len, max_batches=max_chunks)
+        total, count = windows_nll(model, batches, dev)
+    nats = total / max(count, 1)
+    factor = ds.bits_per_nat_token_for(split)
+    return {"split": split, "protocol": protocol, "tokens": count, "loss_nats": nats,
+            "metric": ds.metric_name, "value": nats * factor, "bits_per_token": nats / math.log(2),
+            "chunk": chunk, "context_chunks": context_chunks, "seconds": time.perf_counter() - t0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from hgscale.checkpoint import CheckpointError
+    from hgscale.config import ConfigError
+    from hgscale.data import DataError
+
+    ap = argparse.ArgumentParser(prog="python -m hgscale.evaluate", description=__doc__.split("\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="training checkpoint directory or exported directory")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--data-url", default=None, help="dataset root (default: data.url of the checkpoint's config)")
+    ap.add_argument("--protocol", choices=("auto", "sliding", "windows"), default="auto",
+                    help="auto: sliding chunks for text, windows for images")
+    ap.add_argument("--chunk", type=int, default=128, help="tokens scored per window (sliding)")
+    ap.add_argument("--context-chunks", type=int, default=53, help="chunks of context before each scored chunk")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--max-chunks", type=int, default=None, help="score only the first N chunks/batches (quick look)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default=None, help="also write the result to this JSON file")
+    args = ap.parse_args(argv)
+    try:
+        r = evaluate(args.checkpoint, args.split, args.data_url, args.protocol, args.chunk, args.context_chunks,
+                     args.batch_size, args.max_chunks, args.device)
+    except (CheckpointError, ConfigError, DataError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    how = (f"{r['chunk']}-token chunks with {r['context_chunks']} x {r['chunk']} tokens of context"
+           if r["protocol"] == "sliding" else "non-overlapping windows")
+    print(f"{r['split']} {r['metric']} {r['value']:.4f} ({r['loss_nats']:.4f} nats/token) over {r['tokens']:,} "
+          f"tokens; {how}; {r['seconds']:.1f}s")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(r, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Multi-head attention with Transformer-XL relative positions or rotary positions.
+
+One module serves the three places attention appears in Hourglass; they differ only in where
+queries and keys sit and which keys a query may see (``Geometry``). Positions are measured in
+original-token units, so a level at cumulative factor P places its token i at i*P:
+
+    self  (blocks)          query i at i*P,     key j at j*P,     sees j <= i
+    down  (attention pool)  query i at i*f*P,   key j at j*P,     sees j <  (i+1)*f   (keys are shifted by f-1)
+    up    (attention up)    query i at i*P,     key j at j*f*P,   sees j <= i // f
+
+Relative scores follow trax ``rel_attention.py`` (Dai et al. 2019):
+    score(i, j) = [(q_i + u) . k_j + (q_i + v) . W_r s(pos_k(j) - pos_q(i))] / sqrt(d_head)
+with s() the sinusoidal embedding of width d_model and u, v shared by every layer of the model.
+trax leaves the upsampling distances unscaled by P; here they are scaled like every other
+distance (identical for one-level models, consistent in original-token units for nested ones).
+The projection W_r has no bias: a bias adds (q_i + v) . b to every score of row i, which softmax
+cancels, so its gradient would be identically zero.
+
+Kernels for the relative score (chosen by ``ModelConfig.attn_impl``):
+    naive    gather the position term from a (Tq, n_distances) table; explicit softmax. Reference.
+    sdpa     Transformer-XL relative shift of the position term, passed to
+             scaled_dot_product_attention as an additive float mask (fused kernels on GPU).
+    blocked  CPU path: query blocks of 256 rows against only the keys they may see (skips the
+             masked upper half), position term by a strided view of one matmul per block.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+BLOCK = 256  # query rows per block of the CPU path: big enough for BLAS, small enough to stay in cache
+
+
+def _cached(fn):
+    """Memoise a constant table. Built outside inference mode, so a table first made during evaluation
+    under torch.inference_mode() can later be saved for backward in training."""
+    @lru_cache(maxsize=64)
+    def wrapper(*args):
+        with torch.inference_mode(False):
+            return fn(*args)
+    return wrapper
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where queries and keys sit. ``kind`` is 'self', 'down' or 'up'; f is the level's own factor; P the
+    cumulative factor of the outer (full-resolution side) sequence."""
+
+    kind: str
+    n_q: int
+    n_k: int
+    f: int = 1
+    P: int = 1
+
+    @property
+    def q_step(self) -> int:  # original tokens between consecutive queries
+        return self.P * (self.f if self.kind == "down" else 1)
+
+    @property
+    def k_step(self) -> int:
+        return self.P * (self.f if self.kind == "up" else 1)
+
+    def offsets(self, device=None):
+        """(n_q, n_k) integer distance pos_k - pos_q in units of P, and the visibility mask."""
+        i = torch.arange(self.n_q, device=device)[:, None]
+        j = torch.arange(self.n_k, device=device)[None, :]
+        if self.kind == "self":
+            return j - i, j <= i
+        if self.kind == "down":
+            return j - self.f * i, j < (i + 1) * self.f
+        return self.f * j - i, j <= torch.div(i, self.f, rounding_mode="floor")
+
+
+def sinusoid(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """trax Sinusoidal_Embeddings: (n,) float positions -> (n, dim) = [sin(pos*w) | cos(pos*w)]."""
+    # float64: angles of distances in the thousands keep their precision; the table is built once per level
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64) / dim))
+    ang = pos.double()[:, None] * inv_freq[None, :]
+    return torch.cat([ang.sin(), ang.cos()], dim=1)
+
+
+@_cached
+def _sinusoid_table(lo: int, hi: int, scale: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # (hi - lo + 1, dim) for distances lo*scale .. hi*scale; shared by every layer at this level
+    return sinusoid(torch.arange(lo, hi + 1, device=device) * scale, dim).to(dtype)
+
+
+@_cached
+def _gather_plan(geo: Geometry, device: torch.device):
+    """Index into a table of visible distances lo..hi (row c <-> distance lo + c), and the mask."""
+    off, vis = geo.offsets(device)
+    lo, hi = int(off[vis].min()), int(off[vis].max())
+    idx = (off - lo).clamp(0, hi - lo)  # invisible pairs point anywhere valid; they are masked
+    return lo, hi, idx, vis
+
+
+@_cached
+def _causal_block_mask(b: int, device: torch.device) -> torch.Tensor:
+    return torch.full((b, b), float("-inf"), device=device).triu(1)  # (b, b) additive
+
+
+def rel_attention_naive(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=False):
+    """Reference kernel. qu = (q+u)/sqrt(d), qv = (q+v)/sqrt(d), k, v: (B, H, n, dh); Wr: (D, D)."""
+    B, H, _, dh = qu.shape
+    lo, hi, idx, vis = _gather_plan(geo, qu.device)
+    R = F.linear(_sinusoid_table(lo, hi, geo.P, Wr.shape[1], qu.device, Wr.dtype), Wr)  # (n_dist, D)
+    R = R.view(-1, H, dh).transpose(0, 1)  # (H, n_dist, dh)
+    raw = torch.matmul(qv, R.transpose(-1, -2))  # (B, H, n_q, n_dist)
+    bd = raw.gather(-1, idx.expand(B, H, -1, -1))  # (B, H, n_q, n_k)
+    s = torch.matmul(qu, k.transpose(-1, -2)) + bd
+    s = s.masked_fill(~vis, float("-inf"))
+    p = F.dropout(s.softmax(-1), dropout_p, training)
+    return torch.matmul(p, v)
+
+
+def rel_attention_sdpa(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=False):
+    """Position term as an additive float mask of scaled_dot_product_attention (fused on GPU)."""
+    B, H, n, dh = qu.shape
+    D = Wr.shape[1]
+    if geo.kind != "self":  # resampling geometry: gather (2 layers per level, not the hot path)
+        lo, hi, idx, vis = _gather_plan(geo, qu.device)
+        R = F.linear(_sinusoid_table(lo, hi, geo.P, D, qu.device, Wr.dtype), Wr).view(-1, H, dh).transpose(0, 1)
+        bd = torch.matmul(qv, R.transpose(-1, -2)).gather(-1, idx.expand(B, H, -1, -1))
+        bias = bd.masked_fill(~vis, float("-inf"))
+    else:
+        R = F.linear(_sinusoid_table(-(n - 1), 0, geo.P, D, qu.device, Wr.dtype), Wr)  # distances -(n-1)..0
+        R = R.view(n, H, dh).transpose(0, 1)  # (H, n, dh)
+        raw = torch.matmul(qv, R.transpose(-1, -2))  # (B, H, n, n): column c <-> distance c - (n-1)
+        # Transformer-XL shift: pad a zero column, view as (n+1, n), drop the first row -> bd[i, j] = raw[i, j-i+n-1]
+        bd = F.pad(raw, (1, 0)).view(B, H, n + 1, n)[:, :, 1:].reshape(B, H, n, n)
+        bias = bd + _causal_block_mask(n, qu.device).to(bd.dtype)  # j > i hold garbage -> -inf
+    return F.scaled_dot_product_attention(qu, k, v, attn_mask=bias, dropout_p=dropout_p if training else 0.0,
+                                          scale=1.0)
+
+
+def rel_attention_blocked(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=False, block=BLOCK):
+    """CPU kernel for self-attention: query block [i0, i0+b) sees keys [0, i0+b) only."""
+    if geo.kind != "self":
+        return rel_attention_naive(qu, qv, k, v, Wr, geo, dropout_p, training)
+    B, H, n, dh = qu.shape
+    D = Wr.shape[1]
+    block = min(block, n)
+    # distances -(n-1) .. block-1 (the positive ones only feed masked entries of diagonal blocks)
+    R = F.linear(_sinusoid_table(-(n - 1), block - 1, geo.P, D, qu.device, Wr.dtype), Wr)
+    R = R.view(-1, H, dh).transpose(0, 1)  # (H, n + block - 1, dh); row c <-> distance c - (n-1)
+    kT = k.transpose(-1, -2)
+    outs = []
+    for i0 in range(0, n, block):
+        b = min(block, n - i0)
+        L = i0 + b
+        Rb = R[:, n - L: n + b - 1]  # distances -(L-1) .. b-1, width W = L + b - 1
+        raw = torch.matmul(qv[:, :, i0:L], Rb.transpose(-1, -2))  # (B, H, b, W)
+        W = L + b - 1
+        # bd[r, j] = raw[r, j - r + b - 1]  (distance j - (i0 + r)): a strided view, no copy
+        bd = raw.as_strided((B, H, b, L), (raw.stride(0), raw.stride(1), W - 1, 1), raw.storage_offset() + b - 1)
+        s = torch.matmul(qu[:, :, i0:L], kT[:, :, :, :L]) + bd  # (B, H, b, L)
+        s[..., i0:] += _causal_block_mask(b, qu.device).to(s.dtype)
+        p = F.dropout(s.softmax(-1), dropout_p, training)
+        outs.append(torch.matmul(p, v[:, :, :L]))  # (B, H, b, dh)
+    return torch.cat(outs, dim=2)
+
+
+REL_KERNELS = {"naive": rel_attention_naive, "sdpa": rel_attention_sdpa, "blocked": rel_attention_blocked}
+
+
+def pick_kernel(impl: str, device: torch.device) -> str:
+    if impl != "auto":
+        return impl
+    return "blocked" if device.type == "cpu" else "sdpa"
+
+
+# ------------------------------------------------------------------------------------------- rotary
+
+@_cached
+def _rotary_table(n: int, step: int, dh: int, device: torch.device, dtype: torch.dtype):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dh, 2, device=device, dtype=torch.float64) / dh))
+    ang = (torch.arange(n, device=device, dtype=torch.float64) * step)[:, None] * inv_freq[None, :]
+    ang = torch.cat([ang, ang], dim=1)  # (n, dh), rotate-half layout
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, step: int) -> torch.Tensor:
+    """Rotate (B, H, n, dh) by positions 0, step, 2*step, ... (original-token units)."""
+    cos, sin = _rotary_table(x.shape[2], step, x.shape[3], x.device, x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@_cached
+def _bool_mask(geo: Geometry, device: torch.device) -> torch.Tensor:
+    return geo.offsets(device)[1]
+
+
+def rotary_attention(q, k, v, geo: Geometry, dropout_p=0.0, training=False):
+    q, k = apply_rotary(q, geo.q_step), apply_rotary(k, geo.k_step)
+    p = dropout_p if training else 0.0
+    if geo.kind == "self":
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_bool_mask(geo, q.device), dropout_p=p)
+
+
+def rotary_attention_naive(q, k, v, geo: Geometry, dropout_p=0.0, training=False):
+    """Reference: explicit scores and softmax."""
+    q, k = apply_rotary(q, geo.q_step), apply_rotary(k, geo.k_step)
+    s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~_bool_mask(geo, q.device), float("-inf"))
+    return torch.matmul(F.dropout(s.softmax(-1), dropout_p, training), v)
+
+
+# ------------------------------------------------------------------------------------------- module
+
+class Attention(nn.Module):
+    """Multi-head attention. Self-attention uses one fused (D, 3D) projection; resampling attention uses
+    its query and key/value slices on different inputs."""
+
+    def __init__(self, d_model: int, n_heads: int, attention: str, attn_dropout: float, impl: str = "auto"):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.relative = attention == "relative"
+        self.attn_dropout, self.impl = attn_dropout, impl
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.out = nn.Linear(d_model, d_model)
+        if self.relative:
+            self.pos = nn.Linear(d_model, d_model, bias=False)  # W_r
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:  # (B, n, D) -> (B, H, n, dh)
+        B, n, _ = t.shape
+        return t.view(B, n, self.n_heads, self.d_head).transpose(1, 2)
+
+    def forward(self, xq: torch.Tensor, xkv: torch.Tensor | None, uv: torch.Tensor | None, geo: Geometry,
+                kernel: str | None = None) -> torch.Tensor:
+        """xq (B, n_q, D), xkv (B, n_k, D) or None for self-attention; uv (2, H, dh) shared biases."""
+        D = xq.shape[-1]
+        if xkv is None:
+            q, k, v = self.qkv(xq).split(D, dim=-1)
+        else:
+            q = F.linear(xq, self.qkv.weight[:D], self.qkv.bias[:D])
+            k, v = F.linear(xkv, self.qkv.weight[D:], self.qkv.bias[D:]).split(D, dim=-1)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, n, dh)
+        if self.relative:
+            scale = 1.0 / math.sqrt(self.d_head)
+            qu = (q + uv[0][:, None]) * scale  # scale folded into the (n, dh) operands, not the (n, n) scores
+            qv = (q + uv[1][:, None]) * scale
+            kern = REL_KERNELS[kernel or pick_kernel(self.impl, xq.device)]
+            o = kern(qu, qv, k, v, self.pos.weight, geo, self.attn_dropout, self.training)
+        else:
+            fn = rotary_attention_naive if kernel == "naive" else rotary_attention
+            o = fn(q, k, v, geo, self.attn_dropout, self.training)
+        B, H, n, dh = o.shape
+        return self.out(o.transpose(1, 2).reshape(B, n, H * dh))

@@ -1,0 +1,228 @@
+"""Hourglass language model (Nawrot et al. 2021) as a flat, ordered list of layers.
+
+    "2@1 4@3 2@1" (one valley, factor 3):
+
+    tokens (B,T) --embed--> x (B,T,D) --2 blocks @1--+--LN--------------------- skip ---------------+
+                                                     |                                              |
+                                                     +-shift 2-> shorten -> (B,T/3,D)               |
+                                                                   |                                |
+                                                              4 blocks @3 -> LN -> upsample (B,T,D) |
+                                                                                    |               |
+                                                                            x = skip + LN(up) <-----+
+                                                                                    |
+                                                          2 blocks @1 -> LN -> Linear(vocab) -> logits
+
+The list is what a pipeline slices into stages: ``HourglassLM.forward`` is a fold over it.
+
+    layers[0]   embed  tokens (B, T) -> (x, [uv])           pads T up to a multiple of the total factor
+    block              (x, [uv], *skips) -> same shapes
+    down               (x, [uv], *skips) -> (x_short, [uv], *skips, skip)   pushes the residual
+    up                 (x_short, [uv], *skips, skip) -> (x, [uv], *skips)   pops it
+    layers[-1]  head   (x, ...) -> logits (B, T_padded, V)
+
+uv (2, H, d_head) are the Transformer-XL biases u and v shared by all attention layers (relative
+attention only); the embedding layer owns them and they travel in the tuple so every pipeline stage
+uses, and sends gradients to, the same parameters. Each layer carries ``kind`` and ``factor`` (the
+cumulative shortening factor of the sequence it outputs; down/up also carry ``outer`` and ``inner``).
+
+Where trax puts a LayerNorm after each group of blocks, that LayerNorm is the ``ln_in`` of the layer
+that follows the group (down, up or head), so a group may hold zero blocks.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hgscale.config import ConfigError, ModelConfig
+from hgscale.models.blocks import Block, layer_norm
+from hgscale.models.resampling import Shorten, Upsample, shift_right
+
+UV_INIT_STD = 1e-6  # trax get_rel_att_inputs
+
+
+class EmbedLayer(nn.Module):
+    kind, factor = "embed", 1
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.total, self.max_len, self.dropout = cfg.total_factor(), cfg.max_seq_len, cfg.dropout
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.attention == "relative":
+            self.uv = nn.Parameter(torch.zeros(2, cfg.n_heads, cfg.d_model // cfg.n_heads))
+
+    def forward(self, tokens: torch.Tensor) -> tuple:
+        B, T = tokens.shape
+        if T > self.max_len:
+            raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len = {self.max_len}; "
+                             f"raise model.max_seq_len or feed shorter sequences")
+        pad = -T % self.total
+        if pad:  # right padding: causal, so no real position ever sees it; stripped after the head
+            tokens = F.pad(tokens, (0, pad))
+        x = F.dropout(self.embed(tokens), self.dropout, self.training)  # (B, T_pad, D)
+        return (x, self.uv.clone()) if hasattr(self, "uv") else (x,)
+
+
+class BlockLayer(nn.Module):
+    kind = "block"
+
+    def __init__(self, cfg: ModelConfig, P: int):
+        super().__init__()
+        self.factor, self.relative = P, cfg.attention == "relative"
+        self.block = Block(cfg, P)
+
+    def forward(self, state: tuple) -> tuple:
+        x, *rest = state
+        return (self.block(x, rest[0] if self.relative else None), *rest)
+
+
+class DownLayer(nn.Module):
+    kind = "down"
+
+    def __init__(self, cfg: ModelConfig, outer: int, inner: int):
+        super().__init__()
+        self.outer, self.inner, self.factor = outer, inner, inner
+        self.f, self.relative = inner // outer, cfg.attention == "relative"
+        self.ln_in = layer_norm(cfg.d_model)  # closes the group of blocks before it
+        self.shorten = Shorten(cfg, self.f, outer)
+
+    def forward(self, state: tuple) -> tuple:
+        x, *rest = state
+        skip = self.ln_in(x)  # (B, n, D): the residual of the way up
+        xs = shift_right(skip, self.f - 1)  # causality: shortened token i sees inputs <= i*f
+        y = self.shorten(xs, rest[0] if self.relative else None)  # (B, n/f, D)
+        return (y, *rest, skip)
+
+
+class UpLayer(nn.Module):
+    kind = "up"
+
+    def __init__(self, cfg: ModelConfig, inner: int, outer: int):
+        super().__init__()
+        self.outer, self.inner, self.factor = outer, inner, outer
+        self.f, self.relative = inner // outer, cfg.attention == "relative"
+        self.ln_in = layer_norm(cfg.d_model)  # closes the group of blocks before it
+        self.upsample = Upsample(cfg, self.f, outer)
+        self.ln_out = layer_norm(cfg.d_model)
+
+    def forward(self, state: tuple) -> tuple:
+        y, *rest, skip = state
+        up = self.upsample(self.ln_in(y), skip, rest[0] if self.relative else None)  # (B, n, D)
+        return (skip + self.ln_out(up), *rest)
+
+
+class HeadLayer(nn.Module):
+    kind, factor = "head", 1
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln = layer_norm(cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.vocab_size)  # no weight tying (paper)
+
+    def forward(self, state: tuple) -> torch.Tensor:
+        return self.proj(self.ln(state[0]))  # (B, T_pad, V)
+
+
+# ------------------------------------------------------------------------------------------ building
+
+def layer_plan(cfg: ModelConfig) -> list[tuple]:
+    """[(kind, *args)] in model order, e.g. ("block", P), ("down", outer, inner), ("up", inner, outer)."""
+    levels = cfg.levels()
+    mid = len(levels) // 2
+    plan: list[tuple] = [("embed",)]
+    for li, (n, k) in enumerate(levels):
+        if li > mid:
+            plan.append(("up", levels[li - 1][1], k))
+        plan += [("block", k)] * n
+        if li < mid:
+            plan.append(("down", k, levels[li + 1][1]))
+    return plan + [("head",)]
+
+
+_CLASSES = {"embed": EmbedLayer, "block": BlockLayer, "down": DownLayer, "up": UpLayer, "head": HeadLayer}
+
+
+def init_layer_(layer: nn.Module, init_std: float, generator: torch.Generator) -> nn.Module:
+    """Normal(0, init_std) weights, zero biases, unit LayerNorm gains; u, v ~ Normal(0, 1e-6)."""
+    with torch.no_grad():
+        for m in layer.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.normal_(0.0, init_std, generator=generator)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.Embedding):
+                m.weight.normal_(0.0, init_std, generator=generator)
+            elif isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        if isinstance(layer, EmbedLayer) and hasattr(layer, "uv"):
+            layer.uv.normal_(0.0, UV_INIT_STD, generator=generator)
+    return layer
+
+
+def _check(cfg: ModelConfig) -> None:
+    problems = cfg.problems()
+    if problems:
+        raise ConfigError(problems, "model config")
+
+
+def build_layer(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:
+    """Layer ``index`` alone, initialised from (seed, index): any pipeline split builds the same weights."""
+    kind, *args = layer_plan(cfg)[index]
+    layer = _CLASSES[kind](cfg, *args)
+    if any(p.device.type != "meta" for p in layer.parameters()):
+        gen = torch.Generator(device=next(layer.parameters()).device)
+        gen.manual_seed(seed * 1_000_003 + index)
+        init_layer_(layer, cfg.init_std, gen)
+    return layer
+
+
+def layer_constructors(cfg: ModelConfig, seed: int = 0) -> list[tuple]:
+    """[(callable, args)]: ``callable(*args)`` builds layer i; a pipeline stage builds only its own."""
+    _check(cfg)
+    return [(build_layer, (cfg, i, seed)) for i in range(len(layer_plan(cfg)))]
+
+
+def build_layers(cfg: ModelConfig, seed: int = 0) -> list[nn.Module]:
+    return [fn(*args) for fn, args in layer_constructors(cfg, seed)]
+
+
+def state_shapes(cfg: ModelConfig, batch: int, seq_len: int) -> list[list[tuple]]:
+    """Shapes of each layer's output (the tuple passed to the next layer; logits for the head)."""
+    _check(cfg)
+    T = seq_len + (-seq_len % cfg.total_factor())
+    D, H = cfg.d_model, cfg.n_heads
+    uv = [(2, H, D // H)] if cfg.attention == "relative" else []
+    skips: list[tuple] = []
+    out = []
+    for kind, *args in layer_plan(cfg):
+        if kind == "down":
+            skips.append((batch, T // args[0], D))
+        elif kind == "up":
+            skips.pop()
+        if kind == "head":
+            out.append([(batch, T, cfg.vocab_size)])
+        else:
+            factor = args[1] if kind in ("down", "up") else (args[0] if kind == "block" else 1)
+            out.append([(batch, T // factor, D)] + uv + list(skips))
+    return out
+
+
+class HourglassLM(nn.Module):
+    """tokens (B, T) -> logits (B, T, V); logits at t predict token t+1 from tokens <= t."""
+
+    def __init__(self, cfg: ModelConfig, seed: int = 0):
+        _check(cfg)  # every config problem, before any module or tensor is built
+        super().__init__()
+        self.cfg = cfg
+        self.layers = nn.ModuleList(build_layers(cfg, seed))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        T = tokens.shape[1]
+        state = tokens
+        for layer in self.layers:
+            state = layer(state)
+        return state[:, :T]  # strip the right padding of the embedding layer
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,55 @@
+"""Metric names: what the trainer logs and what plots and reports look for.
+
+The trainer logs with the constants below. Readers (the end-of-run plot, ``python -m hgscale.report``)
+also accept a few common spellings, so runs logged by other tools still plot.
+Validation and test metrics are ``val/<metric>`` and ``test/<metric>`` with the dataset's metric name
+(``bpc``, ``bpd``, ``bits_per_token``).
+"""
+from __future__ import annotations
+
+import re
+
+TRAIN_LOSS = "train/loss"            # mean cross-entropy, nats/token, over the log interval
+LR = "train/lr"
+GRAD_NORM = "train/grad_norm"
+LOSS_SCALE = "train/loss_scale"
+TOKENS = "train/tokens"              # cumulative training tokens (all data-parallel ranks)
+FLOPS = "train/flops"                # cumulative model training FLOPs (forward + backward)
+ELAPSED_S = "time/elapsed_s"         # cumulative training wall-clock seconds (survives resume)
+TOKENS_PER_S = "perf/tokens_per_s"
+SAMPLES_PER_S = "perf/samples_per_s"
+TFLOPS_PER_DEVICE = "perf/tflops_per_device"
+MFU = "perf/mfu"
+PEAK_MEMORY_GB = "memory/peak_gb"
+
+
+def val_metric(metric_name: str) -> str:
+    return f"val/{metric_name}"
+
+
+def test_metric(metric_name: str) -> str:
+    return f"test/{metric_name}"
+
+
+# Readers: first key present wins.
+LOSS_KEYS = (TRAIN_LOSS, "train_loss", "loss", "train/lm_loss")
+FLOPS_KEYS = (FLOPS, "train/flops_total", "cumulative_flops", "total_flops", "flops")
+ELAPSED_KEYS = (ELAPSED_S, "elapsed_s", "wall_clock_s", "time/wall_s")
+TOKENS_PER_S_KEYS = (TOKENS_PER_S, "tokens_per_s", "tokens_per_sec", "throughput/tokens_per_s")
+MFU_KEYS = (MFU, "mfu", "perf/MFU")
+_VAL_RE = re.compile(r"^(val|valid|validation|eval)[/_](bpc|bpd|bits_per_token|bits_per_byte|bpb)$")
+_VAL_LOSS = ("val/loss", "valid/loss", "eval/loss", "val_loss")
+
+
+def first_present(keys, available) -> str | None:
+    """The first of ``keys`` in ``available`` (a set/dict of metric names), else None."""
+    for k in keys:
+        if k in available:
+            return k
+    return None
+
+
+def find_val_key(available) -> str | None:
+    """The validation bits metric of a run (val/bpc, val/bpd, ...), else its validation loss, else None."""
+    bits = sorted(k for k in available if _VAL_RE.match(k))
+    return bits[0] if bits else first_present(_VAL_LOSS, available)

@@ -1,0 +1,282 @@
+"""The trainer's view of experiment tracking: one MLflow run per training job, written by global rank 0.
+
+    tracker = Tracker(cfg, rank, world_size, resume_run_id=state.get("run_id"))
+    tracker.log_run_info(cfg, ds_json, topology, manifest, stage_plan)      # once
+    for step ...:
+        tracker.log_metrics({names.TRAIN_LOSS: loss, ...}, step)             # rank 0; queued, never blocks
+        tracker.gather_and_log(step, timings={"step_s": ..., "compute_s": ...})   # ALL ranks (collective)
+    tracker.log_artifact(export_path)
+    tracker.close()                                                          # bounded flush + loss-vs-FLOPs plot
+
+Where the run lives: ``tracking.uri`` in the config, else ``MLFLOW_TRACKING_URI``, else a SQLite store in the
+run directory (``sqlite:///<run_dir>/mlflow.db``, artifacts beside it), viewable with
+``mlflow ui --backend-store-uri sqlite:///<run_dir>/mlflow.db``. Ranks other than 0 hold no MLflow state:
+their calls return at once (``gather_and_log`` still takes part in the collective).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import shutil
+import time
+import weakref
+from collections import defaultdict
+from pathlib import Path
+
+from . import names, runinfo, system
+from .gather import aggregate, gather_to_rank0
+from .mlflow_sink import MlflowSink, clean_key
+
+log = logging.getLogger(__name__)
+
+_STAGE_COPY_MAX_BYTES = 64 * 2 ** 20   # smaller artifacts are copied at once, so later edits do not leak in
+
+
+def resolve_uri(cfg) -> str:
+    """tracking.uri, else MLFLOW_TRACKING_URI, else sqlite in run_dir. Raises ValueError naming a bad URI."""
+    env_uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    problems = [p for p in cfg.tracking.problems(env_uri) if "uri" in p.split(" = ")[0].lower()]
+    if problems:
+        raise ValueError(problems[0])
+    return cfg.tracking.uri or env_uri or f"sqlite:///{(Path(cfg.run_dir) / 'mlflow.db').resolve()}"
+
+
+def run_name_for(cfg) -> str:
+    return cfg.tracking.run_name or Path(cfg.run_dir).name or "hgscale"
+
+
+class Tracker:
+    """One MLflow run per training job. See the module docstring; contract in COMMON.md."""
+
+    def __init__(self, cfg, rank: int, world_size: int, resume_run_id: str | None = None):
+        self.cfg = cfg
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.collect = bool(cfg.tracking.enabled)               # same on every rank: decides collectives
+        self.enabled = self.collect and self.rank == 0          # only rank 0 talks to MLflow
+        self._sink: MlflowSink | None = None
+        self._history: dict[str, list[tuple[int, float]]] = defaultdict(list)
+        self._info_logged = False
+        self._closed = False
+        self._bad_values_warned = False
+        # Every rank checks the URI, so a bad one stops all ranks alike instead of rank 0 alone
+        # (which would leave the others waiting in the next collective).
+        self.uri = resolve_uri(cfg) if self.collect else ""
+        if not self.enabled:
+            return
+        try:
+            self._start(cfg, resume_run_id)
+        except Exception as e:  # noqa: BLE001 - e.g. an unwritable run_dir: train on without tracking
+            log.error("tracking is off for this run: %s: %s", type(e).__name__, e)
+            self.enabled = False
+
+    def _start(self, cfg, resume_run_id):
+        self.run_dir = Path(cfg.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.stage_dir = self.run_dir / "tracking"
+        artifact_location = None
+        if self.uri.startswith("sqlite:") or "://" not in self.uri:
+            artifact_location = (self.run_dir / "mlartifacts").resolve().as_uri()
+        git = runinfo.git_info()
+        tags = {"hgscale.world_size": self.world_size, "mlflow.source.name": runinfo.command_line()}
+        if git:
+            tags.update({"mlflow.source.git.commit": git["commit"], "hgscale.git_dirty": git["dirty"]})
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(cfg.tracking.http_timeout_s)))
+        self._sink = MlflowSink(self.uri, cfg.tracking.experiment, run_name_for(cfg), resume_run_id,
+                                artifact_location=artifact_location,
+                                spool_path=self.run_dir / "tracking_spool.jsonl", tags=tags,
+                                http_timeout_s=cfg.tracking.http_timeout_s)
+        if not self._sink.wait_ready(cfg.tracking.start_timeout_s):
+            log.warning("tracking at %s did not answer within %.0f s; training goes on and the run is created "
+                        "when it answers", self.uri, cfg.tracking.start_timeout_s)
+        system.start_cpu_sampling()
+        # Without close() (a crash, a forgotten call) still deliver what was queued, briefly.
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().close(status="KILLED", timeout=10.0))
+
+    # --------------------------------------------------------------------------------------- identity
+
+    @property
+    def run_id(self) -> str | None:
+        """The MLflow run id (rank 0), None on other ranks or while the server has not yet answered."""
+        return self._sink.run_id if self._sink else None
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self._sink and self._sink.resumed)
+
+    # ----------------------------------------------------------------------------------------- logging
+
+    def log_run_info(self, cfg, ds_json: dict, topology: dict, manifest: dict | None = None,
+                     stage_plan: dict | None = None) -> None:
+        """Once per run: resolved config, DeepSpeed JSON, topology, versions, git, dataset summary (params, secrets
+        masked) and the same documents as artifacts under ``run_info/``."""
+        if not self.enabled or self._info_logged:
+            return
+        self._info_logged = True
+        try:
+            cfg_dict = runinfo.mask_secrets(cfg.to_dict())
+            ds = runinfo.mask_secrets(ds_json or {})
+            topo = runinfo.mask_secrets(dict(topology or {}))
+            topo.setdefault("world_size", self.world_size)
+            man = runinfo.mask_secrets(manifest) if manifest else None
+            params = dict(runinfo.flatten(cfg_dict))
+            params.update(runinfo.flatten(ds, "ds"))
+            params.update(runinfo.flatten(topo, "topology"))
+            params.update({f"version.{k}": v for k, v in runinfo.versions().items()})
+            params.update({f"git.{k}": v for k, v in runinfo.git_info().items()})
+            params.update(runinfo.flatten(runinfo.manifest_summary(man), "dataset"))
+            if stage_plan:
+                params.update(runinfo.flatten(_plan_summary(stage_plan), "stage_plan"))
+            self._sink.put("params", params)
+            docs = {"config.json": cfg_dict, "deepspeed.json": ds, "topology.json": topo}
+            if man is not None:
+                docs["manifest.json"] = man
+            if stage_plan is not None:
+                docs["stage_plan.json"] = runinfo.mask_secrets(stage_plan)
+            info_dir = self.stage_dir / "run_info"
+            info_dir.mkdir(parents=True, exist_ok=True)
+            for name, doc in docs.items():
+                (info_dir / name).write_text(json.dumps(doc, indent=2, default=str))
+            self._sink.put("artifact", str(info_dir), "run_info")
+        except Exception as e:  # noqa: BLE001 - tracking trouble must not stop training
+            log.warning("could not record the run information (%s: %s)", type(e).__name__, e)
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            self._sink.put("params", runinfo.flatten(runinfo.mask_secrets(dict(params))))
+
+    def set_tags(self, tags: dict) -> None:
+        if self.enabled:
+            self._sink.put("tags", {k: runinfo.mask_value(str(v)) for k, v in tags.items()})
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        """Queue metrics for ``step`` (never blocks, never raises). Values: numbers or 0-d tensors; None is skipped.
+
+        Pass Python floats where you can: converting a CUDA tensor here waits for the GPU.
+        """
+        if not self.enabled or self._closed:
+            return
+        try:
+            values = {}
+            for k, v in metrics.items():
+                if v is None:
+                    continue
+                try:
+                    values[clean_key(k)] = float(v)
+                except (TypeError, ValueError):
+                    if not self._bad_values_warned:
+                        log.warning("metric %r = %r is not a number; not logged", k, v)
+                        self._bad_values_warned = True
+            if not values:
+                return
+            step = int(step)
+            for k, v in values.items():
+                if _plotted(k):
+                    self._history[k].append((step, v))
+            self._sink.put("metrics", step, int(time.time() * 1000), values)
+        except Exception as e:  # noqa: BLE001
+            log.warning("metrics for step %s not logged (%s)", step, e)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Queue a file or directory for upload; small files are copied first so the upload sees them as they were."""
+        if not self.enabled or self._closed:
+            return
+        try:
+            path = Path(path)
+            if path.is_file() and path.stat().st_size <= _STAGE_COPY_MAX_BYTES:
+                staged = self.stage_dir / "artifacts" / f"{time.time_ns()}" / path.name
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, staged)
+                path = staged
+            elif not path.exists():
+                log.warning("artifact %s does not exist; not logged", path)
+                return
+            self._sink.put("artifact", str(path), artifact_path)
+        except Exception as e:  # noqa: BLE001
+            log.warning("artifact %s not logged (%s)", path, e)
+
+    def gather_and_log(self, step: int, timings: dict | None = None, stage: int = 0, device=None, group=None) -> None:
+        """COLLECTIVE: every rank calls this at the same step. Sends this rank's timings (seconds, e.g. data_s,
+        compute_s, optimizer_s, step_s) and resource sample to rank 0, which logs per-stage and per-node metrics."""
+        if not self.collect:
+            return
+        rec = {"rank": self.rank, "stage": int(stage), "timings": dict(timings or {})}
+        if self.cfg.tracking.system_metrics:
+            try:
+                rec["system"] = system.sample(device)
+            except Exception as e:  # noqa: BLE001 - a failed sample must not desert the collective
+                rec["system"] = {"node": system.node_id(), "error": str(e)[:100]}
+        records = gather_to_rank0(rec, group)
+        if self.enabled and records:
+            self.log_metrics(aggregate(records), step)
+
+    # ------------------------------------------------------------------------------------------- end
+
+    def close(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
+        """Plot loss vs FLOPs, mark the run ``status`` (FINISHED / KILLED / FAILED), deliver what is queued within
+        ``timeout`` (default tracking.close_timeout_s). Never raises; True when everything reached MLflow."""
+        if not self.enabled or self._closed:
+            return True
+        self._closed = True
+        try:
+            history = {k: list(v) for k, v in self._history.items()}
+            out_png = self.stage_dir / "plots" / "loss_vs_flops.png"
+            self._sink.put("call", lambda client, run_id: _final_plot(client, run_id, history, out_png))
+            self._sink.put("status", status)
+            ok = self._sink.close(self.cfg.tracking.close_timeout_s if timeout is None else timeout)
+            if not ok:
+                log.warning("tracking: %d records not delivered to %s before the close timeout; they are kept in %s",
+                            self._sink.pending(), self.uri, self._sink.spool_path)
+            return ok
+        except Exception as e:  # noqa: BLE001
+            log.warning("tracking close failed (%s)", e)
+            return False
+
+
+def _plotted(key: str) -> bool:
+    return (key in names.LOSS_KEYS or key in names.FLOPS_KEYS or key in names.ELAPSED_KEYS
+            or key.split("/", 1)[0] in ("val", "valid", "validation", "eval"))
+
+
+def _plan_summary(plan: dict) -> dict:
+    """Scalars of a stage plan (imbalance, per-stage FLOPs shares); lists become JSON params."""
+    return {k: v for k, v in plan.items() if isinstance(v, (int, float, str, bool, list)) and len(str(v)) < 2000}
+
+
+def _final_plot(client, run_id: str, local: dict, out_png: Path) -> None:
+    """Training loss and validation metric against cumulative training FLOPs, from the run's full history in
+    MLflow (earlier attempts of a resumed run included), logged as ``plots/loss_vs_flops.png``."""
+    from .plots import at_steps, plot_panels, series
+
+    run = client.get_run(run_id)
+    keys = set(run.data.metrics) | set(local)
+
+    def hist(key):
+        if key is None:
+            return series([])
+        try:
+            h = client.get_metric_history(run_id, key)
+        except Exception:  # noqa: BLE001 - the server went away: plot what this process saw
+            h = []
+        seen = {m.step for m in h}
+        return series(list(h) + [(s, v) for s, v in local.get(key, []) if s not in seen])
+
+    loss_key = names.first_present(names.LOSS_KEYS, keys)
+    flops_key = names.first_present(names.FLOPS_KEYS, keys)
+    val_key = names.find_val_key(keys)
+    if loss_key is None and val_key is None:
+        return
+    fs, fv = hist(flops_key)
+    xlabel = "training FLOPs" if flops_key else "step (no FLOPs metric logged)"
+    panels = []
+    for key in (loss_key, val_key):
+        if key is None:
+            continue
+        s, v = hist(key)
+        xs = at_steps(fs, fv, s) if flops_key else s
+        panels.append({"curves": [(run.info.run_name or run_id, xs, v)], "xlabel": xlabel, "ylabel": key,
+                       "logx": bool(flops_key)})
+    plot_panels(panels, out_png, title=f"{run.info.run_name}: loss vs training compute")
+    client.log_artifact(run_id, str(out_png), "plots")

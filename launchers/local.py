@@ -1,0 +1,123 @@
+"""Local multi-process launch for development: N ranks on this machine, the same variables as on Slurm.
+
+    python -m launchers.local --nproc 2 python -m hgscale.train --config configs/demo.json train.steps=20
+
+Every rank gets its environment from :func:`launchers.env.rendezvous_env` (the function each Slurm task
+maps through), so a program that runs here runs unchanged under ``slurm/train_multinode.sh``.
+SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 sent to the launcher reach every rank once (the ranks live in
+their own session, so a terminal's Ctrl-C is not delivered twice). When a rank fails the others are
+stopped, and the launcher exits with the failed rank's status.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from launchers.env import rendezvous_env
+
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def free_port(addr: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
+
+
+def local_rank_envs(nproc: int, master_addr: str, master_port: int) -> list[dict[str, str]]:
+    """The rendezvous variables of ``nproc`` ranks on one node."""
+    return [rendezvous_env(r, r, nproc, nproc, 0, 1, master_addr, master_port) for r in range(nproc)]
+
+
+def _die_with_parent():
+    """Runs in each child before exec: the kernel kills it if the launcher dies (no orphaned ranks)."""
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _status(rc: int) -> int:
+    """Popen's negative 'killed by signal N' as a shell exit status (128 + N)."""
+    return 128 - rc if rc < 0 else rc
+
+
+def launch_local(cmd: list[str], nproc: int, master_addr: str = "127.0.0.1", master_port: int | None = None,
+                 env: dict[str, str] | None = None, grace_s: float = 10.0) -> int:
+    """Run ``cmd`` as ``nproc`` ranks; return 0 when all succeed, else the first failing rank's status."""
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc} must be >= 1")
+    base = dict(os.environ if env is None else env)
+    # N ranks on a few cores: one BLAS thread pool per rank each as wide as the machine would thrash.
+    base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    port = master_port or free_port(master_addr)
+    procs: list[subprocess.Popen] = []
+    previous = {s: signal.getsignal(s) for s in FORWARDED}
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for s in FORWARDED:
+        signal.signal(s, forward)
+    try:
+        for rank_env in local_rank_envs(nproc, master_addr, port):
+            procs.append(subprocess.Popen(cmd, env={**base, **rank_env}, start_new_session=True,
+                                          preexec_fn=_die_with_parent))
+        failed: int | None = None
+        while True:
+            codes = [p.poll() for p in procs]
+            bad = [c for c in codes if c not in (None, 0)]
+            if bad and failed is None:
+                failed = _status(bad[0])
+                deadline = time.monotonic() + grace_s
+                forward(signal.SIGTERM, None)
+            if all(c is not None for c in codes):
+                return failed if failed is not None else 0
+            if failed is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.kill()
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m launchers.local",
+                                 description="Start N ranks of a command on this machine with the rendezvous "
+                                             "variables torch.distributed and DeepSpeed read.")
+    ap.add_argument("--nproc", type=int, default=2, help="processes (ranks) to start (default 2)")
+    ap.add_argument("--master-addr", default="127.0.0.1", help="address rank 0 listens on")
+    ap.add_argument("--master-port", type=int, default=0, help="port rank 0 listens on (default: a free one)")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="the command each rank runs")
+    args = ap.parse_args(argv)
+    cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not cmd:
+        ap.error("give the command to run, e.g. python -m launchers.local --nproc 2 python -m hgscale.train "
+                 "--config configs/demo.json")
+    if args.nproc < 1:
+        ap.error(f"--nproc {args.nproc} must be >= 1")
+    try:
+        return launch_local(cmd, args.nproc, args.master_addr, args.master_port or None)
+    except FileNotFoundError as e:
+        print(f"error: cannot run {cmd[0]!r}: {e.strerror}", file=sys.stderr)
+        return 127
+
+
+if __name__ == "__main__":
+    sys.exit(main())

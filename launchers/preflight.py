@@ -1,0 +1,158 @@
+"""Checks a Slurm job runs before it starts any rank, and the header of its log.
+
+    python -m launchers.preflight CONFIG [key=value ...]      # in the batch script, before srun
+
+1. prints the rendezvous (job, nodes, tasks per node, MASTER_ADDR:MASTER_PORT) and the resolved config;
+2. validates the config for this allocation: every config problem, and pipeline stages x data-parallel
+   size against the number of tasks (hgscale.config's own checks, the ones the trainer applies);
+3. checks every node reaches MASTER_ADDR:MASTER_PORT: this process listens on the port, and one probe
+   per node (``srun --ntasks-per-node=1``) connects to it. A wrong address otherwise shows up as ranks
+   hanging in the rendezvous until a timeout, long after the allocation started burning.
+
+Exit status 0 when the job may start; 2 for a config problem, 3 for a rendezvous problem, each with one
+clear ``error:`` line in the job log.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+
+from launchers.env import LaunchError, Rendezvous, slurm_rendezvous
+
+PROBE_TIMEOUT_S = float(os.environ.get("HGSCALE_PROBE_TIMEOUT", "20"))
+
+
+def redact(text: str) -> str:
+    """Hide credentials written into URLs (``scheme://user:secret@host``) before anything is logged."""
+    return re.sub(r"(://)[^/@\s\"]+:[^/@\s\"]*@", r"\1***@", text)
+
+
+def header(rdv: Rendezvous, env=os.environ) -> str:
+    tasks = ",".join(map(str, rdv.tasks_per_node))
+    return "\n".join([
+        f"hgscale: job {env.get('SLURM_JOB_ID', '?')} ({env.get('SLURM_JOB_NAME', '')}) "
+        f"restart {env.get('SLURM_RESTART_COUNT', '0')} on {rdv.num_nodes} node(s): {','.join(rdv.hosts)}",
+        f"hgscale: rendezvous MASTER_ADDR={rdv.master_addr} MASTER_PORT={rdv.master_port} "
+        f"WORLD_SIZE={rdv.world_size} tasks per node={tasks}",
+    ])
+
+
+def check_config(path: str, overrides: list[str], world_size: int):
+    """Load and validate the config for ``world_size`` ranks; print the layout and resolved config."""
+    from hgscale.config import ConfigError, load_config  # no torch: this runs in a second
+    try:
+        cfg = load_config(path, overrides)
+        cfg.validate(world_size, source=path)
+    except ConfigError as e:
+        raise SystemExit(_fail(2, f"{e}"))
+    stages = cfg.parallel.pipeline_stages
+    print(f"hgscale: layout {world_size} tasks = {stages} pipeline stage(s) x {cfg.dp_size(world_size)} "
+          f"data-parallel; config {os.path.abspath(path)} overrides {' '.join(overrides) or '(none)'}")
+    print("hgscale: resolved config\n" + redact(json.dumps(cfg.to_dict(), indent=2)), flush=True)
+    return cfg
+
+
+def _fail(code: int, message: str) -> int:
+    print(f"hgscale: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+def _resolve(addr: str) -> str:
+    try:
+        return socket.getaddrinfo(addr, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except socket.gaierror as e:
+        raise LaunchError(f"MASTER_ADDR {addr!r} does not resolve on {socket.gethostname()} ({e.strerror}); "
+                          f"set HGSCALE_MASTER_ADDR to an address of the first node that every node can reach")
+
+
+def _serve(srv: socket.socket, seen: list[str], stop: threading.Event):
+    """Answer probes: read the prober's host name, reply, let the prober close first."""
+    srv.settimeout(0.2)
+    while not stop.is_set():
+        try:
+            conn, _ = srv.accept()
+        except socket.timeout:
+            continue
+        with conn:
+            conn.settimeout(5)
+            try:
+                seen.append(conn.recv(256).decode(errors="replace").strip())
+                conn.sendall(b"ok\n")
+                conn.recv(1)  # wait for the prober's close: TIME_WAIT stays on its side, not on our port
+            except OSError:
+                pass
+
+
+def check_rendezvous(rdv: Rendezvous, python: str = sys.executable, timeout_s: float = PROBE_TIMEOUT_S):
+    """Listen on MASTER_PORT here, probe it from every node of the job; raise LaunchError on failure."""
+    ip = _resolve(rdv.master_addr)
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        srv.bind(("", rdv.master_port))
+    except OSError as e:
+        srv.close()
+        raise LaunchError(f"MASTER_PORT {rdv.master_port} is not free on {socket.gethostname()} ({e.strerror}); "
+                          f"set HGSCALE_MASTER_PORT to a free port")
+    srv.listen(64)
+    seen: list[str] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=_serve, args=(srv, seen, stop), daemon=True)
+    thread.start()
+    n = rdv.num_nodes
+    cmd = ["srun", f"--nodes={n}", f"--ntasks={n}", "--ntasks-per-node=1", "--cpus-per-task=1",
+           "--kill-on-bad-exit=1", "--job-name=rendezvous-probe", python, "-m", "launchers.preflight",
+           "--probe", rdv.master_addr, str(rdv.master_port), str(timeout_s)]
+    try:
+        rc = subprocess.run(cmd, timeout=timeout_s + 120).returncode
+    except subprocess.TimeoutExpired:
+        rc = -1
+    finally:
+        stop.set()
+        thread.join()
+        srv.close()
+    if rc != 0:
+        raise LaunchError(f"not every node reaches MASTER_ADDR {rdv.master_addr} ({ip}) port {rdv.master_port} "
+                          f"(probe step exit status {rc}); set HGSCALE_MASTER_ADDR to an address of "
+                          f"{rdv.hosts[0]} that every node can reach")
+    print(f"hgscale: rendezvous reachable from {len(seen)} node(s): {','.join(sorted(seen))} -> {ip}", flush=True)
+
+
+def probe(addr: str, port: int, timeout_s: float) -> int:
+    """One node's side of the check: connect to the master, exchange a line, close."""
+    me = socket.gethostname()
+    try:
+        with socket.create_connection((addr, port), timeout=timeout_s) as s:
+            s.sendall(me.encode() + b"\n")
+            if not s.recv(16).startswith(b"ok"):
+                raise OSError("no answer from the listener")
+    except OSError as e:
+        reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
+        return _fail(3, f"node {me} cannot reach MASTER_ADDR {addr} port {port} ({reason})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--probe"]:
+        return probe(argv[1], int(argv[2]), float(argv[3]))
+    if not argv or argv[0].startswith("-"):
+        return _fail(2, "usage: python -m launchers.preflight CONFIG.json [key=value ...]")
+    try:
+        rdv = slurm_rendezvous(os.environ)
+        print(header(rdv), flush=True)
+        check_config(argv[0], argv[1:], rdv.world_size)
+        if os.environ.get("HGSCALE_SKIP_RENDEZVOUS_CHECK") != "1":
+            check_rendezvous(rdv)
+    except LaunchError as e:
+        return _fail(3, str(e))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+#!/bin/bash
+# Train hgscale on a Slurm cluster: one rank per GPU on every node, checkpoint and requeue on preemption.
+#
+#   sbatch slurm/train_multinode.sh configs/enwik8_xl.json [key=value ...]
+#   sbatch --nodes=4 --time=2-00:00:00 slurm/train_multinode.sh configs/enwik8_xl.json train.lr=3e-4
+#   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 slurm/train_multinode.sh X  # CPU nodes (gloo)
+#
+# Every #SBATCH default below can be overridden on the sbatch command line. Submit from the repository
+# root with the Python environment active (sbatch passes the environment on); HGSCALE_PYTHON names
+# another interpreter. Relative paths (config, checkpoint.dir, run_dir) are relative to the submit dir.
+#
+# Why srun with one task per GPU, and not a hostfile for the `deepspeed` launcher: Slurm itself then
+# starts, tracks, signals and accounts for every rank on every node. The deepspeed launcher reaches the
+# other nodes over pdsh/ssh, which many clusters forbid between compute nodes, and whatever it starts
+# escapes Slurm's process tracking and cgroups (CPU/GPU binding, clean-up of a killed job), and a
+# preemption signal would stop at the launcher instead of reaching each rank. DeepSpeed reads no SLURM_*
+# variable, so every task maps SLURM_PROCID / SLURM_LOCALID / SLURM_NTASKS to RANK / LOCAL_RANK /
+# WORLD_SIZE through `python -m launchers.env` (the mapping `python -m launchers.local` also uses).
+# `python -m launchers.hostlist` still writes a hostfile for running the deepspeed launcher inside salloc.
+#
+# Rendezvous: MASTER_ADDR is the first host of the job (HGSCALE_MASTER_ADDR picks another interface),
+# MASTER_PORT is derived from the job id (HGSCALE_MASTER_PORT overrides). Before any rank starts,
+# `python -m launchers.preflight` prints the rendezvous and the resolved config at the top of the log,
+# validates the config against the allocation (pipeline stages x data-parallel = tasks) and checks that
+# every node reaches MASTER_ADDR:MASTER_PORT; any failure ends the job with one error line, exit != 0.
+#
+# Preemption and time limits: Slurm sends SIGUSR1 to this script 300 s before the end (--signal=B:...);
+# the script forwards it to every rank through srun, the trainer finishes its step, saves a checkpoint
+# and exits 0, and the script requeues the job (--requeue), which resumes from that checkpoint in the
+# same MLflow run. SIGTERM (scancel, the time limit itself) is forwarded too, so the ranks checkpoint,
+# but does not requeue: a cancelled job stays cancelled. HGSCALE_MAX_REQUEUES (default 50) caps the
+# number of requeues. The log is appended to across requeues (--open-mode=append).
+#
+#SBATCH --job-name=hgscale
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --time=24:00:00
+#SBATCH --output=hgscale-%x-%j.log
+#SBATCH --open-mode=append
+#SBATCH --signal=B:USR1@300
+#SBATCH --requeue
+
+set -uo pipefail
+
+say() { echo "hgscale: $*"; }
+die() { echo "hgscale: error: $*" >&2; exit 2; }
+
+[ -n "${SLURM_JOB_ID:-}" ] || die "submit this script with sbatch (SLURM_JOB_ID is not set)"
+[ $# -ge 1 ] || die "no config given; usage: sbatch slurm/train_multinode.sh CONFIG.json [key=value ...]"
+cd "${SLURM_SUBMIT_DIR:-$PWD}" || die "cannot enter the submit directory ${SLURM_SUBMIT_DIR:-}"
+CONFIG=$1
+shift
+[ -f "$CONFIG" ] || die "config file '$CONFIG' does not exist (relative to $PWD); pass an existing JSON file (see configs/)"
+PYTHON=${HGSCALE_PYTHON:-python3}
+command -v "$PYTHON" >/dev/null || die "Python interpreter '$PYTHON' not found; activate the environment or set HGSCALE_PYTHON"
+
+PREEMPTED=0
+SRUN_PID=
+on_usr1() { PREEMPTED=1; say "SIGUSR1 received: asking the ranks to checkpoint and stop"; forward USR1; }
+on_term() { say "SIGTERM received: asking the ranks to checkpoint and stop (no requeue)"; forward TERM; }
+forward() { [ -n "$SRUN_PID" ] && kill -"$1" "$SRUN_PID" 2>/dev/null; }  # srun relays it to every task
+trap on_usr1 USR1
+trap on_term TERM
+
+say "started $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) in $PWD with $(command -v "$PYTHON")"
+"$PYTHON" -m launchers.preflight "$CONFIG" "$@"
+rc=$?
+[ $rc -eq 0 ] || { echo "hgscale: error: preflight failed (exit status $rc); no rank was started" >&2; exit $rc; }
+
+if [ $PREEMPTED -eq 0 ]; then
+    # One task per GPU (per --ntasks-per-node); each maps its SLURM_* variables, then execs the trainer.
+    srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+        "$PYTHON" -m launchers.env "$PYTHON" -m hgscale.train --config "$CONFIG" "$@" &
+    SRUN_PID=$!
+    # A trapped signal interrupts `wait`; keep waiting until srun itself has ended.
+    while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
+    wait "$SRUN_PID"
+    rc=$?
+fi
+
+if [ $PREEMPTED -eq 1 ]; then
+    restarts=${SLURM_RESTART_COUNT:-0}
+    if [ $rc -ne 0 ]; then
+        echo "hgscale: error: the ranks failed while stopping for preemption (exit status $rc); not requeueing" >&2
+        exit $rc
+    elif [ "$restarts" -ge "${HGSCALE_MAX_REQUEUES:-50}" ]; then
+        echo "hgscale: error: requeued $restarts times already (HGSCALE_MAX_REQUEUES); not requeueing" >&2
+        exit 1
+    fi
+    say "checkpoint saved; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
+    scontrol requeue "$SLURM_JOB_ID" || { echo "hgscale: error: scontrol requeue $SLURM_JOB_ID failed" >&2; exit 1; }
+    exit 0
+fi
+say "finished with exit status $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+exit $rc

@@ -1,0 +1,134 @@
+"""`sbatch slurm/train_multinode.sh` end to end on a real one-node Slurm cluster, CPU ranks over gloo.
+
+- an uninterrupted job (`sbatch --wait`) trains with 2 tasks, writes a checkpoint and records one MLflow run;
+- a job signalled like a preemption (SIGUSR1 to the batch script, as `--signal=B:USR1@...` does) checkpoints,
+  requeues itself and finishes from that checkpoint in the same MLflow run, logging every step exactly once
+  with the losses of the uninterrupted job.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launchers.env import master_port_for_job
+
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "slurm" / "train_multinode.sh"
+CPU_JOB = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
+STEPS = 40
+EXPERIMENT = "slurm-e2e"
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo_data")
+    subprocess.run([sys.executable, "-m", "data_pipelines.demo_corpus", "--out", str(out)], check=True,
+                   capture_output=True, cwd=REPO)
+    return out
+
+
+def _config(run: Path, data: Path) -> Path:
+    """A debug-size model, 2 data-parallel ranks, every step logged; checkpoints only at the end or on a signal."""
+    cfg = {
+        "model": {"size": "debug", "max_seq_len": 256},
+        "data": {"url": str(data), "seq_len": 128, "num_workers": 0},
+        "train": {"micro_batch_size": 2, "grad_accum_steps": 1, "steps": STEPS, "lr": 1e-3, "warmup_steps": 0,
+                  "lr_schedule": "constant", "log_interval": 1, "eval_interval": 0},
+        "parallel": {"pipeline_stages": 1, "zero_stage": 1},
+        "tracking": {"uri": f"sqlite:///{run}/mlflow.db", "experiment": EXPERIMENT, "system_metrics": False},
+        "checkpoint": {"dir": str(run / "ckpt"), "interval": 0},
+        "run_dir": str(run / "run"),
+    }
+    path = run / "tiny.json"
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def _env() -> dict:
+    return {"HGSCALE_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+
+def _mlflow(run: Path):
+    """(the experiment's runs, {step: train/loss} of the single run, and the list of logged steps)."""
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{run}/mlflow.db")
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id])
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss") if runs else []
+    return runs, [m.step for m in sorted(history, key=lambda m: (m.step, m.timestamp))], \
+        {m.step: m.value for m in history}
+
+
+@pytest.fixture(scope="module")
+def reference_run(slurm_cluster, demo_data, tmp_path_factory):
+    """One uninterrupted job, submitted with `sbatch --wait` (its exit status is the job's)."""
+    run = tmp_path_factory.mktemp("slurm_ref")
+    cfg = _config(run, demo_data)
+    p = slurm_cluster.cmd("sbatch", "--wait", "--parsable", *CPU_JOB, f"--output={run}/job-%j.log", str(SCRIPT),
+                          str(cfg), check=False, cwd=run, env={**slurm_cluster.env, **_env()}, timeout=300)
+    job_id = int(p.stdout.strip().split(";")[0])
+    return run, job_id, p.returncode, (run / f"job-{job_id}.log").read_text()
+
+
+def test_sbatch_trains_with_two_ranks_checkpoints_and_tracks_one_run(reference_run, slurm_cluster):
+    run, job_id, rc, log = reference_run
+    assert rc == 0, log
+    # header: rendezvous and resolved config at the top, before the trainer's first line
+    head = log.split("training ", 1)[0]
+    assert f"rendezvous MASTER_ADDR={slurm_cluster.host} MASTER_PORT={master_port_for_job(job_id)} WORLD_SIZE=2" in head
+    assert "layout 2 tasks = 1 pipeline stage(s) x 2 data-parallel" in head and '"steps": 40' in head
+    assert "2 process(es), 1 stage(s) x 2 data-parallel" in log
+    assert f"finished {STEPS} steps" in log
+    latest = (run / "ckpt" / "latest").read_text().strip()
+    assert latest.endswith(f"{STEPS:08d}") and (run / "ckpt" / latest / "COMPLETE").exists()
+    runs, steps, losses = _mlflow(run)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert steps == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1]  # it learned something
+
+
+def _wait_for(path: Path, pattern: str, timeout: float) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = re.search(pattern, path.read_text() if path.exists() else "")
+        if m:
+            return m
+        time.sleep(0.1)
+    raise AssertionError(f"{pattern!r} did not appear in {path} within {timeout} s:\n"
+                         f"{path.read_text() if path.exists() else '(no log)'}")
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_same_run(slurm_cluster, demo_data, reference_run,
+                                                                 tmp_path):
+    cfg = _config(tmp_path, demo_data)
+    job_id = slurm_cluster.sbatch(*CPU_JOB, f"--output={tmp_path}/job-%j.log", str(SCRIPT), str(cfg),
+                                  cwd=tmp_path, env=_env())
+    log_path = tmp_path / f"job-{job_id}.log"
+    _wait_for(log_path, r"step +3/40 ", timeout=120)
+    slurm_cluster.cmd("scancel", "--signal=USR1", "--batch", str(job_id))  # what --signal=B:USR1@300 does
+    job = slurm_cluster.wait_job(job_id, timeout=180)
+    log = log_path.read_text()
+    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
+    assert job["Restarts"] == "1", log
+    stopped = int(re.search(r"preempted at step (\d+); checkpoint saved", log).group(1))
+    assert 3 <= stopped < STEPS, log
+    first, second = log.split("requeueing job", 1)
+    assert "SIGUSR1 received" in first and f"finished {STEPS} steps" not in first
+    assert f"job {job_id} (hgscale) restart 1" in second
+    assert re.search(rf"resumed from \S+{stopped:08d} at step {stopped}\b", second), second
+    assert f"finished {STEPS} steps" in second
+    runs, steps, losses = _mlflow(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the requeued job continued the same run
+    assert steps == list(range(1, STEPS + 1))  # no step lost, none logged twice
+    _, _, ref = _mlflow(reference_run[0])
+    torch.testing.assert_close(torch.tensor([losses[s] for s in steps]), torch.tensor([ref[s] for s in steps]),
+                               rtol=1e-5, atol=1e-6)  # resumed exactly: same data position, same weights

@@ -1,0 +1,82 @@
+"""Shared pieces of the trainer's integration tests: the demo corpus, tiny configs, real launches."""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "integration" / "ds_worker.py"
+TRAIN = ROOT / "hgscale" / "train.py"
+DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> Path:
+    """The offline demo corpus (Python reference manual bytes) as shards + manifest."""
+    out = tmp_path_factory.mktemp("demo_corpus") / "data"
+    subprocess.run([sys.executable, "-m", "data_pipelines.demo_corpus", "--out", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    return out
+
+
+def tiny_config(tmp: Path, data_url: Path, name: str = "c.json", **sections) -> Path:
+    """configs/test/tiny.json with data, checkpoint and run directories under ``tmp``; sections update it."""
+    cfg = json.loads((ROOT / "configs" / "test" / "tiny.json").read_text())
+    cfg["data"]["url"] = str(data_url)
+    stem = Path(name).stem
+    cfg["checkpoint"]["dir"] = str(tmp / f"{stem}_ckpt")
+    cfg["run_dir"] = str(tmp / f"{stem}_run")
+    for sec, vals in sections.items():
+        cfg.setdefault(sec, {}).update(vals)
+    path = tmp / name
+    path.write_text(json.dumps(cfg))
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                          "MASTER_PORT")}
+    e.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    return e
+
+
+def command(nprocs: int, script: Path, args: list[str]) -> list[str]:
+    """`python script ...` for one process, `deepspeed --num_gpus N script ...` otherwise (CPU: gloo)."""
+    if nprocs == 1:
+        return [sys.executable, str(script), *args]
+    return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(script), *args]
+
+
+def launch(nprocs: int, script: Path, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    r = subprocess.run(command(nprocs, script, args), cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=timeout)
+    if r.returncode != 0:
+        raise AssertionError(f"launch failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    return r
+
+
+def run_worker(nprocs: int, out: Path, config: Path, *args: str) -> dict:
+    """Run ds_worker.py; returns {"ranks": [rank json...], "params": {name: tensor} merged over ranks}."""
+    import torch
+    launch(nprocs, WORKER, ["--config", str(config), "--out", str(out), *args])
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(nprocs)]
+    params = {}
+    for r in range(nprocs):
+        params.update(torch.load(out / f"params_rank{r}.pt"))
+    ckpt = Path(json.loads(Path(config).read_text())["checkpoint"]["dir"])
+    return {"ranks": ranks, "params": params, "out": out, "ckpt": ckpt}
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

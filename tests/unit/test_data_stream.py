@@ -1,0 +1,140 @@
+"""Order, packing and exact resume of the stream (local paths, in-process producer)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data_pipelines.demo_corpus import corpus_bytes, write_demo_corpus
+from data_pipelines.shards import DatasetWriter
+from hgscale.config import DataConfig
+from hgscale.data import open_dataset
+from hgscale.data.reader import worker_shards
+
+
+@pytest.fixture(scope="module")
+def ds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data") / "demo"
+    write_demo_corpus(str(root))
+    return open_dataset(DataConfig(url=str(root), num_workers=0))
+
+
+def take(stream, n):
+    it = iter(stream)
+    out = [next(it) for _ in range(n)]
+    stream.close()
+    return out
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for (x1, y1), (x2, y2) in zip(a, b):
+        torch.testing.assert_close(x1, x2, rtol=0, atol=0)
+        torch.testing.assert_close(y1, y2, rtol=0, atol=0)
+
+
+def test_batches_are_shifted_contiguous_text(ds):
+    text = corpus_bytes()
+    for x, y in take(ds.stream("train", 4, 128, seed=1), 5):
+        assert x.shape == y.shape == (4, 128) and x.dtype == y.dtype == torch.int64
+        torch.testing.assert_close(x[:, 1:], y[:, :-1], rtol=0, atol=0)
+        for xr, yr in zip(x, y):  # every window is a real, contiguous piece of the corpus
+            assert bytes(torch.cat([xr, yr[-1:]]).to(torch.uint8).numpy()) in text
+
+
+def test_order_is_deterministic_in_seed(ds):
+    a = take(ds.stream("train", 4, 64, seed=11), 4)
+    assert_same(a, take(ds.stream("train", 4, 64, seed=11), 4))
+    b = take(ds.stream("train", 4, 64, seed=12), 4)
+    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+
+
+def test_shard_assignment_partitions_by_dp_rank_and_worker():
+    for n, dp, w in ((13, 2, 2), (16, 4, 2), (7, 1, 3)):
+        for epoch in range(3):
+            parts = [worker_shards(n, 5, epoch, True, r, dp, k, w) for r in range(dp) for k in range(w)]
+            flat = sorted(i for p in parts for i in p)
+            assert flat == list(range(n))
+    assert worker_shards(13, 5, 0, True, 0, 2, 0, 1) != worker_shards(13, 5, 1, True, 0, 2, 0, 1)
+    assert worker_shards(5, 5, 0, False, 0, 1, 0, 1) == [0, 1, 2, 3, 4]
+
+
+def test_dp_ranks_read_disjoint_text_and_cover_an_epoch(ds):
+    seq = 256
+    seen = []
+    for rank in (0, 1):
+        rows = torch.cat([x for x, _ in take(ds.stream("train", 1, seq, rank, 2, seed=3, shuffle=False), 1000)])  # > 1 epoch
+        seen.append({bytes(r.to(torch.uint8).numpy()) for r in rows})
+    assert not seen[0] & seen[1]
+    # one epoch without shuffling covers all but < seq_len + 1 tokens per shard
+    n_shards = len(ds.manifest["splits"]["train"]["shards"])
+    covered = (len(seen[0]) + len(seen[1])) * seq
+    assert ds.num_tokens("train") - n_shards * (seq + 1) <= covered <= ds.num_tokens("train")
+
+
+@pytest.mark.parametrize("cut", [1, 7, 40, 95])  # mid-shard ... past two epoch boundaries
+def test_exact_resume_in_process(ds, cut):
+    B, T = 8, 200  # ~ 47 batches per epoch
+    full = take(ds.stream("train", B, T, seed=9), cut + 12)
+    s = ds.stream("train", B, T, seed=9)
+    it = iter(s)
+    for _ in range(cut):
+        next(it)
+    state = json.loads(json.dumps(s.state_dict()))  # survives a checkpoint's JSON
+    s.close()
+    assert state["cursors"][0][0] == (cut * B) // (ds.num_tokens("train") // T)  # epoch reached
+    r = ds.stream("train", B, T, seed=9)
+    r.load_state_dict(state)
+    assert_same(take(r, 12), full[cut:])
+
+
+def test_epochs_differ_and_repeat_the_data(ds):
+    B, T = 1, 512
+    per_epoch = sum((s["num_tokens"] - 1) // T - 1 for s in ds.manifest["splits"]["train"]["shards"])
+    batches = take(ds.stream("train", B, T, seed=2), 3 * per_epoch)
+    e0 = {bytes(x[0, :32].to(torch.uint8).numpy()) for x, _ in batches[:per_epoch // 2]}
+    e1 = [bytes(x[0, :32].to(torch.uint8).numpy()) for x, _ in batches[per_epoch + 30:per_epoch + 30 + per_epoch // 2]]
+    assert sum(w in e0 for w in e1) < len(e1) // 2  # a new order (and new offsets) each epoch
+
+
+def test_changed_layout_resumes_at_epoch_start(ds, caplog):
+    s = ds.stream("train", 4, 64, seed=1)
+    take(s, 3)
+    state = s.state_dict()
+    other = ds.stream("train", 4, 64, seed=1, num_workers=0, dp_rank=1, dp_size=2)
+    other.load_state_dict(state)
+    assert other.state_dict()["cursors"] == [[0, 0, 0]] and "different layout" in caplog.text
+
+
+def test_eval_batches_split_windows_between_ranks(ds):
+    one = list(ds.eval_batches("valid", 4, 128))
+    two = [list(ds.eval_batches("valid", 2, 128, r, 2)) for r in (0, 1)]
+    assert len(two[0]) == len(two[1]) > 0
+    x1 = torch.cat([x for x, _ in one])
+    x2 = torch.stack([torch.cat([x for x, _ in two[0]]), torch.cat([x for x, _ in two[1]])], 1).flatten(0, 1)
+    torch.testing.assert_close(x2, x1[:len(x2)], rtol=0, atol=0)  # window i on rank i mod 2, file order
+    valid = ds.split_tokens("valid")
+    torch.testing.assert_close(x1[0], valid[:128], rtol=0, atol=0)
+    torch.testing.assert_close(one[0][1][0], valid[1:129], rtol=0, atol=0)
+    assert len(list(ds.eval_batches("valid", 4, 128, max_batches=2))) == 2
+
+
+def test_image_windows_label_every_pixel_once(tmp_path):
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(10, 48), dtype=np.uint8)  # 4x4 RGB
+    with DatasetWriter(str(tmp_path / "img"), name="img", modality="image", vocab_size=256, shard_bytes=1,
+                       extra={"sample_tokens": 48}) as w:
+        for i, im in enumerate(images):
+            w.add("test" if i >= 8 else "train", im, label=i)
+    img = open_dataset(DataConfig(url=str(tmp_path / "img"), num_workers=0))
+    assert img.metric_name == "bpd" and len(img.manifest["splits"]["train"]["shards"]) == 8
+    batches = list(img.eval_batches("train", 2, 48))
+    labels = torch.cat([y for _, y in batches]).flatten()
+    stream = torch.from_numpy(images[:8].reshape(-1).astype(np.int64))
+    torch.testing.assert_close(labels, torch.cat([stream[1:], stream[:1]]), rtol=0, atol=0)
+    # training windows with seq_len = one image are whole images in a shuffled order
+    xs = torch.cat([x for x, _ in take(img.stream("train", 4, 48, seed=0), 2)])
+    got = sorted(bytes(r.to(torch.uint8).numpy()) for r in xs)
+    assert got == sorted(bytes(im) for im in images[:8])

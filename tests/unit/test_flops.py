@@ -1,0 +1,77 @@
+"""Analytic FLOPs and parameter counts against what torch counts."""
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from hgscale.config import ModelConfig
+from hgscale.models import HourglassLM, flops_per_token, layer_flops, layer_params
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than two on a shared 2-core machine (no sync per op)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+CONFIGS = {
+    "vanilla-relative": dict(hierarchy="3@1"),
+    "1level-attn-relative": dict(hierarchy="1@1 2@3 1@1"),
+    "1level-linear-rotary": dict(hierarchy="1@1 2@3 1@1", downsample="linear", upsample="linear",
+                                 attention="rotary"),
+    "2levels-attn-relative": dict(hierarchy="1@1 1@2 2@6 1@2 1@1", downsample="attention_linear",
+                                  upsample="attention_repeat"),
+    "2levels-avg-rotary": dict(hierarchy="2@1 1@2 1@4 0@2 1@1", downsample="avg", upsample="attention_linear",
+                               attention="rotary"),
+}
+
+
+def make(**kw):
+    base = dict(vocab_size=64, d_model=32, n_heads=4, d_ff=64, dropout=0.0, attn_impl="sdpa")
+    return ModelConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("T,B", [(48, 2), (50, 1)])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_flops_per_token_matches_flop_counter(name, T, B):
+    cfg = make(**CONFIGS[name])
+    model = HourglassLM(cfg)
+    tokens = torch.randint(0, 64, (B, T))
+    # the math backend decomposes attention into matmuls, which FlopCounterMode sees on CPU
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+        model(tokens).sum().backward()
+    measured = counter.get_total_flops() / (B * T)
+    analytic = flops_per_token(cfg, T, batch_size=B)
+    assert analytic == pytest.approx(measured, rel=1e-3)  # the brief allows 5 %; the count is exact
+    assert sum(layer_flops(cfg, T, B)) == pytest.approx(analytic)
+
+
+def test_layer_flops_per_layer_matches_counter():
+    """Per-layer figures (what pipeline balancing uses), layer by layer."""
+    cfg = make(**CONFIGS["2levels-attn-relative"])
+    model = HourglassLM(cfg)
+    state = torch.randint(0, 64, (1, 24))
+    expected = layer_flops(cfg, 24)
+    for layer, want in zip(model.layers, expected):
+        inputs = state if layer.kind == "embed" else tuple(t.detach().requires_grad_() for t in state)
+        with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
+            state = layer(inputs)
+            out = state if layer.kind == "head" else state[0]
+            out.sum().backward()
+        assert counter.get_total_flops() / 24 == pytest.approx(want, rel=1e-3, abs=1.0), layer.kind
+
+
+def test_hourglass_is_cheaper_than_vanilla_of_same_depth():
+    hg = ModelConfig(hierarchy="5@1 24@3 5@1")
+    vanilla = ModelConfig(hierarchy="34@1")
+    ratio = flops_per_token(vanilla, 2048) / flops_per_token(hg, 2048)
+    assert 2.0 < ratio < 3.0  # 10 of 34 layers at full length, 24 at a third
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_layer_params(name):
+    cfg = make(**CONFIGS[name])
+    model = HourglassLM(cfg)
+    assert [sum(p.numel() for p in layer.parameters()) for layer in model.layers] == layer_params(cfg)

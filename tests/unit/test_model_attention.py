@@ -1,0 +1,160 @@
+"""Attention kernels against a slow, obviously-correct reference written here with loops.
+
+The reference places query i and key j at their original-token positions (``pos_q``, ``pos_k``), writes
+the Transformer-XL score term by term with math.sin / math.cos, and normalises with explicit exp."""
+import math
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hgscale.models.attention import Attention, Geometry, rel_attention_blocked, rel_attention_naive, \
+    rel_attention_sdpa, rotary_attention, rotary_attention_naive
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is faster than two on a shared 2-core machine (no sync per op)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+@pytest.fixture(autouse=True)
+def double():
+    """The reference is exact: compare in double precision (the fast-kernel test opts out)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def positions(geo):
+    """Original-token positions of queries and keys, and who may see whom, written out."""
+    if geo.kind == "self":
+        pq = [i * geo.P for i in range(geo.n_q)]
+        pk = [j * geo.P for j in range(geo.n_k)]
+        vis = lambda i, j: j <= i  # noqa: E731
+    elif geo.kind == "down":  # pooled query i covers (shifted) keys i*f .. i*f + f - 1
+        pq = [i * geo.f * geo.P for i in range(geo.n_q)]
+        pk = [j * geo.P for j in range(geo.n_k)]
+        vis = lambda i, j: j < (i + 1) * geo.f  # noqa: E731
+    else:  # up: full-resolution query i sees shortened tokens 0 .. i // f
+        pq = [i * geo.P for i in range(geo.n_q)]
+        pk = [j * geo.f * geo.P for j in range(geo.n_k)]
+        vis = lambda i, j: j <= i // geo.f  # noqa: E731
+    return pq, pk, vis
+
+
+def sinusoid_ref(dist, dim):
+    half = dim // 2
+    return torch.tensor([math.sin(dist / 10000 ** (2 * m / dim)) for m in range(half)]
+                        + [math.cos(dist / 10000 ** (2 * m / dim)) for m in range(half)])
+
+
+def rotate_ref(x, pos):
+    dh = x.shape[0]
+    half = dh // 2
+    out = x.clone()
+    for m in range(half):
+        a = pos / 10000 ** (2 * m / dh)
+        out[m] = x[m] * math.cos(a) - x[m + half] * math.sin(a)
+        out[m + half] = x[m + half] * math.cos(a) + x[m] * math.sin(a)
+    return out
+
+
+def attention_ref(module: Attention, xq, xkv, uv, geo):
+    """Loop reference of Attention.forward (batch 1 slices, one head and one query at a time)."""
+    D, H = xq.shape[-1], module.n_heads
+    dh = D // H
+    W, b = module.qkv.weight, module.qkv.bias
+    xkv = xq if xkv is None else xkv
+    pq, pk, vis = positions(geo)
+    out = torch.zeros(xq.shape[0], xq.shape[1], D)
+    for bi in range(xq.shape[0]):
+        q = xq[bi] @ W[:D].T + b[:D]
+        k = xkv[bi] @ W[D:2 * D].T + b[D:2 * D]
+        v = xkv[bi] @ W[2 * D:].T + b[2 * D:]
+        for h in range(H):
+            sl = slice(h * dh, (h + 1) * dh)
+            for i in range(xq.shape[1]):
+                seen = [j for j in range(xkv.shape[1]) if vis(i, j)]
+                scores = []
+                for j in seen:
+                    if module.relative:
+                        r = (module.pos.weight @ sinusoid_ref(pk[j] - pq[i], D))[sl]
+                        s = (q[i, sl] + uv[0, h]) @ k[j, sl] + (q[i, sl] + uv[1, h]) @ r
+                    else:
+                        s = rotate_ref(q[i, sl], pq[i]) @ rotate_ref(k[j, sl], pk[j])
+                    scores.append(s / math.sqrt(dh))
+                e = torch.stack([torch.exp(s - max(scores)) for s in scores])
+                p = e / e.sum()
+                out[bi, i, sl] = sum(p[n] * v[j, sl] for n, j in enumerate(seen))
+    return module.out(out)
+
+
+GEOMETRIES = [Geometry("self", 7, 7, 1, 1), Geometry("self", 5, 5, 1, 3), Geometry("down", 3, 9, 3, 1),
+              Geometry("down", 2, 4, 2, 3), Geometry("up", 8, 4, 2, 1), Geometry("up", 6, 2, 3, 2)]
+
+
+@pytest.mark.parametrize("attention", ["relative", "rotary"])
+@pytest.mark.parametrize("kernel", ["naive", "sdpa", "blocked"])
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=[f"{g.kind}{g.n_q}x{g.n_k}f{g.f}P{g.P}" for g in GEOMETRIES])
+def test_attention_matches_loop_reference(geo, kernel, attention):
+    torch.manual_seed(0)
+    m = Attention(8, 2, attention, 0.0)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    uv = torch.randn(2, 2, 4)
+    xq = torch.randn(2, geo.n_q, 8)
+    xkv = None if geo.kind == "self" else torch.randn(2, geo.n_k, 8)
+    got = m(xq, xkv, uv, geo, kernel=kernel)
+    assert_close(got, attention_ref(m, xq, xkv, uv, geo))
+
+
+@pytest.mark.parametrize("n,P,block", [(23, 1, 5), (16, 3, 4), (9, 2, 9), (300, 1, 256)])
+def test_relative_fast_kernels_match_naive_with_grads(n, P, block):
+    """Blocked (several blocks and a ragged last one) and sdpa paths: outputs and every gradient."""
+    torch.set_default_dtype(torch.float32)  # the fixture restores it
+    torch.manual_seed(0)
+    B, H, dh, D = 2, 2, 8, 16
+    geo = Geometry("self", n, n, 1, P)
+    leaves = [torch.randn(B, H, n, dh, requires_grad=True) for _ in range(4)] + [torch.randn(D, D, requires_grad=True)]
+    grad_out = torch.randn(B, H, n, dh)
+    results = []
+    for fn in (rel_attention_naive, rel_attention_sdpa, lambda *a: rel_attention_blocked(*a, block=block)):
+        out = fn(*leaves, geo)
+        results.append((out, torch.autograd.grad(out, leaves, grad_out)))
+    for out, grads in results[1:]:
+        assert_close(out, results[0][0], atol=2e-5, rtol=1e-4)
+        for g, g_ref in zip(grads, results[0][1]):
+            assert_close(g, g_ref, atol=5e-4, rtol=1e-4)
+
+
+def test_position_term_matters_and_uses_original_token_units():
+    """Same inputs at P=1 and P=2 give different outputs (distances scale with the level's factor)."""
+    torch.manual_seed(0)
+    m = Attention(8, 2, "relative", 0.0)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x, uv = torch.randn(1, 6, 8), torch.randn(2, 2, 4)
+    a = m(x, None, uv, Geometry("self", 6, 6, 1, 1))
+    b = m(x, None, uv, Geometry("self", 6, 6, 1, 2))
+    assert not torch.allclose(a[:, 1:], b[:, 1:])
+    assert_close(a[:, 0], b[:, 0])  # the first query sees only distance 0
+
+
+@pytest.mark.parametrize("geo", GEOMETRIES, ids=[f"{g.kind}{g.n_q}x{g.n_k}f{g.f}P{g.P}" for g in GEOMETRIES])
+def test_rotary_fused_matches_naive_with_grads(geo):
+    torch.set_default_dtype(torch.float32)  # the fixture restores it
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, geo.n_q, 8, requires_grad=True)
+    k, v = (torch.randn(2, 2, geo.n_k, 8, requires_grad=True) for _ in range(2))
+    grad_out = torch.randn(2, 2, geo.n_q, 8)
+    outs = [fn(q, k, v, geo) for fn in (rotary_attention, rotary_attention_naive)]
+    grads = [torch.autograd.grad(o, (q, k, v), grad_out) for o in outs]
+    assert_close(outs[0], outs[1], atol=2e-6, rtol=1e-5)
+    for a, b in zip(*grads):
+        assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -52,7 +52,8 @@ class DatasetWriter:
         manifest = join(self.base, "manifest.json")
         if self.fs.exists(manifest):
             if not overwrite:
-                raise DataError(f"{join(self.url, 'manifest.json')} exists; pass --overwrite or another --out")
+                raise DataError(f"{join(self.url, 'manifest.json')} exists; choose another --out or leave out "
+                                f"--no-overwrite to replace it")
             self.fs.rm(manifest)  # first: a dataset being rewritten must never look complete
         if "://" not in self.url or self.url.startswith("file://"):
             self.fs.makedirs(self.base, exist_ok=True)

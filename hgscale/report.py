@@ -8,7 +8,8 @@ Reads the runs of an MLflow experiment and writes, under ``--out``:
 
 Then it logs the three files as artifacts of a new *summary run* (tag ``hgscale.kind=report``) in the same
 experiment, so the comparison sits next to the runs in the MLflow UI. The tracking store comes from
-``--tracking-uri`` or ``MLFLOW_TRACKING_URI`` (a server, or ``sqlite:///<run_dir>/mlflow.db``).
+``--tracking-uri``, ``MLFLOW_TRACKING_URI`` (a server, or ``sqlite:///<run_dir>/mlflow.db``), or the store
+a training config (``--config``) writes to.
 """
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ def markdown(experiment: str, rows: list[dict], images: list[str]) -> str:
         lines.append(f"| {r['name']} (`{r['run_id'][:8]}`) | {r['status']} | {r['steps']} | "
                      f"{_fmt(r['final_val'], '.4f')} | {_fmt(r['best_val'], '.4f')} | {_fmt(r['test'], '.4f')} | "
                      f"{_fmt(r['tokens_per_s'], ',.0f')} | "
-                     f"{_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f')}{'%' if r['mfu'] is not None else ''} | "
+                     f"{'—' if r['mfu'] is None else format(100 * r['mfu'], '.1f') + '%'} | "
                      f"{_fmt(r['total_flops'], '.3e')} |")
     lines += ["", "tokens/s and MFU: median over the second half of each run (past warm-up).", ""]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in images]
@@ -118,8 +119,15 @@ def select_runs(client, experiment_id: str, wanted: list[str] | None):
 def build_report(tracking_uri: str, experiment: str, run_filter: list[str] | None, out_dir: str | Path,
                  log_summary: bool = True) -> dict:
     """Write the PNGs and markdown; log them to a summary run. Returns paths, rows and the summary run id."""
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     from mlflow.tracking import MlflowClient
 
+    if tracking_uri.startswith("sqlite:///"):
+        db = Path(tracking_uri[len("sqlite:///"):])
+        if not db.is_file():  # opening it would create an empty store
+            raise ReportError(f"no tracking store at {db}: train a run first, or point --tracking-uri at the store "
+                              f"(sqlite:///<run_dir>/mlflow.db or http://host:port)")
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -148,7 +156,8 @@ def build_report(tracking_uri: str, experiment: str, run_filter: list[str] | Non
     md.write_text(markdown(experiment, rows, [str(flops_png), str(wall_png)]))
     summary_id = None
     if log_summary:
-        run = client.create_run(exp.experiment_id, run_name=f"report {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime())}",
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
+        run = client.create_run(exp.experiment_id, run_name=f"report {stamp}",
                                 tags={REPORT_TAG: "report", "hgscale.report_runs": ",".join(r["run_id"] for r in rows)})
         summary_id = run.info.run_id
         for p in (flops_png, wall_png, md):
@@ -163,13 +172,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", nargs="*", help="run ids or run names to compare (default: every run)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
                    help="tracking server or store (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--config", default="", help="a training config: use the tracking store it trains into")
     p.add_argument("--out", default="", help="output directory (default: reports/<experiment>)")
     p.add_argument("--no-summary-run", action="store_true", help="do not log the report to MLflow")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.config and not args.tracking_uri:
+        from hgscale.config import ConfigError, load_config
+        from hgscale.tracking import resolve_uri
+        try:
+            args.tracking_uri = resolve_uri(load_config(args.config, validate=False))
+        except (ConfigError, ValueError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if not args.tracking_uri:
-        print("error: no tracking store given: pass --tracking-uri (http://host:5000 or sqlite:///runs/NAME/mlflow.db) "
-              "or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        print("error: no tracking store given: pass --tracking-uri (http://host:5000 or sqlite:///runs/NAME/mlflow.db), "
+              "--config CONFIG, or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
     out = args.out or str(Path("reports") / args.experiment.replace("/", "_"))
     try:

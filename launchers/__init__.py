@@ -5,12 +5,6 @@
 - :mod:`launchers.hostlist`  Slurm node lists (``node[01-04,07]``) and ``deepspeed --hostfile`` files
 - :mod:`launchers.preflight` the batch script's checks and log header before any rank starts
 
+Each module runs as ``python -m launchers.<name>``, so this package imports none of them itself.
 Nothing here imports torch: these run before (and around) the training processes.
 """
-from launchers.env import LaunchError, Rendezvous, master_port_for_job, rendezvous_env, slurm_rank_env, slurm_rendezvous
-from launchers.hostlist import HostlistError, expand_hostlist, expand_tasks_per_node, hostfile_text
-from launchers.local import launch_local, local_rank_envs
-
-__all__ = ["LaunchError", "Rendezvous", "master_port_for_job", "rendezvous_env", "slurm_rank_env", "slurm_rendezvous",
-           "HostlistError", "expand_hostlist", "expand_tasks_per_node", "hostfile_text", "launch_local",
-           "local_rank_envs"]

@@ -5,7 +5,7 @@ torch.distributed and DeepSpeed read ``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, `
 through :func:`rendezvous_env` (as gpt-neox does), and :mod:`launchers.local` builds the very same
 variables for processes on one machine.
 
-    srun python -m launchers.env python -m hgscale.train --config X   # map, then exec the command
+    srun python -m launchers.env python -m hgscale.train --config X   # map, then run the command
     srun python -m launchers.env                                        # print what each rank gets
 
 Rendezvous point, identical for the batch script (launchers.preflight) and every rank:
@@ -18,11 +18,14 @@ Rendezvous point, identical for the batch script (launchers.preflight) and every
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass
 from typing import Mapping
 
 from launchers.hostlist import HostlistError, expand_hostlist, expand_tasks_per_node
+from launchers.signals import SignalRelay, child_setup, exit_status
 
 # Ports below Linux's ephemeral range (32768-60999), above the common service ports and Slurm's own.
 PORT_BASE = 20000
@@ -118,7 +121,7 @@ def slurm_rank_env(env: Mapping[str, str] = os.environ) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m launchers.env [COMMAND ...]``: exec COMMAND with the mapped variables, or print them."""
+    """``python -m launchers.env [COMMAND ...]``: run COMMAND with the mapped variables, or print them."""
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--":
         argv = argv[1:]
@@ -130,12 +133,28 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print(" ".join(f"{k}={v}" for k, v in mapped.items()))
         return 0
-    env = dict(os.environ, **mapped)
+    return run_rank(argv, dict(os.environ, **mapped))
+
+
+def run_rank(cmd: list[str], env: dict[str, str]) -> int:
+    """Run one rank's command and wait for it, relaying stop signals (launchers.signals); its exit status.
+
+    Under srun, Slurm signals every process of the step, the rank included; this process relays on top
+    (duplicates are harmless) and holds a SIGUSR1 that lands while the rank is still starting up.
+    """
+    relay = SignalRelay().install()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the rank gets SIGINT itself; we wait for its exit status
     try:
-        os.execvpe(argv[0], argv, env)  # replace this process: srun's signals reach the command itself
+        child = subprocess.Popen(cmd, env=env, preexec_fn=child_setup)
     except OSError as e:
-        print(f"error: cannot run {argv[0]!r}: {e.strerror}", file=sys.stderr)
+        print(f"error: cannot run {cmd[0]!r}: {e.strerror}", file=sys.stderr)
         return 127
+    relay.children.append(child)
+    while True:
+        try:
+            return exit_status(child.wait(timeout=0.1))
+        except subprocess.TimeoutExpired:
+            relay.poll()
 
 
 if __name__ == "__main__":

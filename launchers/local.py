@@ -5,13 +5,13 @@
 Every rank gets its environment from :func:`launchers.env.rendezvous_env` (the function each Slurm task
 maps through), so a program that runs here runs unchanged under ``slurm/train_multinode.sh``.
 SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 sent to the launcher reach every rank once (the ranks live in
-their own session, so a terminal's Ctrl-C is not delivered twice). When a rank fails the others are
-stopped, and the launcher exits with the failed rank's status.
+their own session, so a terminal's Ctrl-C is not delivered twice); a SIGUSR1 that arrives while a rank
+is still starting is held until it can catch it (launchers.signals, as under srun). When a rank fails
+the others are stopped, and the launcher exits with the failed rank's status.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import socket
@@ -20,8 +20,7 @@ import sys
 import time
 
 from launchers.env import rendezvous_env
-
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+from launchers.signals import SignalRelay, child_setup, exit_status
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -36,20 +35,6 @@ def local_rank_envs(nproc: int, master_addr: str, master_port: int) -> list[dict
     return [rendezvous_env(r, r, nproc, nproc, 0, 1, master_addr, master_port) for r in range(nproc)]
 
 
-def _die_with_parent():
-    """Runs in each child before exec: the kernel kills it if the launcher dies (no orphaned ranks)."""
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
-def _status(rc: int) -> int:
-    """Popen's negative 'killed by signal N' as a shell exit status (128 + N)."""
-    return 128 - rc if rc < 0 else rc
-
-
 def launch_local(cmd: list[str], nproc: int, master_addr: str = "127.0.0.1", master_port: int | None = None,
                  env: dict[str, str] | None = None, grace_s: float = 10.0) -> int:
     """Run ``cmd`` as ``nproc`` ranks; return 0 when all succeed, else the first failing rank's status."""
@@ -59,28 +44,29 @@ def launch_local(cmd: list[str], nproc: int, master_addr: str = "127.0.0.1", mas
     # N ranks on a few cores: one BLAS thread pool per rank each as wide as the machine would thrash.
     base.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     port = master_port or free_port(master_addr)
-    procs: list[subprocess.Popen] = []
-    previous = {s: signal.getsignal(s) for s in FORWARDED}
+    relay = SignalRelay().install()
+    procs = relay.children
 
-    def forward(signum, _frame):
+    def interrupt(signum, _frame):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signum)
 
-    for s in FORWARDED:
-        signal.signal(s, forward)
+    previous_int = signal.signal(signal.SIGINT, interrupt)
     try:
         for rank_env in local_rank_envs(nproc, master_addr, port):
             procs.append(subprocess.Popen(cmd, env={**base, **rank_env}, start_new_session=True,
-                                          preexec_fn=_die_with_parent))
+                                          preexec_fn=child_setup))
         failed: int | None = None
+        deadline = 0.0
         while True:
+            relay.poll()
             codes = [p.poll() for p in procs]
             bad = [c for c in codes if c not in (None, 0)]
             if bad and failed is None:
-                failed = _status(bad[0])
+                failed = exit_status(bad[0])
                 deadline = time.monotonic() + grace_s
-                forward(signal.SIGTERM, None)
+                interrupt(signal.SIGTERM, None)
             if all(c is not None for c in codes):
                 return failed if failed is not None else 0
             if failed is not None and time.monotonic() > deadline:
@@ -93,8 +79,8 @@ def launch_local(cmd: list[str], nproc: int, master_addr: str = "127.0.0.1", mas
             if p.poll() is None:
                 p.kill()
                 p.wait()
-        for s, h in previous.items():
-            signal.signal(s, h)
+        relay.restore()
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def main(argv: list[str] | None = None) -> int:

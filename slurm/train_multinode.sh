@@ -27,9 +27,11 @@
 # Preemption and time limits: Slurm sends SIGUSR1 to this script 300 s before the end (--signal=B:...);
 # the script forwards it to every rank through srun, the trainer finishes its step, saves a checkpoint
 # and exits 0, and the script requeues the job (--requeue), which resumes from that checkpoint in the
-# same MLflow run. SIGTERM (scancel, the time limit itself) is forwarded too, so the ranks checkpoint,
-# but does not requeue: a cancelled job stays cancelled. HGSCALE_MAX_REQUEUES (default 50) caps the
-# number of requeues. The log is appended to across requeues (--open-mode=append).
+# same MLflow run. A signal that lands while the ranks are still starting (importing torch) is held by
+# each task's `launchers.env` wrapper until the trainer's handler exists (the default action would kill
+# the rank without a checkpoint). SIGTERM (scancel, the time limit itself) is forwarded too, so the
+# ranks checkpoint, but does not requeue: a cancelled job stays cancelled. HGSCALE_MAX_REQUEUES
+# (default 50) caps the number of requeues. The log is appended to across requeues (--open-mode=append).
 #
 #SBATCH --job-name=hgscale
 #SBATCH --nodes=1
@@ -58,9 +60,15 @@ command -v "$PYTHON" >/dev/null || die "Python interpreter '$PYTHON' not found; 
 
 PREEMPTED=0
 SRUN_PID=
+SRUN_START=0
+forward() {  # srun relays the signal to every task
+    [ -n "$SRUN_PID" ] || return 0
+    # srun drops a signal that arrives before it has set up forwarding (its first moments)
+    [ $((SECONDS - SRUN_START)) -lt 2 ] && sleep 2
+    kill -"$1" "$SRUN_PID" 2>/dev/null
+}
 on_usr1() { PREEMPTED=1; say "SIGUSR1 received: asking the ranks to checkpoint and stop"; forward USR1; }
 on_term() { say "SIGTERM received: asking the ranks to checkpoint and stop (no requeue)"; forward TERM; }
-forward() { [ -n "$SRUN_PID" ] && kill -"$1" "$SRUN_PID" 2>/dev/null; }  # srun relays it to every task
 trap on_usr1 USR1
 trap on_term TERM
 
@@ -74,6 +82,8 @@ if [ $PREEMPTED -eq 0 ]; then
     srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
         "$PYTHON" -m launchers.env "$PYTHON" -m hgscale.train --config "$CONFIG" "$@" &
     SRUN_PID=$!
+    SRUN_START=$SECONDS
+    [ $PREEMPTED -eq 1 ] && forward USR1  # the signal came while srun was being started
     # A trapped signal interrupts `wait`; keep waiting until srun itself has ended.
     while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
     wait "$SRUN_PID"

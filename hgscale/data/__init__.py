@@ -7,8 +7,8 @@
 See dataset.py (API), stream.py (workers, resume), reader.py (order), shards.py (format), storage.py (S3).
 """
 from .dataset import Dataset, open_dataset
-from .shards import load_manifest
+from .shards import CorruptShard, load_manifest
 from .storage import DataError, register_gopen, storage_options
 from .stream import Stream
 
-__all__ = ["DataError", "Dataset", "Stream", "load_manifest", "open_dataset", "register_gopen", "storage_options"]
+__all__ = ["CorruptShard", "DataError", "Dataset", "Stream", "load_manifest", "open_dataset", "register_gopen", "storage_options"]

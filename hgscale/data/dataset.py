@@ -90,6 +90,7 @@ class Dataset:
             modality=self.modality, seq_len=int(seq_len), micro_batch_size=int(micro_batch_size),
             seed=int(self._cfg("seed", 1234) if seed is None else seed),
             shuffle=bool(self._cfg("shuffle", True) if shuffle is None else shuffle),
+            shuffle_shards=int(self._cfg("shuffle_shards", 4)),
             dp_rank=int(dp_rank), dp_size=int(dp_size), on_corrupt=self._cfg("on_corrupt", "error"),
             image_tokens=int(self.manifest.get("sample_tokens") or 0) if self.modality == "image" else 0,
             opts=self.opts)
@@ -161,6 +162,10 @@ def open_dataset(data_cfg: Any, verify_checksums: bool | None = None) -> Dataset
     with its recorded size (``data.verify_manifest``) and, optionally, every checksum and count
     (``data.verify_checksums``). Problems raise DataError naming the URL, before training starts."""
     root = (data_cfg.url or "").rstrip("/")
+    method = getattr(data_cfg, "worker_start_method", "forkserver")
+    if method not in ("forkserver", "spawn"):
+        raise DataError(f"data.worker_start_method = {method!r} is not one of forkserver, spawn "
+                        f"(fork is unsafe with s3fs)")
     opts = storage_options(data_cfg)
     manifest = fmt.load_manifest(root, opts, lambda msg: log.warning("%s", msg))
     if getattr(data_cfg, "verify_manifest", True):

@@ -1,7 +1,7 @@
 """The producer side of a stream: which shards a worker reads, and the windows it cuts from them.
 
 Everything here is a pure function of (seed, epoch, shard, data-parallel rank/size, worker/count),
-so a cursor ``[epoch, shard_pos, window_pos]`` pins the position exactly and resume is replay-free:
+so a cursor ``[epoch, group_pos, window_pos]`` pins the position exactly and resume is replay-free:
 
     epoch e:  perm = permutation(n_shards | seed, e)          # same on every rank
               rank r takes perm[r::dp_size]                    # data-parallel rank, never global RANK
@@ -10,7 +10,8 @@ so a cursor ``[epoch, shard_pos, window_pos]`` pins the position exactly and res
               windows of seq_len + 1 tokens at stride seq_len  # labels are inputs shifted by one
               text:   a random start offset in [0, seq_len) per (seed, e, s), windows in random order
               images: images in random order, the stream wraps by one token so every pixel is a label
-    batch:    the next micro_batch_size windows of the worker, across shard and epoch boundaries
+    group:    the worker reads its shards shuffle_shards at a time and shuffles their windows together
+    batch:    the next micro_batch_size windows of the worker, across group and epoch boundaries
 
 The stream's main process takes batches from its workers round-robin (see stream.py).
 This module imports no torch: spawned workers start fast.
@@ -23,7 +24,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .shards import load_shard
+from .shards import CorruptShard, load_shard
 from .storage import DataError, join
 
 
@@ -66,10 +67,13 @@ def window_starts(samples: list[np.ndarray], seq_len: int, image_tokens: int, rn
 
 def iter_windows(spec: dict, cursor: list[int], stats: dict, events: list[str]
                  ) -> Iterator[tuple[np.ndarray, list[int]]]:
-    """Infinite (window, cursor after it) of one worker, starting at ``cursor``."""
+    """Infinite (window, cursor after it) of one worker, starting at ``cursor`` = [epoch, group, window].
+
+    The worker's shards are read ``shuffle_shards`` at a time (a group, held in memory); the windows of
+    a group are shuffled together, so a batch mixes several shards."""
     shards = spec["shards"]
-    epoch, spos, wpos = cursor
-    image_tokens = int(spec.get("image_tokens") or 0)
+    epoch, gpos, wpos = cursor
+    group_size = max(1, int(spec.get("shuffle_shards") or 1)) if spec["shuffle"] else 1
 
     def note_retry(msg: str) -> None:
         stats["retries"] += 1
@@ -82,38 +86,48 @@ def iter_windows(spec: dict, cursor: list[int], stats: dict, events: list[str]
             raise DataError(f"split {spec['split']!r} of {spec['root']} has {len(shards)} shard(s): too few for "
                             f"{spec['dp_size']} data-parallel rank(s) x {spec['num_workers']} worker(s); "
                             f"use fewer data.num_workers or re-shard the dataset into more shards")
+        groups = [mine[i:i + group_size] for i in range(0, len(mine), group_size)]
         produced = 0
-        while spos < len(mine):
-            idx = mine[spos]
-            try:
-                samples = load_shard(spec["root"], shards[idx], spec["dtype"], spec["opts"], note_retry)
-            except DataError as e:
-                if spec["on_corrupt"] != "skip" or not _is_corruption(e):
-                    raise
-                stats["skipped_shards"] += 1
-                events.append(f"skipped shard {join(spec['root'], shards[idx]['path'])} "
-                              f"(data.on_corrupt='skip'; {stats['skipped_shards']} skipped so far): {e}")
-                spos, wpos = spos + 1, 0
-                continue
-            rng = _rng(spec["seed"], epoch, idx, 0xD17A) if spec["shuffle"] else None
-            tokens, starts = window_starts(samples, spec["seq_len"], image_tokens, rng)
-            for w in range(wpos, len(starts)):
-                s = int(starts[w])
+        while gpos < len(groups):
+            pieces, refs = _load_group(spec, epoch, groups[gpos], stats, events, note_retry)
+            if spec["shuffle"]:
+                refs = refs[_rng(spec["seed"], epoch, groups[gpos][0], 0x6A0F).permutation(len(refs))]
+            for w in range(wpos, len(refs)):
+                k, s = int(refs[w, 0]), int(refs[w, 1])
                 produced += 1
-                yield tokens[s:s + spec["seq_len"] + 1], [epoch, spos, w + 1]
-            spos, wpos = spos + 1, 0
+                yield pieces[k][s:s + spec["seq_len"] + 1], [epoch, gpos, w + 1]
+            gpos, wpos = gpos + 1, 0
         if produced == 0 and cursor == [epoch, 0, 0]:
             raise DataError(f"worker {spec['worker']} of data-parallel rank {spec['dp_rank']} read a whole epoch of "
                             f"split {spec['split']!r} of {spec['root']} without one window of data.seq_len + 1 = "
                             f"{spec['seq_len'] + 1} tokens (shards too small or all skipped); lower data.seq_len "
                             f"or re-shard")
-        epoch, spos, wpos = epoch + 1, 0, 0
+        epoch, gpos, wpos = epoch + 1, 0, 0
         cursor = [epoch, 0, 0]
 
 
-def _is_corruption(e: DataError) -> bool:
-    text = str(e)
-    return any(s in text for s in ("corrupt", "truncated", "disagree", "holds", "sha256", "bytes but the manifest"))
+def _load_group(spec: dict, epoch: int, group: list[int], stats: dict, events: list[str], note_retry
+                ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Token streams of the group's shards and the (shard k, start) of every window, in shard order.
+    Corrupt shards raise, or with data.on_corrupt='skip' are counted, reported and left out."""
+    pieces, refs = [], []
+    image_tokens = int(spec.get("image_tokens") or 0)
+    for idx in group:
+        shard = spec["shards"][idx]
+        try:
+            samples = load_shard(spec["root"], shard, spec["dtype"], spec["opts"], note_retry)
+        except CorruptShard as e:
+            if spec["on_corrupt"] != "skip":
+                raise
+            stats["skipped_shards"] += 1
+            events.append(f"skipped shard {join(spec['root'], shard['path'])} "
+                          f"(data.on_corrupt='skip'; {stats['skipped_shards']} skipped so far): {e}")
+            continue
+        rng = _rng(spec["seed"], epoch, idx, 0xD17A) if spec["shuffle"] else None
+        tokens, starts = window_starts(samples, spec["seq_len"], image_tokens, rng)
+        refs.append(np.stack([np.full(len(starts), len(pieces), np.int64), starts], 1))  # (n, 2)
+        pieces.append(tokens)
+    return pieces, (np.concatenate(refs) if refs else np.zeros((0, 2), np.int64))
 
 
 def iter_batches(spec: dict, cursor: list[int]) -> Iterator[dict]:

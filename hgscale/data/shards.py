@@ -46,6 +46,10 @@ def dtype_for_vocab(vocab_size: int) -> str:
     return "uint8" if vocab_size <= 256 else "uint16" if vocab_size <= 65536 else "uint32"
 
 
+class CorruptShard(DataError):
+    """A shard that is truncated, corrupt, or disagrees with the manifest (data.on_corrupt decides)."""
+
+
 def encode_sample(key: str, tokens: np.ndarray, dtype: str, label=None) -> list[tuple[str, bytes]]:
     """Tar members (name, payload) of one sample; ``label``: an int or a list (one per image)."""
     arr = np.ascontiguousarray(tokens, dtype=np.dtype(dtype).newbyteorder("<"))
@@ -74,14 +78,15 @@ def decode_shard(data: bytes, dtype: str, url: str) -> list[np.ndarray]:
             if suffix == "cls":
                 continue
             if suffix != ext:
-                raise DataError(f"shard {url} holds member {name!r}; expected <key>.{ext} (dtype {dtype})")
+                raise CorruptShard(f"shard {url} holds member {name!r}; expected <key>.{ext} (dtype {dtype})")
             if len(payload) % itemsize:
-                raise DataError(f"shard {url}: member {name!r} has {len(payload)} bytes, not a multiple of {itemsize}")
+                raise CorruptShard(f"shard {url}: member {name!r} has {len(payload)} bytes, "
+                                   f"not a multiple of {itemsize}")
             out.append(np.frombuffer(payload, dtype=np.dtype(dtype).newbyteorder("<")))
-    except DataError:
+    except CorruptShard:
         raise
     except Exception as exc:  # tarfile.ReadError, EOFError, struct errors on truncated data ...
-        raise DataError(f"shard {url} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise CorruptShard(f"shard {url} is corrupt or truncated ({type(exc).__name__}: {str(exc)[:120]})") from None
     return out
 
 
@@ -92,10 +97,11 @@ def sha256(data: bytes) -> str:
 def check_shard_bytes(data: bytes, shard: dict, url: str) -> None:
     """Size and checksum of a downloaded shard against its manifest entry."""
     if len(data) != shard["size"]:
-        raise DataError(f"shard {url} has {len(data)} bytes but the manifest says {shard['size']}: it is truncated "
+        raise CorruptShard(f"shard {url} has {len(data)} bytes but the manifest says {shard['size']}: it is truncated "
                         f"or was rewritten; re-create the dataset")
     if shard.get("sha256") and sha256(data) != shard["sha256"]:
-        raise DataError(f"shard {url} does not match its sha256 in the manifest: it is corrupt; re-create the dataset")
+        raise CorruptShard(f"shard {url} does not match its sha256 in the manifest: it is corrupt; "
+                           f"re-create the dataset")
 
 
 def load_shard(root: str, shard: dict, dtype: str, opts: dict,
@@ -106,7 +112,7 @@ def load_shard(root: str, shard: dict, dtype: str, opts: dict,
     check_shard_bytes(data, shard, url)
     samples = decode_shard(data, dtype, url)
     if len(samples) != shard["num_samples"] or sum(len(s) for s in samples) != shard["num_tokens"]:
-        raise DataError(f"shard {url} holds {len(samples)} samples / {sum(len(s) for s in samples)} tokens but the "
+        raise CorruptShard(f"shard {url} holds {len(samples)} samples / {sum(len(s) for s in samples)} tokens but the "
                         f"manifest says {shard['num_samples']} / {shard['num_tokens']}; re-create the dataset")
     return samples
 
@@ -146,7 +152,8 @@ def check_manifest(m: Any, url: str) -> None:
     if missing:
         raise DataError(f"{url} lacks {', '.join(missing)}; it is not an hgscale dataset manifest")
     if m["format"] != FORMAT or m["version"] != VERSION:
-        raise DataError(f"{url} has format {m['format']!r} version {m['version']}; expected {FORMAT!r} version {VERSION}")
+        raise DataError(f"{url} has format {m['format']!r} version {m['version']}; "
+                        f"expected {FORMAT!r} version {VERSION}")
     if m["modality"] not in MODALITIES:
         raise DataError(f"{url}: modality {m['modality']!r} is not one of {', '.join(MODALITIES)}")
     if m["dtype"] not in DTYPE_EXT:
@@ -171,12 +178,10 @@ def check_manifest(m: Any, url: str) -> None:
 def verify_sizes(root: str, manifest: dict, opts: dict) -> None:
     """Every shard exists with the size the manifest records (one listing, no downloads)."""
     fs, base = filesystem(root, opts)
-    try:
-        listing = with_retries(root, lambda: fs.find(base, detail=True), opts, what="list")
-    except DataError:
-        raise
-    base = base.rstrip("/")
-    sizes = {p[len(base):].lstrip("/"): info.get("size") for p, info in listing.items()}
+    fs.invalidate_cache(base)  # s3fs caches listings: a re-uploaded dataset must be seen as it is now
+    listing = with_retries(root, lambda: fs.find(base, detail=True), opts, what="list")
+    base = fs._strip_protocol(base).rstrip("/")  # local: absolute, as find() returns them
+    sizes = {fs._strip_protocol(p)[len(base):].lstrip("/"): info.get("size") for p, info in listing.items()}
     for name, split in manifest["splits"].items():
         for s in split["shards"]:
             got = sizes.get(s["path"])

@@ -5,9 +5,9 @@
     state = stream.state_dict()                # position after the last batch yielded (JSON-able)
     stream.load_state_dict(state)              # the next batches are exactly those that would have come
 
-Workers: ``num_workers`` spawned processes (s3fs is not fork-safe) each produce the batches of
-their own shards (reader.py); the main process takes batch i from worker i mod num_workers, so the
-order never depends on timing. Each batch carries its worker's cursor, and the state is
+Workers: ``num_workers`` processes, started from a fork server (or spawned; never forked from the
+trainer: s3fs is not fork-safe), each produce the batches of their own shards (reader.py); the main
+process takes batch i from worker i mod num_workers, so the order never depends on timing. Each batch carries its worker's cursor, and the state is
 ``{next_worker, cursors[w]}`` as of the last batch handed out: batches prefetched but not yet
 yielded are simply produced again after a resume. ``num_workers = 0`` runs one producer in a
 prefetching thread of this process and gives the same batches as one worker process.
@@ -63,7 +63,8 @@ class Stream:
                             f"into more shards")
         self._state = {"version": STATE_VERSION, **{k: spec[k] for k in _FIXED if k != "num_workers"},
                        "num_workers": self._n, "next_worker": 0, "cursors": [[0, 0, 0] for _ in range(self._n)]}
-        self._stats = [{"retries": 0, "skipped_shards": 0} for _ in range(self._n)]
+        self._stats = [{"retries": 0, "skipped_shards": 0} for _ in range(self._n)]  # of the active iterator
+        self._stats_before = {"retries": 0, "skipped_shards": 0}  # of earlier iterators
         self._active: Iterator | None = None
 
     # ------------------------------------------------------------------------------------- state
@@ -90,7 +91,7 @@ class Stream:
     @property
     def stats(self) -> dict:
         """Transient storage retries and skipped corrupt shards seen so far (all workers)."""
-        return {k: sum(s[k] for s in self._stats) for k in ("retries", "skipped_shards")}
+        return {k: self._stats_before[k] + sum(s[k] for s in self._stats) for k in ("retries", "skipped_shards")}
 
     # ----------------------------------------------------------------------------------- iterate
     def __iter__(self) -> Iterator:
@@ -108,6 +109,8 @@ class Stream:
         import numpy as np
         import torch
 
+        self._stats_before = self.stats
+        self._stats = [{"retries": 0, "skipped_shards": 0} for _ in range(self._n)]
         queues, stops, handles = self._start()
         try:
             while True:

@@ -131,9 +131,11 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
             win_parts[k] += eng.timings.get(k, 0.0)
         finite = loss == loss and abs(loss) != float("inf")
         if not finite and t.precision != "fp16":
-            say(f"error: the training loss is {loss} at step {step}; stopping without saving. "
-                f"The last good checkpoint is {'step ' + str(last_saved) if last_saved is not None else 'none'} in "
-                f"{cfg.checkpoint.dir}; lower train.lr or raise train.warmup_steps before resuming")
+            if rt.rank == 0:
+                good = f"step {last_saved}" if last_saved is not None else "none"
+                print(f"error: the training loss is {loss} at step {step}; stopping without saving. The last good "
+                      f"checkpoint is {good} in {cfg.checkpoint.dir}; lower train.lr or raise train.warmup_steps "
+                      f"before resuming", file=sys.stderr, flush=True)
             status = EXIT_NAN
             break
         if finite:

@@ -19,6 +19,9 @@ k costs about 1/k of a full-length one), with DeepSpeed's ``partition_balanced``
 """
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -50,14 +53,21 @@ def layer_costs(cfg: Config) -> list[float]:
     return [float(c) for c in layer_flops(cfg.model, cfg.data.seq_len)]
 
 
+def _ds_utils():
+    # DeepSpeed logs its accelerator detection to stdout on first import; keep stdout clean for --json
+    with contextlib.redirect_stdout(sys.stderr):
+        import deepspeed.runtime.utils as utils
+    return utils
+
+
 def partition(weights: list[float], stages: int) -> list[int]:
     """Stage boundaries: stage s holds layers [parts[s], parts[s+1])."""
-    from deepspeed.runtime.utils import partition_balanced
+    partition_balanced = _ds_utils().partition_balanced
     return [int(p) for p in partition_balanced(weights=list(weights), num_parts=stages)]
 
 
 def stage_parts(cfg: Config, stages: int, method: str | None = None) -> list[int]:
-    from deepspeed.runtime.utils import partition_uniform
+    partition_uniform = _ds_utils().partition_uniform
     method = method or cfg.parallel.partition
     if method == "flops":
         return partition(layer_costs(cfg), stages)

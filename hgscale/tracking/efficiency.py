@@ -139,7 +139,8 @@ def achieved_flops(flops_per_token: float, tokens_per_s: float, n_devices: int =
     return flops_per_token * tokens_per_s / max(int(n_devices), 1)
 
 
-def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int, peak_flops_per_device: float | None) -> float | None:
+def mfu(flops_per_token: float, tokens_per_s: float, n_devices: int,
+        peak_flops_per_device: float | None) -> float | None:
     """Model FLOPs utilisation in [0, 1+): achieved per-device FLOP/s over the per-device peak; None without a peak."""
     if not peak_flops_per_device:
         return None

@@ -32,7 +32,8 @@ def aggregate(records: list[dict]) -> dict[str, float]:
     - ``pipeline/bubble_share``: share of the step a stage sits idle, 1 - compute_s / step_s, averaged over
       stages (needs both timings; with one stage it is the time spent outside forward/backward/optimizer).
     - ``system/<node>/...``: node CPU and memory from the node's first rank, RSS summed over its ranks, GPU peak
-      memory the largest on the node; ``memory/peak_gb`` the largest per-rank peak (GPU, else RSS) of the job.
+      memory the largest on the node.
+    - ``memory/max_rank_peak_gb``: the largest per-rank peak (GPU memory, else RSS) of the job.
     """
     out: dict[str, float] = {}
     by_stage: dict[int, list[dict]] = defaultdict(list)
@@ -75,5 +76,5 @@ def aggregate(records: list[dict]) -> dict[str, float]:
             out[f"system/{n}/gpu_util_percent"] = mean(util)
         peaks += [float(s.get("gpu_peak_gb", s.get("rss_gb", 0.0))) for s in sys_recs]
     if peaks:
-        out["memory/peak_gb"] = max(peaks)
+        out["memory/max_rank_peak_gb"] = max(peaks)
     return out

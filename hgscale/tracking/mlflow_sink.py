@@ -22,6 +22,7 @@ import logging
 import os
 import queue
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -90,6 +91,7 @@ class MlflowSink:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(http_timeout_s)))
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")   # no "View run" lines in the log
         self._replay_spool()
         self._thread = threading.Thread(target=self._main, name="hgscale-mlflow", daemon=True)
         self._thread.start()
@@ -214,10 +216,14 @@ class MlflowSink:
         if self.resume_run_id:
             try:
                 run = c.get_run(self.resume_run_id)
+                if run.info.lifecycle_stage == "deleted":
+                    from mlflow.exceptions import MlflowException
+                    raise MlflowException("deleted", error_code="RESOURCE_DOES_NOT_EXIST")
             except Exception as e:  # noqa: BLE001
                 if is_transient(e):
                     raise
-                log.warning("MLflow run %s (from the checkpoint) is not in the store at %s; starting a new run",
+                log.warning("MLflow run %s (from the checkpoint) is not in the store at %s or was deleted; "
+                            "starting a new run",
                             self.resume_run_id, self.uri)
                 self.tags["hgscale.resumed_from_missing_run"] = self.resume_run_id
                 self.resume_run_id = None
@@ -278,7 +284,7 @@ class MlflowSink:
 
             def send():
                 # one item may itself exceed a limit (a config of 300 keys): chunk within the call
-                for i in range(0, max(len(params), len(tags), 1), MAX_PARAMS_TAGS_PER_BATCH):
+                for i in range(0, max(len(params), len(tags)), MAX_PARAMS_TAGS_PER_BATCH):
                     self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_TAGS_PER_BATCH],
                                           tags=tags[i:i + MAX_PARAMS_TAGS_PER_BATCH])
                 for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
@@ -288,8 +294,8 @@ class MlflowSink:
                 self.delivered += len(metrics) + len(params) + len(tags)
             return n, send
         item = pending[0]
-        if kind == "artifact":
-            _, path, artifact_path = item
+        if kind == "artifact":  # ("artifact", path, artifact_path[, staged copy to delete once uploaded])
+            _, path, artifact_path, *rest = item
 
             def send():
                 if Path(path).is_dir():
@@ -298,10 +304,12 @@ class MlflowSink:
                     self.client.log_artifact(self.run_id, path, artifact_path)
                 else:
                     log.warning("artifact %s no longer exists; not logged", path)
+                if rest and rest[0]:
+                    shutil.rmtree(Path(path).parent, ignore_errors=True)
                 self.delivered += 1
             return 1, send
-        if kind == "status":
-            return 1, lambda: self.client.set_terminated(self.run_id, status=item[1])
+        if kind == "status":  # ("status", status, end time in ms: when the run ended, not when it got through)
+            return 1, lambda: self.client.set_terminated(self.run_id, status=item[1], end_time=item[2])
         if kind == "call":
             return 1, lambda: item[1](self.client, self.run_id)
         log.warning("unknown tracking record %r dropped", kind)

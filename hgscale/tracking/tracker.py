@@ -78,11 +78,10 @@ class Tracker:
         artifact_location = None
         if self.uri.startswith("sqlite:") or "://" not in self.uri:
             artifact_location = (self.run_dir / "mlartifacts").resolve().as_uri()
-        git = runinfo.git_info()
+        self._git = git = runinfo.git_info()
         tags = {"hgscale.world_size": self.world_size, "mlflow.source.name": runinfo.command_line()}
         if git:
             tags.update({"mlflow.source.git.commit": git["commit"], "hgscale.git_dirty": git["dirty"]})
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(int(cfg.tracking.http_timeout_s)))
         self._sink = MlflowSink(self.uri, cfg.tracking.experiment, run_name_for(cfg), resume_run_id,
                                 artifact_location=artifact_location,
                                 spool_path=self.run_dir / "tracking_spool.jsonl", tags=tags,
@@ -115,33 +114,37 @@ class Tracker:
         if not self.enabled or self._info_logged:
             return
         self._info_logged = True
+        params, docs = {}, {}
+        sections = [  # (artifact name or None, params prefix, document): each section fails alone
+            ("config.json", "", lambda: cfg.to_dict()),
+            ("deepspeed.json", "ds", lambda: ds_json or {}),
+            ("topology.json", "topology", lambda: {**(topology or {}), "world_size": self.world_size}),
+            (None, "version", runinfo.versions),
+            (None, "git", lambda: self._git),
+            ("manifest.json", "dataset", lambda: manifest),
+            ("stage_plan.json", "stage_plan", lambda: stage_plan),
+        ]
+        for artifact, prefix, get in sections:
+            try:
+                doc = get()
+                if doc is None:
+                    continue
+                doc = runinfo.mask_secrets(doc)
+                summary = {"dataset": runinfo.manifest_summary, "stage_plan": _plan_summary}.get(prefix, dict)(doc)
+                params.update(runinfo.flatten(summary, prefix))
+                if artifact:
+                    docs[artifact] = doc
+            except Exception as e:  # noqa: BLE001 - tracking trouble must not stop training
+                log.warning("could not record %s (%s: %s)", artifact or prefix, type(e).__name__, e)
+        self._sink.put("params", params)
         try:
-            cfg_dict = runinfo.mask_secrets(cfg.to_dict())
-            ds = runinfo.mask_secrets(ds_json or {})
-            topo = runinfo.mask_secrets(dict(topology or {}))
-            topo.setdefault("world_size", self.world_size)
-            man = runinfo.mask_secrets(manifest) if manifest else None
-            params = dict(runinfo.flatten(cfg_dict))
-            params.update(runinfo.flatten(ds, "ds"))
-            params.update(runinfo.flatten(topo, "topology"))
-            params.update({f"version.{k}": v for k, v in runinfo.versions().items()})
-            params.update({f"git.{k}": v for k, v in runinfo.git_info().items()})
-            params.update(runinfo.flatten(runinfo.manifest_summary(man), "dataset"))
-            if stage_plan:
-                params.update(runinfo.flatten(_plan_summary(stage_plan), "stage_plan"))
-            self._sink.put("params", params)
-            docs = {"config.json": cfg_dict, "deepspeed.json": ds, "topology.json": topo}
-            if man is not None:
-                docs["manifest.json"] = man
-            if stage_plan is not None:
-                docs["stage_plan.json"] = runinfo.mask_secrets(stage_plan)
             info_dir = self.stage_dir / "run_info"
             info_dir.mkdir(parents=True, exist_ok=True)
             for name, doc in docs.items():
                 (info_dir / name).write_text(json.dumps(doc, indent=2, default=str))
             self._sink.put("artifact", str(info_dir), "run_info")
-        except Exception as e:  # noqa: BLE001 - tracking trouble must not stop training
-            log.warning("could not record the run information (%s: %s)", type(e).__name__, e)
+        except OSError as e:
+            log.warning("could not write the run information to %s (%s)", self.stage_dir, e)
 
     def log_params(self, params: dict) -> None:
         if self.enabled:
@@ -184,16 +187,16 @@ class Tracker:
         if not self.enabled or self._closed:
             return
         try:
-            path = Path(path)
+            path, staged = Path(path), False
             if path.is_file() and path.stat().st_size <= _STAGE_COPY_MAX_BYTES:
-                staged = self.stage_dir / "artifacts" / f"{time.time_ns()}" / path.name
-                staged.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, staged)
-                path = staged
+                copy = self.stage_dir / "artifacts" / f"{time.time_ns()}" / path.name
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, copy)
+                path, staged = copy, True
             elif not path.exists():
                 log.warning("artifact %s does not exist; not logged", path)
                 return
-            self._sink.put("artifact", str(path), artifact_path)
+            self._sink.put("artifact", str(path), artifact_path, staged)
         except Exception as e:  # noqa: BLE001
             log.warning("artifact %s not logged (%s)", path, e)
 
@@ -224,7 +227,7 @@ class Tracker:
             history = {k: list(v) for k, v in self._history.items()}
             out_png = self.stage_dir / "plots" / "loss_vs_flops.png"
             self._sink.put("call", lambda client, run_id: _final_plot(client, run_id, history, out_png))
-            self._sink.put("status", status)
+            self._sink.put("status", status, int(time.time() * 1000))
             ok = self._sink.close(self.cfg.tracking.close_timeout_s if timeout is None else timeout)
             if not ok:
                 log.warning("tracking: %d records not delivered to %s before the close timeout; they are kept in %s",
@@ -240,9 +243,16 @@ def _plotted(key: str) -> bool:
             or key.split("/", 1)[0] in ("val", "valid", "validation", "eval"))
 
 
-def _plan_summary(plan: dict) -> dict:
-    """Scalars of a stage plan (imbalance, per-stage FLOPs shares); lists become JSON params."""
-    return {k: v for k, v in plan.items() if isinstance(v, (int, float, str, bool, list)) and len(str(v)) < 2000}
+def _plan_summary(plan: dict, depth: int = 0) -> dict:
+    """Scalars and short lists of a stage plan, two levels deep (e.g. flops.imbalance, flops.parts);
+    the per-layer detail stays in the stage_plan.json artifact."""
+    out = {}
+    for k, v in plan.items():
+        if isinstance(v, dict) and depth < 1:
+            out[k] = _plan_summary(v, depth + 1)
+        elif isinstance(v, (int, float, str, bool)) or (isinstance(v, list) and len(json.dumps(v, default=str)) < 500):
+            out[k] = v
+    return out
 
 
 def _final_plot(client, run_id: str, local: dict, out_png: Path) -> None:

@@ -123,8 +123,9 @@ def test_transient_faults_are_retried_counted_logged(s3_bucket, fault_proxy, mon
     write_demo_corpus(url)
     clean = _take(open_dataset(DataConfig(url=url)).stream("train", 4, 256, 0, 1, seed=5, num_workers=0), 12)
     monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint_url)
-    fault_proxy.slow_s = 2.5
-    cfg = DataConfig(url=url, retries=4, retry_backoff_s=0.05, request_timeout_s=1.0, num_workers=0)
+    fault_proxy.slow_s = 4.0  # well past the 1.5 s request timeout; other requests take milliseconds
+    cfg = DataConfig(url=url, retries=4, retry_backoff_s=0.05, request_timeout_s=1.5 if action == "slow" else 30.0,
+                     num_workers=0)
     ds = open_dataset(cfg)
     fault_proxy.inject(action, count=2, match=".tar")
     stream = ds.stream("train", 4, 256, 0, 1, seed=5)

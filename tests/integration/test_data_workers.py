@@ -75,3 +75,28 @@ def test_worker_error_reaches_the_trainer_naming_the_shard(root, tmp_path):
     ds = open_dataset(DataConfig(url=str(bad), num_workers=2, on_corrupt="skip"))
     with pytest.raises(DataError, match="without one window .* all skipped"):
         run(ds.stream("train", 2, 64, seed=1), 3)
+
+
+def test_closing_stops_workers_and_a_killed_worker_is_reported(root):
+    import multiprocessing as mp
+    import os
+    import signal
+
+    ds = open_dataset(DataConfig(url=str(root), num_workers=2))
+    stream = ds.stream("train", 2, 64, seed=1)
+    it = iter(stream)
+    next(it)
+    workers = [p for p in mp.active_children() if p.name.startswith("hgscale-data-train")]
+    assert len(workers) == 2
+    stream.close()
+    assert not any(p.is_alive() for p in workers)
+
+    stream = ds.stream("train", 2, 64, seed=1)
+    it = iter(stream)
+    next(it)
+    victim = next(p for p in mp.active_children() if p.name == "hgscale-data-train-1")
+    os.kill(victim.pid, signal.SIGKILL)
+    with pytest.raises(DataError, match=r"data worker 1 exited \(exit code -9\)"):
+        for _ in range(10_000):  # the batches it had already queued come first
+            next(it)
+    assert not any(p.is_alive() for p in mp.active_children() if p.name.startswith("hgscale-data-train"))

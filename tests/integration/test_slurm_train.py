@@ -109,20 +109,24 @@ def _wait_for(path: Path, pattern: str, timeout: float) -> re.Match:
 
 def test_preempted_job_checkpoints_requeues_and_resumes_same_run(slurm_cluster, demo_data, reference_run,
                                                                  tmp_path):
+    """The signal lands while the ranks are still starting (the hardest moment): they ignore it until the
+    trainer's handler exists, the script repeats it, the trainer checkpoints after its next step."""
     cfg = _config(tmp_path, demo_data)
     job_id = slurm_cluster.sbatch(*CPU_JOB, f"--output={tmp_path}/job-%j.log", str(SCRIPT), str(cfg),
-                                  cwd=tmp_path, env=_env())
+                                  cwd=tmp_path, env={**_env(), "HGSCALE_SIGNAL_REPEAT_S": "1"})
     log_path = tmp_path / f"job-{job_id}.log"
-    _wait_for(log_path, r"step +3/40 ", timeout=120)
+    _wait_for(log_path, r"rendezvous reachable", timeout=120)  # preflight done: srun starts the ranks now
+    time.sleep(1)
     slurm_cluster.cmd("scancel", "--signal=USR1", "--batch", str(job_id))  # what --signal=B:USR1@300 does
     job = slurm_cluster.wait_job(job_id, timeout=180)
     log = log_path.read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
     assert job["Restarts"] == "1", log
     stopped = int(re.search(r"preempted at step (\d+); checkpoint saved", log).group(1))
-    assert 3 <= stopped < STEPS, log
+    assert 1 <= stopped < STEPS, log
     first, second = log.split("requeueing job", 1)
     assert "SIGUSR1 received" in first and f"finished {STEPS} steps" not in first
+    assert "step  1/40" not in first.split("SIGUSR1 received", 1)[0]  # it came before training started
     assert f"job {job_id} (hgscale) restart 1" in second
     assert re.search(rf"resumed from \S+{stopped:08d} at step {stopped}\b", second), second
     assert f"finished {STEPS} steps" in second

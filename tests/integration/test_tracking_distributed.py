@@ -48,4 +48,4 @@ def test_two_ranks_one_run(tmp_path, mlflow_server):
     node_keys = [k for k in run.data.metrics if k.startswith("system/") and k.endswith("/rss_gb")]
     assert len(node_keys) == 1                                       # both ranks on one node
     assert run.data.metrics[node_keys[0]] > 0.1                      # two Python+torch processes
-    assert run.data.metrics["memory/peak_gb"] > 0.05
+    assert run.data.metrics["memory/max_rank_peak_gb"] > 0.05

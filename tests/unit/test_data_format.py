@@ -140,6 +140,18 @@ def test_corrupt_shard_errors_or_is_skipped_by_config(demo, caplog):
             assert where and any(not start2 - 64 < i < end2 for i in where)
 
 
+def test_relative_paths_and_file_urls(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_demo_corpus("data/demo")
+    write_demo_corpus(f"file://{tmp_path}/f")
+    rel = open_dataset(DataConfig(url="data/demo", verify_checksums=True))
+    url = open_dataset(DataConfig(url=f"file://{tmp_path}/f/", verify_checksums=True))
+    torch.testing.assert_close(rel.split_tokens("test"), url.split_tokens("test"), rtol=0, atol=0)
+    (tmp_path / "f" / "valid" / "shard-000000.tar").unlink()
+    with pytest.raises(DataError, match=rf"file://{tmp_path}/f/valid/shard-000000.tar .* does not exist"):
+        open_dataset(DataConfig(url=f"file://{tmp_path}/f"))
+
+
 def test_user_errors_name_the_field(demo):
     ds = open_dataset(DataConfig(url=str(demo)))
     with pytest.raises(DataError, match="has no split 'dev'; it has train, valid, test"):
@@ -150,3 +162,5 @@ def test_user_errors_name_the_field(demo):
         list(ds.eval_batches("valid", 64, 512))
     with pytest.raises(DataError, match="data.url is empty"):
         open_dataset(DataConfig(url=""))
+    with pytest.raises(DataError, match="data.worker_start_method = 'fork' is not one of"):
+        open_dataset(DataConfig(url=str(demo), worker_start_method="fork"))

@@ -51,6 +51,26 @@ def test_enwik8_zip_split_90_5_5(tmp_path, fake_enwik8):
     assert len(ds.manifest["splits"]["train"]["shards"]) == 7  # 900,000 bytes in ~100 kB shards
 
 
+def test_enwik8_download_from_a_url_once(tmp_path, fake_enwik8):
+    import functools
+    import http.server
+    import threading
+    z, data = fake_enwik8
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(z.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/enwik8.zip"
+        m = enwik8.prepare(url, str(tmp_path / "out"), len(data), hashlib.sha256(data).hexdigest(),
+                           cache_dir=tmp_path / "cache", progress=False)
+        assert (tmp_path / "cache" / "enwik8.zip").read_bytes() == z.read_bytes()
+        assert m["splits"]["test"]["num_tokens"] == 50_000
+        with pytest.raises(DataError, match="cannot download .*/missing.zip"):
+            enwik8.prepare(url.replace("enwik8.zip", "missing.zip"), str(tmp_path / "o"), cache_dir=tmp_path / "c")
+    finally:
+        server.shutdown()
+
+
 def test_enwik8_standard_split_sizes():
     assert enwik8.split_sizes(100_000_000) == (90_000_000, 5_000_000, 5_000_000)
     assert enwik8.SIZE == 100_000_000 and len(enwik8.SHA256) == 64
@@ -100,11 +120,12 @@ def test_sentencepiece_parallel_equals_serial_and_reuses_a_model(tmp_path):
     text = tmp_path / "manual.txt"
     text.write_bytes(corpus_bytes())
     m1 = text_sentencepiece.prepare([str(text)], str(tmp_path / "a"), vocab_size=500, workers=1, progress=False)
-    m2 = text_sentencepiece.prepare([str(text)], str(tmp_path / "b"), model_path=str(tmp_path / "a" / "tokenizer.model"),
-                                    workers=2, progress=False)
+    m2 = text_sentencepiece.prepare([str(text)], str(tmp_path / "b"), workers=2, progress=False,
+                                    model_path=str(tmp_path / "a" / "tokenizer.model"))
     assert m2["source"]["trained"] is False
     for split in ("train", "valid", "test"):
-        assert [s["sha256"] for s in m1["splits"][split]["shards"]] == [s["sha256"] for s in m2["splits"][split]["shards"]]
+        digests = [[s["sha256"] for s in m["splits"][split]["shards"]] for m in (m1, m2)]
+        assert digests[0] == digests[1]
 
 
 # --------------------------------------------------------------------------------------------- images

@@ -65,7 +65,8 @@ def test_dp_ranks_read_disjoint_text_and_cover_an_epoch(ds):
     seq = 256
     seen = []
     for rank in (0, 1):
-        rows = torch.cat([x for x, _ in take(ds.stream("train", 1, seq, rank, 2, seed=3, shuffle=False), 1000)])  # > 1 epoch
+        stream = ds.stream("train", 1, seq, rank, 2, seed=3, shuffle=False)
+        rows = torch.cat([x for x, _ in take(stream, 1000)])  # > 1 epoch of this rank
         seen.append({bytes(r.to(torch.uint8).numpy()) for r in rows})
     assert not seen[0] & seen[1]
     # one epoch without shuffling covers all but < seq_len + 1 tokens per shard
@@ -74,9 +75,9 @@ def test_dp_ranks_read_disjoint_text_and_cover_an_epoch(ds):
     assert ds.num_tokens("train") - n_shards * (seq + 1) <= covered <= ds.num_tokens("train")
 
 
-@pytest.mark.parametrize("cut", [1, 7, 40, 95])  # mid-shard ... past two epoch boundaries
-def test_exact_resume_in_process(ds, cut):
-    B, T = 8, 200  # ~ 47 batches per epoch
+@pytest.mark.parametrize("cut,epoch", [(1, 0), (7, 0), (40, 1), (95, 2)])  # mid-shard ... 2 epochs on
+def test_exact_resume_in_process(ds, cut, epoch):
+    B, T = 64, 200  # ~ 32 batches per epoch
     full = take(ds.stream("train", B, T, seed=9), cut + 12)
     s = ds.stream("train", B, T, seed=9)
     it = iter(s)
@@ -84,7 +85,7 @@ def test_exact_resume_in_process(ds, cut):
         next(it)
     state = json.loads(json.dumps(s.state_dict()))  # survives a checkpoint's JSON
     s.close()
-    assert state["cursors"][0][0] == (cut * B) // (ds.num_tokens("train") // T)  # epoch reached
+    assert state["cursors"][0][0] == epoch
     r = ds.stream("train", B, T, seed=9)
     r.load_state_dict(state)
     assert_same(take(r, 12), full[cut:])
@@ -97,6 +98,16 @@ def test_epochs_differ_and_repeat_the_data(ds):
     e0 = {bytes(x[0, :32].to(torch.uint8).numpy()) for x, _ in batches[:per_epoch // 2]}
     e1 = [bytes(x[0, :32].to(torch.uint8).numpy()) for x, _ in batches[per_epoch + 30:per_epoch + 30 + per_epoch // 2]]
     assert sum(w in e0 for w in e1) < len(e1) // 2  # a new order (and new offsets) each epoch
+
+
+@pytest.mark.parametrize("pooled", [1, 4])
+def test_batches_mix_the_pooled_shards(ds, pooled):
+    text = corpus_bytes()
+    ends = np.cumsum([s["num_tokens"] for s in ds.manifest["splits"]["train"]["shards"]])
+    mixed = open_dataset(DataConfig(url=ds.root, shuffle_shards=pooled, num_workers=0))
+    x, _ = take(mixed.stream("train", 16, 128, seed=1), 1)[0]
+    origin = {int(np.searchsorted(ends, text.find(bytes(r.to(torch.uint8).numpy())), side="right")) for r in x}
+    assert len(origin) == 1 if pooled == 1 else len(origin) >= 3
 
 
 def test_changed_layout_resumes_at_epoch_start(ds, caplog):

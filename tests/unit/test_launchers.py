@@ -127,18 +127,57 @@ def test_batch_script_rendezvous_uses_job_variables():
     assert "rendezvous MASTER_ADDR=c1 MASTER_PORT=20077 WORLD_SIZE=6 tasks per node=2,2,2" in preflight.header(rdv, {})
 
 
-def test_env_cli_execs_command_with_mapping(tmp_path):
-    """`python -m launchers.env CMD` replaces itself with CMD (same pid: srun's signals reach it)."""
-    code = "import os, json; print(json.dumps([os.getpid(), os.environ['RANK'], os.environ['MASTER_PORT']]))"
-    p = subprocess.Popen([sys.executable, "-c", "import os, sys; print(os.getpid(), flush=True); "
-                          "from launchers.env import main; sys.exit(main())", sys.executable, "-c", code],
-                         env={**os.environ, **_step_env(5, 1, 1)}, stdout=subprocess.PIPE, text=True)
-    out, _ = p.communicate(timeout=30)
-    pid_before, (pid_after, rank, port) = int(out.splitlines()[0]), json.loads(out.splitlines()[1])
-    assert p.returncode == 0 and pid_before == pid_after and rank == "5" and port == "23457"
+def test_env_cli_runs_command_with_mapping_and_exit_status(tmp_path):
+    """`python -m launchers.env CMD` runs CMD with the mapping, SIGUSR1 ignored until CMD handles it."""
+    code = ("import os, json, signal, sys; print(json.dumps([os.environ['RANK'], os.environ['MASTER_PORT'], "
+            "signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN])); sys.exit(7)")
+    env = {**os.environ, **_step_env(5, 1, 1)}
+    p = subprocess.run([sys.executable, "-m", "launchers.env", sys.executable, "-c", code], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 7 and json.loads(p.stdout) == ["5", "23457", True]
+    killed = subprocess.run([sys.executable, "-m", "launchers.env", sys.executable, "-c",
+                             "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"], env=env, timeout=30)
+    assert killed.returncode == 128 + signal.SIGKILL
     bad = subprocess.run([sys.executable, "-m", "launchers.env", "true"], capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if not k.startswith("SLURM_")})
     assert bad.returncode == 2 and "error: $SLURM_STEP_ID is not set" in bad.stderr
+    missing = subprocess.run([sys.executable, "-m", "launchers.env", "no-such-program-xyz"], env=env,
+                             capture_output=True, text=True)
+    assert missing.returncode == 127 and "cannot run 'no-such-program-xyz'" in missing.stderr
+
+
+# A rank that needs a while before it can catch SIGUSR1 (like the trainer importing torch), then counts
+# the SIGUSR1s it gets; it reports 'started' at once and exits 0 after exactly one.
+SLOW_RANK = textwrap.dedent("""
+    import os, signal, sys, time
+    out = sys.argv[1]
+    open(os.path.join(out, "started" + os.environ.get("RANK", "")), "w").close()
+    time.sleep(1.5)                       # still "importing": SIGUSR1 is ignored here
+    got = []
+    signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+    deadline = time.time() + 20
+    while not got and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    sys.exit(0 if len(got) == 1 else 10 + len(got))
+""")
+
+
+def _wait_files(paths, timeout=30):
+    deadline = time.time() + timeout
+    while not all(p.exists() for p in paths):
+        assert time.time() < deadline, f"{paths} did not appear"
+        time.sleep(0.02)
+
+
+def test_env_wrapper_holds_an_early_sigusr1_until_the_rank_catches_it(tmp_path):
+    """A preemption signal during start-up neither kills the rank nor gets lost: it arrives once, later."""
+    env = {**os.environ, **_step_env(0, 0, 0)}
+    p = subprocess.Popen([sys.executable, "-m", "launchers.env", sys.executable, "-c", SLOW_RANK, str(tmp_path)],
+                         env=env)
+    _wait_files([tmp_path / "started0"])
+    p.send_signal(signal.SIGUSR1)   # what srun relays to the task
+    assert p.wait(timeout=30) == 0
 
 
 # ------------------------------------------------------------------------------------- local launcher
@@ -193,6 +232,27 @@ def test_local_launch_forwards_sigusr1_to_every_rank(tmp_path):
         time.sleep(0.05)
     p.send_signal(signal.SIGUSR1)
     assert p.wait(timeout=30) == 0
+
+
+def test_local_launch_holds_early_sigusr1_for_starting_ranks(tmp_path):
+    p = subprocess.Popen([sys.executable, "-m", "launchers.local", "--nproc", "2", "--", sys.executable, "-c",
+                          SLOW_RANK, str(tmp_path)])
+    _wait_files([tmp_path / "started0", tmp_path / "started1"])
+    p.send_signal(signal.SIGUSR1)
+    assert p.wait(timeout=30) == 0
+
+
+def test_signal_handler_detection():
+    from launchers.signals import catches
+    code = "import signal, time; signal.signal(signal.SIGUSR2, lambda *a: None); print('ok', flush=True); time.sleep(30)"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "ok"
+        assert catches(p.pid, signal.SIGUSR2) and not catches(p.pid, signal.SIGUSR1)
+    finally:
+        p.kill()
+        p.wait()
+    assert not catches(p.pid, signal.SIGUSR2)  # gone
 
 
 def test_local_launch_cli_usage_errors():

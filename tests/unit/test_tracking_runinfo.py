@@ -96,4 +96,4 @@ def test_aggregate_stages_and_nodes():
     assert m["system/n1/cpu_percent"] == 50.0 and m["system/n1/rss_gb"] == 5.0
     assert m["system/n1/gpu_peak_gb"] == 35.0 and "system/n2.cluster/gpu_peak_gb" not in m
     assert m["system/n2.cluster/mem_used_gb"] == 5.0
-    assert m["memory/peak_gb"] == 35.0
+    assert m["memory/max_rank_peak_gb"] == 35.0

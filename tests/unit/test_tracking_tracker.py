@@ -76,6 +76,7 @@ def test_embedded_store_records_the_run(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     # artifacts of the embedded store live in the run directory, not in the working directory
     assert (tmp_path / "run" / "mlartifacts").is_dir()
+    assert list((tmp_path / "run" / "tracking" / "artifacts").iterdir()) == []   # staged copy removed once uploaded
 
 
 def test_resume_continues_the_same_run(tmp_path):
@@ -183,3 +184,14 @@ def test_unwell_server_never_blocks_training_and_nothing_is_lost(tmp_path, mode)
     assert [m.value for m in sorted(c.get_metric_history(again.run_id, names.TRAIN_LOSS), key=lambda m: m.step)][:3] \
         == [2.0, 3.0, 4.0]
     assert not spool.exists()
+
+
+def test_resume_of_a_run_missing_from_the_store_starts_a_new_one(tmp_path):
+    cfg = make_cfg(tmp_path / "run")
+    tr = Tracker(cfg, 0, 1, resume_run_id="0123456789abcdef0123456789abcdef")
+    assert tr.run_id and tr.run_id != "0123456789abcdef0123456789abcdef" and not tr.resumed
+    tr.log_metrics({names.TRAIN_LOSS: 1.0}, 7)
+    assert tr.close()
+    run = MlflowClient(tr.uri).get_run(tr.run_id)
+    assert run.data.tags["hgscale.resumed_from_missing_run"] == "0123456789abcdef0123456789abcdef"
+    assert run.data.metrics[names.TRAIN_LOSS] == 1.0

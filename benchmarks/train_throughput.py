@@ -1,0 +1,140 @@
+"""Training-step throughput: the DeepSpeed engine of hgscale against a plain PyTorch loop.
+
+    python benchmarks/train_throughput.py [--config configs/demo.json] [--steps 12] [--rounds 3] [key=value ...]
+
+One process, one run, the same model (same seed), the same micro-batches (read once from the dataset in
+data.url, then replayed to both, so data loading costs neither anything) and the same optimisation
+(Adam, lr schedule, gradient clipping, gradient accumulation). The two loops take turns for
+``--rounds`` rounds of ``--steps`` optimizer steps, so machine load hits both alike; each side reports its
+median round. MFU uses the model's training FLOPs per token and the measured matmul peak of this device.
+Prints a table; writes benchmarks/results/train_throughput.json. Goal: DeepSpeed >= 0.9 x plain.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hgscale.config import load_config  # noqa: E402
+from hgscale.distributed.ds_config import deepspeed_config, lr_multiplier  # noqa: E402
+from hgscale.distributed.pipeline import lm_loss  # noqa: E402
+from hgscale.models import HourglassLM, flops_per_token  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+
+
+class PlainLoop:
+    """What one would write without DeepSpeed: model, AdamW, LambdaLR, clip, accumulate."""
+
+    def __init__(self, cfg):
+        t = cfg.train
+        self.cfg = cfg
+        self.model = HourglassLM(cfg.model, seed=t.seed).train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps,
+                                     weight_decay=t.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_multiplier(cfg))
+
+    def train_step(self, it) -> float:
+        acc, A = 0.0, self.cfg.train.grad_accum_steps
+        for _ in range(A):
+            x, y = next(it)
+            loss = lm_loss(self.model(x), y)
+            (loss / A).backward()
+            acc += float(loss.detach())
+        if self.cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return acc / A
+
+
+def timed_round(step_fn, it, steps: int) -> tuple[float, list[float]]:
+    losses = []
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        losses.append(step_fn(it))
+    return time.perf_counter() - t0, losses
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="configs/demo.json")
+    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per timed round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from hgscale.data import open_dataset
+    from hgscale.distributed.engine import TrainEngine, init_distributed
+    from hgscale.tracking import peak_flops
+
+    cfg = load_config(args.config, args.overrides + ["parallel.pipeline_stages=1"])
+    ds_json = deepspeed_config(cfg, 1)
+    t, d = cfg.train, cfg.data
+    ds = open_dataset(d)
+    stream = ds.stream(d.train_split, t.micro_batch_size, d.seq_len, 0, 1, seed=d.seed, num_workers=0)
+    n_batches = t.grad_accum_steps * 8
+    batches = list(itertools.islice(iter(stream), n_batches))  # replayed to both sides
+    if hasattr(stream, "close"):
+        stream.close()
+
+    rt = init_distributed(cfg)
+    engine = TrainEngine(cfg, ds_json, rt)
+    plain = PlainLoop(cfg)
+    sides = {"deepspeed": engine.train_step, "plain_pytorch": plain.train_step}
+    its = {k: itertools.cycle(batches) for k in sides}
+    for name, fn in sides.items():
+        timed_round(fn, its[name], args.warmup)
+    times = {k: [] for k in sides}
+    first_losses = {}
+    for r in range(args.rounds):
+        for name, fn in (sides.items() if r % 2 == 0 else reversed(list(sides.items()))):
+            dt, losses = timed_round(fn, its[name], args.steps)
+            times[name].append(dt)
+            first_losses.setdefault(name, losses[:3])
+
+    tokens = args.steps * t.grad_accum_steps * t.micro_batch_size * d.seq_len
+    fpt = flops_per_token(cfg.model, d.seq_len)
+    peak = peak_flops(rt.device, cfg.tracking.peak_tflops, t.precision)
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        tps = tokens / med
+        rows[name] = {"tokens_per_s": tps, "step_s": med / args.steps, "round_s": ts,
+                      "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None}
+    ratio = rows["deepspeed"]["tokens_per_s"] / rows["plain_pytorch"]["tokens_per_s"]
+    print(f"model {cfg.model.hierarchy!r} d={cfg.model.d_model}, batch {t.micro_batch_size} x accum "
+          f"{t.grad_accum_steps} x {d.seq_len} tokens, {t.precision}, ZeRO-{cfg.parallel.zero_stage}, "
+          f"{torch.get_num_threads()} threads, peak {peak / 1e9 if peak else float('nan'):.0f} GFLOP/s")
+    print(f"{'loop':16s}{'tokens/s':>12s}{'step ms':>10s}{'GFLOP/s':>10s}{'MFU':>8s}")
+    for name, r in rows.items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        print(f"{name:16s}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}{r['tflops'] * 1e3:>10.1f}{mfu:>8s}")
+    print(f"deepspeed / plain = {ratio:.3f} (goal >= 0.9)")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({
+        "config": args.config, "overrides": args.overrides, "hierarchy": cfg.model.hierarchy,
+        "d_model": cfg.model.d_model, "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
+        "seq_len": d.seq_len, "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
+        "threads": torch.get_num_threads(), "steps_per_round": args.steps, "rounds": args.rounds,
+        "flops_per_token": fpt, "peak_flops": peak, "results": rows, "ratio_deepspeed_over_plain": ratio,
+        "first_losses": first_losses, "machine": platform.platform(), "torch": torch.__version__}, indent=1))
+    print(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

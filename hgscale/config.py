@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import sys
 import typing
@@ -331,6 +332,7 @@ class Config:
             out.append(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len}")
         # data.seq_len need not divide by the total shortening factor, pipelines included: the embedding
         # layer pads every batch to the same multiple, so stage shapes stay fixed; the loss strips the padding.
+        out += self.tracking.problems(os.environ.get("MLFLOW_TRACKING_URI", ""))
         if self.checkpoint.resume not in ("auto", "never") and not self.checkpoint.resume:
             out.append("checkpoint.resume is empty: use 'auto', 'never' or a checkpoint path")
         return out

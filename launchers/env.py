@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -133,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print(" ".join(f"{k}={v}" for k, v in mapped.items()))
         return 0
+    m = mapped
+    print(f"hgscale: rank {m['RANK']}/{m['WORLD_SIZE']} on {socket.gethostname()} (node {m['NODE_RANK']}, local rank "
+          f"{m['LOCAL_RANK']}/{m['LOCAL_WORLD_SIZE']}) -> {m['MASTER_ADDR']}:{m['MASTER_PORT']}", file=sys.stderr,
+          flush=True)
     return run_rank(argv, dict(os.environ, **mapped))
 
 

@@ -3,8 +3,8 @@
     python -m launchers.preflight CONFIG [key=value ...]      # in the batch script, before srun
 
 1. prints the rendezvous (job, nodes, tasks per node, MASTER_ADDR:MASTER_PORT) and the resolved config;
-2. validates the config for this allocation: every config problem, and pipeline stages x data-parallel
-   size against the number of tasks (hgscale.config's own checks, the ones the trainer applies);
+2. validates the config for this allocation with the trainer's checks: every config problem, pipeline
+   stages x data-parallel size against the number of tasks, the generated DeepSpeed JSON;
 3. checks every node reaches MASTER_ADDR:MASTER_PORT: this process listens on the port, and one probe
    per node (``srun --ntasks-per-node=1``) connects to it. A wrong address otherwise shows up as ranks
    hanging in the rendezvous until a timeout, long after the allocation started burning.
@@ -44,10 +44,13 @@ def header(rdv: Rendezvous, env=os.environ) -> str:
 
 def check_config(path: str, overrides: list[str], world_size: int):
     """Load and validate the config for ``world_size`` ranks; print the layout and resolved config."""
-    from hgscale.config import ConfigError, load_config  # no torch: this runs in a second
+    # The trainer's own checks, before any rank starts; neither module imports torch (this takes a second).
+    from hgscale.config import ConfigError, load_config
+    from hgscale.distributed.ds_config import deepspeed_config
     try:
         cfg = load_config(path, overrides)
         cfg.validate(world_size, source=path)
+        deepspeed_config(cfg, world_size)  # conflicts between `deepspeed` pass-through keys and generated ones
     except ConfigError as e:
         raise SystemExit(_fail(2, f"{e}"))
     stages = cfg.parallel.pipeline_stages

@@ -77,6 +77,17 @@ class LossModel(nn.Module):
         return lm_loss(self.model(inputs), labels)
 
 
+def checkpoint_layers(layers) -> None:
+    """Recompute each block/down/up layer in the backward pass instead of keeping its activations.
+    Done from outside (the model stays free of training concerns); state-dict keys do not change."""
+    from torch.utils.checkpoint import checkpoint
+
+    for layer in layers:
+        if getattr(layer, "kind", None) in ("block", "down", "up"):
+            inner = layer.forward
+            layer.forward = lambda state, _f=inner: checkpoint(_f, state, use_reentrant=False)
+
+
 class _Timed:
     """Wraps a batch iterator and adds the time spent waiting in next() to ``seconds``."""
 
@@ -109,7 +120,10 @@ class TrainEngine:
             module = pipeline_module(cfg, self.parts)
         else:
             self.parts = None
-            module = LossModel(HourglassLM(cfg.model, seed=cfg.train.seed))
+            model = HourglassLM(cfg.model, seed=cfg.train.seed)
+            if cfg.parallel.activation_checkpointing:
+                checkpoint_layers(model.layers)
+            module = LossModel(model)
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds_json, model_parameters=params,
                                                     lr_scheduler=scheduler)

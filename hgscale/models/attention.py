@@ -20,8 +20,11 @@ Kernels for the relative score (chosen by ``ModelConfig.attn_impl``):
     naive    gather the position term from a (Tq, n_distances) table; explicit softmax. Reference.
     sdpa     Transformer-XL relative shift of the position term, passed to
              scaled_dot_product_attention as an additive float mask (fused kernels on GPU).
-    blocked  CPU path: query blocks of 256 rows against only the keys they may see (skips the
-             masked upper half), position term by a strided view of one matmul per block.
+    blocked  CPU path (blocked_attention.py): blocks of 128 queries against only the keys they may
+             see (the masked upper half is never computed), position term by a strided view of
+             one matmul per block, hand-written backward. ~4-8x faster than naive at T = 2048.
+'auto' takes sdpa on GPU and blocked on CPU. Attention dropout > 0 runs the blocked self-attention
+through autograd and resampling attention through the naive kernel.
 """
 from __future__ import annotations
 
@@ -87,9 +90,10 @@ def sinusoid(pos: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @_cached
-def _sinusoid_table(lo: int, hi: int, scale: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    # (hi - lo + 1, dim) for distances lo*scale .. hi*scale; shared by every layer at this level
-    return sinusoid(torch.arange(lo, hi + 1, device=device) * scale, dim).to(dtype)
+def _sinusoid_table(lo: int, hi: int, scale: int, dim: int, device: torch.device, dtype: torch.dtype,
+                    step: int = 1, shift: int = 0) -> torch.Tensor:
+    # (hi - lo + 1, dim) for distances scale*(step*c - shift), c = lo..hi; shared by every layer at a level
+    return sinusoid((torch.arange(lo, hi + 1, device=device) * step - shift) * scale, dim).to(dtype)
 
 
 @_cached
@@ -140,11 +144,32 @@ def rel_attention_sdpa(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=
                                           scale=1.0)
 
 
+def _rel_table(Wr, H, lo, hi, step, shift, P, device, dtype):
+    """Projected relative embeddings of distances P*(step*c - shift), c = lo..hi -> (H, hi-lo+1, dh)."""
+    E = _sinusoid_table(lo, hi, P, Wr.shape[1], device, dtype, step, shift)
+    return F.linear(E, Wr).view(hi - lo + 1, H, -1).transpose(0, 1)
+
+
 def rel_attention_blocked(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=False, block=BLOCK):
-    """CPU kernel for self-attention: query block [i0, i0+b) sees keys [0, i0+b) only."""
-    if geo.kind != "self":
-        return rel_attention_naive(qu, qv, k, v, Wr, geo, dropout_p, training)
+    """CPU kernel (blocked_attention.py): query blocks see only the keys they may see.
+
+    self: as is; down: pooled queries every f keys (qs = f); up: full-resolution query i = a*f + r sees
+    shortened keys j <= a at distance f*(j - a) - r, so each residue r is a causal self-attention of
+    its own with the distance table shifted by r."""
     B, H, n, dh = qu.shape
+    if training and dropout_p > 0 and geo.kind != "self":
+        return rel_attention_naive(qu, qv, k, v, Wr, geo, dropout_p, training)
+    if geo.kind == "down":  # query i at key position f*i, distances -f(n-1) .. f*block - 1
+        block, f = min(block, n), geo.f
+        R = _rel_table(Wr, H, -f * (n - 1), f * block - 1, 1, 0, geo.P, qu.device, Wr.dtype)
+        return blocked_rel_attention(qu, qv, k, v, R, block, qs=f)
+    if geo.kind == "up":
+        m, f = k.shape[2], geo.f
+        block = min(block, m)
+        outs = [blocked_rel_attention(qu[:, :, r::f], qv[:, :, r::f], k, v,
+                                      _rel_table(Wr, H, -(m - 1), block - 1, f, r, geo.P, qu.device, Wr.dtype), block)
+                for r in range(f)]  # f x (B, H, m, dh)
+        return torch.stack(outs, dim=3).view(B, H, n, dh)  # query a*f + r
     D = Wr.shape[1]
     block = min(block, n)
     # distances -(n-1) .. block-1 (the positive ones only feed masked entries of diagonal blocks)

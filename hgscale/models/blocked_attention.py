@@ -1,11 +1,13 @@
-"""CPU kernel of causal Transformer-XL relative self-attention, with a hand-written backward.
+"""CPU kernel of causal Transformer-XL relative attention, with a hand-written backward.
 
-Query block [i0, i0+b) attends only to keys [0, i0+b): the masked upper half of the score matrix is
-never computed. The position term of a block is one matrix multiply against the distances it needs,
--(L-1) .. b-1 with L = i0+b, followed by a strided view (the Transformer-XL shift without a copy):
+Queries sit every ``qs`` keys (qs = 1: self-attention; qs = f: pooled queries of attention shortening),
+query i sees keys j < qs*(i+1), and the distance of (i, j) is j - qs*i. Query block [i0, i0+b) attends
+only to keys [0, qs*L), L = i0+b: the masked upper part of the score matrix is never computed. The
+position term of a block is one matrix multiply against the distances it needs, -qs(L-1) .. qs*b - 1,
+followed by a strided view (the Transformer-XL shift without a copy):
 
-    raw[r, c] = (q_{i0+r} + v) . R[c]         c <-> distance c - (L-1)          (b, W), W = L + b - 1
-    bd[r, j]  = raw[r, j - r + b - 1]          = (q_i + v) . R[j - i]            strides (W - 1, 1)
+    raw[r, c] = (q_{i0+r} + v) . R[c]        c <-> distance c - qs(L-1)          (b, W), W = qs(L+b-1)
+    bd[r, j]  = raw[r, j - qs*r + qs(b-1)]   = (q_i + v) . R[j - qs*i]          strides (W - qs, 1)
 
 The backward is written out (flash-attention style, keeping the probabilities of each block) so that
 gradients of the key, value and position slices accumulate in place into one buffer each, instead of
@@ -20,67 +22,72 @@ import torch
 
 
 @lru_cache(maxsize=16)
-def _tri(b: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def _diag_mask(b: int, qs: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(b, qs*b) additive mask of a diagonal block: row r sees columns < qs*(r+1)."""
     with torch.inference_mode(False):
-        return torch.full((b, b), float("-inf"), device=device, dtype=dtype).triu(1)  # (b, b) additive
+        r = torch.arange(b, device=device)[:, None]
+        c = torch.arange(qs * b, device=device)[None, :]
+        return torch.zeros(b, qs * b, device=device, dtype=dtype).masked_fill(c >= qs * (r + 1), float("-inf"))
 
 
-def _blocks(n: int, block: int):
+def _blocks(n: int, block: int, qs: int):
+    """start i0, rows b, pooled keys seen L (qs*L keys), distances needed W, first table row of the block."""
     for i0 in range(0, n, block):
         b = min(block, n - i0)
-        yield i0, b, i0 + b, 2 * b + i0 - 1  # start, rows, keys seen (L), distances needed (W)
+        L = i0 + b
+        yield i0, b, L, qs * (L + b - 1), qs * (n - L)
 
 
-def _diag(raw: torch.Tensor, b: int, L: int, W: int) -> torch.Tensor:
-    """(BH, b, W) contiguous -> (BH, b, L) view: element (r, j) is raw[r, j - r + b - 1]."""
-    return raw.as_strided((raw.shape[0], b, L), (b * W, W - 1, 1), raw.storage_offset() + b - 1)
+def _diag(raw: torch.Tensor, b: int, L: int, W: int, qs: int) -> torch.Tensor:
+    """(BH, b, W) contiguous -> (BH, b, qs*L) view: element (r, j) is raw[r, j - qs*r + qs*(b-1)]."""
+    return raw.as_strided((raw.shape[0], b, qs * L), (b * W, W - qs, 1), raw.storage_offset() + qs * (b - 1))
 
 
 class BlockedRelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qu, qv, k, v, R, block: int):
-        """qu, qv, k, v: (BH, n, dh) contiguous; R: (BH, n + block - 1, dh), row c <-> distance c - (n-1)."""
+    def forward(ctx, qu, qv, k, v, R, block: int, qs: int):
+        """qu, qv: (BH, n, dh); k, v: (BH, qs*n, dh), all contiguous;
+        R: (BH, qs*(n + block - 1), dh), row c <-> distance c - qs*(n-1)."""
         BH, n, dh = qu.shape
         o = torch.empty_like(qu)
         probs = []
-        for i0, b, L, W in _blocks(n, block):
-            Rb = R[:, n - L: n - L + W]  # distances -(L-1) .. b-1
-            raw = torch.bmm(qv[:, i0:L], Rb.transpose(1, 2))  # (BH, b, W)
-            s = torch.baddbmm(_diag(raw, b, L, W), qu[:, i0:L], k[:, :L].transpose(1, 2))  # (BH, b, L)
-            s[:, :, i0:] += _tri(b, qu.device, qu.dtype)
+        for i0, b, L, W, c0 in _blocks(n, block, qs):
+            raw = torch.bmm(qv[:, i0:L], R[:, c0: c0 + W].transpose(1, 2))  # (BH, b, W)
+            s = torch.baddbmm(_diag(raw, b, L, W, qs), qu[:, i0:L], k[:, : qs * L].transpose(1, 2))  # (BH, b, qs*L)
+            s[:, :, qs * i0:] += _diag_mask(b, qs, qu.device, qu.dtype)
             p = torch.softmax(s, dim=-1)
-            o[:, i0:L] = torch.bmm(p, v[:, :L])  # (BH, b, dh)
+            o[:, i0:L] = torch.bmm(p, v[:, : qs * L])  # (BH, b, dh)
             probs.append(p)
         ctx.save_for_backward(qu, qv, k, v, R, o, *probs)
-        ctx.block = block
+        ctx.block, ctx.qs = block, qs
         return o
 
     @staticmethod
     def backward(ctx, do):
         qu, qv, k, v, R, o, *probs = ctx.saved_tensors
         BH, n, dh = qu.shape
+        qs = ctx.qs
         do = do.contiguous()
         delta = (do * o).sum(-1, keepdim=True)  # (BH, n, 1): sum_j p_ij dp_ij, the softmax backward term
         dqu, dqv = torch.empty_like(qu), torch.empty_like(qv)
         dk, dv, dR = torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(R)
-        for (i0, b, L, W), p in zip(_blocks(n, ctx.block), probs):
-            do_b = do[:, i0:L]
-            dv[:, :L].baddbmm_(p.transpose(1, 2), do_b)
-            ds = torch.bmm(do_b, v[:, :L].transpose(1, 2))  # dp, then in place: ds = p * (dp - delta)
+        for (i0, b, L, W, c0), p in zip(_blocks(n, ctx.block, qs), probs):
+            do_b, Lk = do[:, i0:L], qs * L
+            dv[:, :Lk].baddbmm_(p.transpose(1, 2), do_b)
+            ds = torch.bmm(do_b, v[:, :Lk].transpose(1, 2))  # dp, then in place: ds = p * (dp - delta)
             ds.sub_(delta[:, i0:L]).mul_(p)
-            dqu[:, i0:L] = torch.bmm(ds, k[:, :L])
-            dk[:, :L].baddbmm_(ds.transpose(1, 2), qu[:, i0:L])
+            dqu[:, i0:L] = torch.bmm(ds, k[:, :Lk])
+            dk[:, :Lk].baddbmm_(ds.transpose(1, 2), qu[:, i0:L])
             draw = torch.zeros(BH, b, W, dtype=ds.dtype, device=ds.device)
-            _diag(draw, b, L, W).copy_(ds)  # each (r, j) owns a distinct raw entry
-            Rb = R[:, n - L: n - L + W]
-            dqv[:, i0:L] = torch.bmm(draw, Rb)
-            dR[:, n - L: n - L + W].baddbmm_(draw.transpose(1, 2), qv[:, i0:L])
-        return dqu, dqv, dk, dv, dR, None
+            _diag(draw, b, L, W, qs).copy_(ds)  # each (r, j) owns a distinct raw entry
+            dqv[:, i0:L] = torch.bmm(draw, R[:, c0: c0 + W])
+            dR[:, c0: c0 + W].baddbmm_(draw.transpose(1, 2), qv[:, i0:L])
+        return dqu, dqv, dk, dv, dR, None, None
 
 
-def blocked_rel_attention(qu, qv, k, v, R, block: int) -> torch.Tensor:
-    """qu, qv, k, v: (B, H, n, dh); R: (H, n + block - 1, dh) -> (B, H, n, dh)."""
+def blocked_rel_attention(qu, qv, k, v, R, block: int, qs: int = 1) -> torch.Tensor:
+    """qu, qv: (B, H, n, dh); k, v: (B, H, qs*n, dh); R: (H, qs*(n + block - 1), dh) -> (B, H, n, dh)."""
     B, H, n, dh = qu.shape
-    flat = [t.reshape(B * H, n, dh).contiguous() for t in (qu, qv, k, v)]
+    flat = [t.reshape(B * H, -1, dh).contiguous() for t in (qu, qv, k, v)]
     Rf = R.to(qu.dtype).expand(B, *R.shape).reshape(B * H, *R.shape[1:]).contiguous()
-    return BlockedRelAttention.apply(*flat, Rf, block).view(B, H, n, dh)
+    return BlockedRelAttention.apply(*flat, Rf, block, qs).view(B, H, n, dh)

@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import time
-import weakref
 from collections import defaultdict
 from pathlib import Path
 
@@ -91,8 +90,7 @@ class Tracker:
                         "when it answers", self.uri, cfg.tracking.start_timeout_s)
         system.start_cpu_sampling()
         # Without close() (a crash, a forgotten call) still deliver what was queued, briefly.
-        ref = weakref.ref(self)
-        atexit.register(lambda: ref() is not None and ref().close(status="KILLED", timeout=10.0))
+        atexit.register(self.close, status="KILLED", timeout=10.0)
 
     # --------------------------------------------------------------------------------------- identity
 

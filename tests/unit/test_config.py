@@ -101,7 +101,9 @@ def test_pipeline_constraints():
                           "model": {"size": "debug", "hierarchy": "1@1 2@3 1@1"}, "data": {"url": "x", "seq_len": 64}})
     msg = str(e.value)
     assert "zero_stage = 3 cannot be combined with pipeline_stages = 2" in msg
-    assert "data.seq_len = 64 is not a multiple of the total shortening factor 3" in msg and "data.seq_len=63" in msg
+    # seq_len need not divide by the factor, pipelines included: the embedding layer pads to a fixed shape
+    config_from_dict({**BASE, "parallel": {"pipeline_stages": 2, "zero_stage": 1},
+                      "model": {"size": "debug", "hierarchy": "1@1 2@3 1@1"}, "data": {"url": "x", "seq_len": 64}})
 
 
 def test_batch_arithmetic_prints_the_equation():

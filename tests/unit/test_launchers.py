@@ -298,6 +298,9 @@ def test_check_config_reports_layout_and_rejects_mismatch(tmp_path, capsys):
     assert e.value.code == 2
     assert "train.global_batch_size = 5 != micro_batch_size 8 x grad_accum_steps 1 x data-parallel size 2" in \
         capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # the trainer's DeepSpeed JSON check runs too
+        preflight.check_config(str(cfg), ['deepspeed={"train_micro_batch_size_per_gpu": 4}'], world_size=4)
+    assert e.value.code == 2 and "deepspeed.train_micro_batch_size_per_gpu = 4 conflicts" in capsys.readouterr().err
 
 
 def test_probe_reaches_a_listener_and_names_a_dead_port(capsys):

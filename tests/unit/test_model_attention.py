@@ -114,15 +114,22 @@ def test_attention_matches_loop_reference(geo, kernel, attention):
     assert_close(got, attention_ref(m, xq, xkv, uv, geo))
 
 
-@pytest.mark.parametrize("n,P,block", [(23, 1, 5), (16, 3, 4), (9, 2, 9), (300, 1, 256)])
-def test_relative_fast_kernels_match_naive_with_grads(n, P, block):
-    """Blocked (several blocks and a ragged last one) and sdpa paths: outputs and every gradient."""
+KERNEL_CASES = [("self", 23, 1, 1, 5), ("self", 16, 1, 3, 4), ("self", 9, 1, 2, 9), ("self", 300, 1, 1, 128),
+                ("down", 7, 3, 1, 2), ("down", 5, 2, 3, 8), ("up", 7, 3, 1, 2), ("up", 6, 2, 2, 4)]
+
+
+@pytest.mark.parametrize("kind,m,f,P,block", KERNEL_CASES)
+def test_relative_fast_kernels_match_naive_with_grads(kind, m, f, P, block):
+    """Blocked (several blocks, a ragged last one, every geometry) and sdpa paths: outputs and gradients.
+    m is the number of queries (self, down) or keys (up)."""
     torch.set_default_dtype(torch.float32)  # the fixture restores it
     torch.manual_seed(0)
     B, H, dh, D = 2, 2, 8, 16
-    geo = Geometry("self", n, n, 1, P)
-    leaves = [torch.randn(B, H, n, dh, requires_grad=True) for _ in range(4)] + [torch.randn(D, D, requires_grad=True)]
-    grad_out = torch.randn(B, H, n, dh)
+    n_q, n_k = {"self": (m, m), "down": (m, m * f), "up": (m * f, m)}[kind]
+    geo = Geometry(kind, n_q, n_k, f, P)
+    leaves = [torch.randn(B, H, n_q, dh, requires_grad=True) for _ in range(2)] + \
+             [torch.randn(B, H, n_k, dh, requires_grad=True) for _ in range(2)] + [torch.randn(D, D, requires_grad=True)]
+    grad_out = torch.randn(B, H, n_q, dh)
     results = []
     for fn in (rel_attention_naive, rel_attention_sdpa, lambda *a: rel_attention_blocked(*a, block=block)):
         out = fn(*leaves, geo)
@@ -131,6 +138,18 @@ def test_relative_fast_kernels_match_naive_with_grads(n, P, block):
         assert_close(out, results[0][0], atol=2e-5, rtol=1e-4)
         for g, g_ref in zip(grads, results[0][1]):
             assert_close(g, g_ref, atol=5e-4, rtol=1e-4)
+
+
+def test_blocked_kernel_with_attention_dropout_is_the_autograd_path():
+    """Attention dropout goes through the autograd version of the same blocks; with p -> 0 it is exact."""
+    torch.set_default_dtype(torch.float32)
+    torch.manual_seed(0)
+    leaves = [torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(4)] + [torch.randn(16, 16)]
+    geo = Geometry("self", 20, 20, 1, 2)
+    a = rel_attention_blocked(*leaves, geo, dropout_p=1e-12, training=True, block=6)
+    assert_close(a, rel_attention_naive(*leaves, geo), atol=2e-5, rtol=1e-4)
+    dropped = rel_attention_blocked(*leaves, geo, dropout_p=0.5, training=True, block=6)
+    assert not torch.allclose(dropped, a)
 
 
 def test_position_term_matters_and_uses_original_token_units():

@@ -129,7 +129,6 @@ def test_uri_resolution(tmp_path, monkeypatch):
 
 class _Unwell(BaseHTTPRequestHandler):
     """A tracking server that refuses (HTTP 503) or stalls past the client's timeout."""
-    mode = "refuse"
 
     def _answer(self):
         self.server.hits += 1

@@ -1,12 +1,11 @@
 """Training-step throughput: the DeepSpeed engine of hgscale against a plain PyTorch loop.
 
-    python benchmarks/train_throughput.py [--config configs/demo.json] [--steps 12] [--rounds 3] [key=value ...]
+    python benchmarks/train_throughput.py [--config configs/demo.json] [--steps 40] [key=value ...]
 
 One process, one run, the same model (same seed), the same micro-batches (read once from the dataset in
 data.url, then replayed to both, so data loading costs neither anything) and the same optimisation
-(Adam, lr schedule, gradient clipping, gradient accumulation). The two loops take turns for
-``--rounds`` rounds of ``--steps`` optimizer steps, so machine load hits both alike; each side reports its
-median round. MFU uses the model's training FLOPs per token and the measured matmul peak of this device.
+(Adam, lr schedule, gradient clipping, gradient accumulation). The two loops take turns step by step,
+so machine load hits both alike; each side reports its median step time. MFU uses the model's training FLOPs per token and the measured matmul peak of this device.
 Prints a table; writes benchmarks/results/train_throughput.json. Goal: DeepSpeed >= 0.9 x plain.
 """
 from __future__ import annotations
@@ -58,6 +57,7 @@ class PlainLoop:
 
 
 def timed_round(step_fn, it, steps: int) -> tuple[float, list[float]]:
+    """Wall seconds and losses of ``steps`` optimizer steps."""
     losses = []
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -68,8 +68,7 @@ def timed_round(step_fn, it, steps: int) -> tuple[float, list[float]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/demo.json")
-    ap.add_argument("--steps", type=int, default=12, help="optimizer steps per timed round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=40, help="timed optimizer steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("overrides", nargs="*")
@@ -99,21 +98,23 @@ def main(argv=None) -> int:
     for name, fn in sides.items():
         timed_round(fn, its[name], args.warmup)
     times = {k: [] for k in sides}
-    first_losses = {}
-    for r in range(args.rounds):
-        for name, fn in (sides.items() if r % 2 == 0 else reversed(list(sides.items()))):
-            dt, losses = timed_round(fn, its[name], args.steps)
+    first_losses = {k: [] for k in sides}
+    order = list(sides)
+    for i in range(args.steps):  # one step each, taking turns (and swapping who goes first) so load bursts hit both
+        for name in (order if i % 2 == 0 else order[::-1]):
+            dt, losses = timed_round(sides[name], its[name], 1)
             times[name].append(dt)
-            first_losses.setdefault(name, losses[:3])
+            if len(first_losses[name]) < 3:
+                first_losses[name] += losses
 
-    tokens = args.steps * t.grad_accum_steps * t.micro_batch_size * d.seq_len
+    tokens = t.grad_accum_steps * t.micro_batch_size * d.seq_len  # per optimizer step
     fpt = flops_per_token(cfg.model, d.seq_len)
     peak = peak_flops(rt.device, cfg.tracking.peak_tflops, t.precision)
     rows = {}
     for name, ts in times.items():
         med = statistics.median(ts)
         tps = tokens / med
-        rows[name] = {"tokens_per_s": tps, "step_s": med / args.steps, "round_s": ts,
+        rows[name] = {"tokens_per_s": tps, "step_s": med, "step_s_mean": statistics.fmean(ts),
                       "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None}
     ratio = rows["deepspeed"]["tokens_per_s"] / rows["plain_pytorch"]["tokens_per_s"]
     print(f"model {cfg.model.hierarchy!r} d={cfg.model.d_model}, batch {t.micro_batch_size} x accum "
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
         "config": args.config, "overrides": args.overrides, "hierarchy": cfg.model.hierarchy,
         "d_model": cfg.model.d_model, "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
         "seq_len": d.seq_len, "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
-        "threads": torch.get_num_threads(), "steps_per_round": args.steps, "rounds": args.rounds,
+        "threads": torch.get_num_threads(), "timed_steps": args.steps, "statistic": "median step time",
         "flops_per_token": fpt, "peak_flops": peak, "results": rows, "ratio_deepspeed_over_plain": ratio,
         "first_losses": first_losses, "machine": platform.platform(), "torch": torch.__version__}, indent=1))
     print(f"wrote {RESULTS}")

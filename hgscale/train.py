@@ -38,6 +38,10 @@ def main(argv=None) -> int:
         cfg.validate(world, source=args.config)
         ds_json = deepspeed_config(cfg, world)
         dataset = open_dataset(cfg.data)  # reads and checks the manifest: a bad URL fails here, on every rank
+        from hgscale.distributed.loop import preflight
+        problems = preflight(cfg, dataset, world)
+        if problems:
+            raise ConfigError(problems, args.config)
     except (ConfigError, DataError) as e:
         if rank0:
             print(f"error: {e}", file=sys.stderr)

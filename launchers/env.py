@@ -83,7 +83,8 @@ def _need(env: Mapping[str, str], *names: str) -> str:
     for name in names:
         if env.get(name):
             return env[name]
-    raise LaunchError(f"${names[0]} is not set: run this inside a Slurm job step (srun) or use "
+    which = f"${names[0]} is not set" if len(names) == 1 else f"none of {', '.join('$' + n for n in names)} is set"
+    raise LaunchError(f"{which}: run this inside a Slurm job (srun for ranks) or use "
                       f"python -m launchers.local on one machine")
 
 
@@ -154,7 +155,7 @@ def run_rank(cmd: list[str], env: dict[str, str]) -> int:
     except OSError as e:
         print(f"error: cannot run {cmd[0]!r}: {e.strerror}", file=sys.stderr)
         return 127
-    relay.children.append(child)
+    relay.add(child)
     while True:
         try:
             return exit_status(child.wait(timeout=0.1))

@@ -55,8 +55,8 @@ def launch_local(cmd: list[str], nproc: int, master_addr: str = "127.0.0.1", mas
     previous_int = signal.signal(signal.SIGINT, interrupt)
     try:
         for rank_env in local_rank_envs(nproc, master_addr, port):
-            procs.append(subprocess.Popen(cmd, env={**base, **rank_env}, start_new_session=True,
-                                          preexec_fn=child_setup))
+            relay.add(subprocess.Popen(cmd, env={**base, **rank_env}, start_new_session=True,
+                                       preexec_fn=child_setup))
         failed: int | None = None
         deadline = 0.0
         while True:

@@ -42,17 +42,25 @@ def header(rdv: Rendezvous, env=os.environ) -> str:
     ])
 
 
+def gpu_mismatch(rdv: Rendezvous, env=os.environ) -> str | None:
+    """A warning when the tasks per node differ from the GPUs per node (one rank per GPU is the layout)."""
+    raw = env.get("SLURM_GPUS_PER_NODE", "")
+    m = re.search(r"(\d+)$", raw)
+    gpus = int(m.group(1)) if m else 0
+    if gpus and any(t != gpus for t in rdv.tasks_per_node):
+        return (f"hgscale: warning: {gpus} GPUs per node but {','.join(map(str, rdv.tasks_per_node))} tasks per "
+                f"node; one rank per GPU needs --ntasks-per-node={gpus}")
+    return None
+
+
 def check_config(path: str, overrides: list[str], world_size: int):
-    """Load and validate the config for ``world_size`` ranks; print the layout and resolved config."""
+    """Load and validate the config for ``world_size`` ranks (raises ConfigError); print layout and config."""
     # The trainer's own checks, before any rank starts; neither module imports torch (this takes a second).
-    from hgscale.config import ConfigError, load_config
+    from hgscale.config import load_config
     from hgscale.distributed.ds_config import deepspeed_config
-    try:
-        cfg = load_config(path, overrides)
-        cfg.validate(world_size, source=path)
-        deepspeed_config(cfg, world_size)  # conflicts between `deepspeed` pass-through keys and generated ones
-    except ConfigError as e:
-        raise SystemExit(_fail(2, f"{e}"))
+    cfg = load_config(path, overrides)
+    cfg.validate(world_size, source=path)
+    deepspeed_config(cfg, world_size)  # conflicts between `deepspeed` pass-through keys and generated ones
     stages = cfg.parallel.pipeline_stages
     print(f"hgscale: layout {world_size} tasks = {stages} pipeline stage(s) x {cfg.dp_size(world_size)} "
           f"data-parallel; config {os.path.abspath(path)} overrides {' '.join(overrides) or '(none)'}")
@@ -146,12 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         return probe(argv[1], int(argv[2]), float(argv[3]))
     if not argv or argv[0].startswith("-"):
         return _fail(2, "usage: python -m launchers.preflight CONFIG.json [key=value ...]")
+    from hgscale.config import ConfigError
     try:
         rdv = slurm_rendezvous(os.environ)
         print(header(rdv), flush=True)
+        if warning := gpu_mismatch(rdv):
+            print(warning, flush=True)
         check_config(argv[0], argv[1:], rdv.world_size)
         if os.environ.get("HGSCALE_SKIP_RENDEZVOUS_CHECK") != "1":
             check_rendezvous(rdv)
+    except ConfigError as e:
+        return _fail(2, str(e))
     except LaunchError as e:
         return _fail(3, str(e))
     return 0

@@ -46,14 +46,22 @@ def child_setup():
 class SignalRelay:
     """Relays FORWARDED signals to child processes, holding SIGUSR1 for children not catching it yet.
 
-    Install with ``relay.install()`` before starting children (so none is missed); call ``relay.poll()``
-    while waiting on them.
+    Install with ``relay.install()`` before starting children, register each with ``relay.add(child)``
+    (a signal that came before is delivered like one that came later), and call ``relay.poll()`` while
+    waiting on them.
     """
 
     def __init__(self):
         self.children: list[subprocess.Popen] = []
         self.pending: set[int] = set()  # pids owed a SIGUSR1
+        self.seen: list[int] = []  # every signal so far: a child registered later still gets them
         self._previous: dict = {}
+
+    def add(self, child: subprocess.Popen) -> subprocess.Popen:
+        self.children.append(child)
+        for signum in self.seen:
+            self._deliver(child, signum)
+        return child
 
     def install(self):
         for s in FORWARDED:
@@ -65,13 +73,17 @@ class SignalRelay:
             signal.signal(s, h)
 
     def _on_signal(self, signum, _frame):
+        self.seen.append(signum)
         for p in self.children:
-            if p.poll() is not None:
-                continue
-            if signum == signal.SIGUSR1 and not catches(p.pid, signum):
-                self.pending.add(p.pid)  # still starting: deliver when it can catch it
-            else:
-                p.send_signal(signum)
+            self._deliver(p, signum)
+
+    def _deliver(self, p: subprocess.Popen, signum: int):
+        if p.poll() is not None:
+            return
+        if signum == signal.SIGUSR1 and not catches(p.pid, signum):
+            self.pending.add(p.pid)  # still starting: deliver when it can catch it
+        else:
+            p.send_signal(signum)
 
     def poll(self):
         """Deliver held SIGUSR1s to children that now catch it."""

@@ -5,7 +5,8 @@
 #   sbatch --nodes=4 --time=2-00:00:00 slurm/train_multinode.sh configs/enwik8_xl.json train.lr=3e-4
 #   sbatch --gpus-per-node=0 --ntasks-per-node=2 --cpus-per-task=1 slurm/train_multinode.sh X  # CPU nodes (gloo)
 #
-# Every #SBATCH default below can be overridden on the sbatch command line. Submit from the repository
+# Every #SBATCH default below can be overridden on the sbatch command line (clusters still on
+# select/cons_res take GPUs as --gres=gpu:N instead of --gpus-per-node). Submit from the repository
 # root with the Python environment active (sbatch passes the environment on); HGSCALE_PYTHON names
 # another interpreter. Relative paths (config, checkpoint.dir, run_dir) are relative to the submit dir.
 #
@@ -22,7 +23,8 @@
 # MASTER_PORT is derived from the job id (HGSCALE_MASTER_PORT overrides). Before any rank starts,
 # `python -m launchers.preflight` prints the rendezvous and the resolved config at the top of the log,
 # validates the config against the allocation (pipeline stages x data-parallel = tasks) and checks that
-# every node reaches MASTER_ADDR:MASTER_PORT; any failure ends the job with one error line, exit != 0.
+# every node reaches MASTER_ADDR:MASTER_PORT (one probe task per node, HGSCALE_PROBE_TIMEOUT seconds,
+# HGSCALE_SKIP_RENDEZVOUS_CHECK=1 skips it); any failure ends the job with one error line, exit != 0.
 #
 # Preemption and time limits: Slurm sends SIGUSR1 to this script 300 s before the end (--signal=B:...);
 # the script forwards it to every rank through srun, the trainer finishes its step, saves a checkpoint
@@ -39,7 +41,7 @@
 #SBATCH --gpus-per-node=8
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
-#SBATCH --output=hgscale-%x-%j.log
+#SBATCH --output=%x-%j.log
 #SBATCH --open-mode=append
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
@@ -54,11 +56,14 @@ die() { echo "hgscale: error: $*" >&2; exit 2; }
 cd "${SLURM_SUBMIT_DIR:-$PWD}" || die "cannot enter the submit directory ${SLURM_SUBMIT_DIR:-}"
 CONFIG=$1
 shift
-[ -f "$CONFIG" ] || die "config file '$CONFIG' does not exist (relative to $PWD); pass an existing JSON file (see configs/)"
+[ -f "$CONFIG" ] ||
+    die "config file '$CONFIG' does not exist (relative to $PWD); pass an existing JSON file (see configs/)"
 PYTHON=${HGSCALE_PYTHON:-python3}
-command -v "$PYTHON" >/dev/null || die "Python interpreter '$PYTHON' not found; activate the environment or set HGSCALE_PYTHON"
+command -v "$PYTHON" >/dev/null ||
+    die "Python interpreter '$PYTHON' not found; activate the environment or set HGSCALE_PYTHON"
 
 PREEMPTED=0
+TERMINATED=0
 SRUN_PID=
 SRUN_START=0
 forward() {  # srun relays the signal to every task
@@ -67,8 +72,16 @@ forward() {  # srun relays the signal to every task
     [ $((SECONDS - SRUN_START)) -lt 2 ] && sleep 2
     kill -"$1" "$SRUN_PID" 2>/dev/null
 }
-on_usr1() { PREEMPTED=1; say "SIGUSR1 received: asking the ranks to checkpoint and stop"; forward USR1; }
-on_term() { say "SIGTERM received: asking the ranks to checkpoint and stop (no requeue)"; forward TERM; }
+on_usr1() {
+    PREEMPTED=1
+    say "SIGUSR1 received: asking the ranks to checkpoint and stop"
+    forward USR1
+}
+on_term() {
+    TERMINATED=1
+    say "SIGTERM received: asking the ranks to checkpoint and stop (no requeue)"
+    forward TERM
+}
 trap on_usr1 USR1
 trap on_term TERM
 
@@ -77,9 +90,11 @@ say "started $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) in $PWD with $(comman
 rc=$?
 [ $rc -eq 0 ] || { echo "hgscale: error: preflight failed (exit status $rc); no rank was started" >&2; exit $rc; }
 
+[ $TERMINATED -eq 0 ] || { echo "hgscale: error: terminated before the ranks started" >&2; exit 143; }
 if [ $PREEMPTED -eq 0 ]; then
-    # One task per GPU (per --ntasks-per-node); each maps its SLURM_* variables, then execs the trainer.
-    srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    # One task per GPU (per --ntasks-per-node); each maps its SLURM_* variables, then runs the trainer.
+    # Every task sees all GPUs of its node (--gpu-bind=none): the trainer picks cuda:LOCAL_RANK.
+    srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --gpu-bind=none \
         "$PYTHON" -m launchers.env "$PYTHON" -m hgscale.train --config "$CONFIG" "$@" &
     SRUN_PID=$!
     SRUN_START=$SECONDS
@@ -103,5 +118,9 @@ if [ $PREEMPTED -eq 1 ]; then
     scontrol requeue "$SLURM_JOB_ID" || { echo "hgscale: error: scontrol requeue $SLURM_JOB_ID failed" >&2; exit 1; }
     exit 0
 fi
-say "finished with exit status $rc at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-exit $rc
+if [ $rc -ne 0 ]; then
+    echo "hgscale: error: the ranks failed (srun exit status $rc); the first error above names the cause" >&2
+    exit $rc
+fi
+say "finished at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+exit 0

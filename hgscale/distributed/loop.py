@@ -11,6 +11,7 @@ stops without saving, naming the step and the last good checkpoint (exit status 
 from __future__ import annotations
 
 import json
+import resource
 import signal
 import sys
 import time
@@ -45,6 +46,30 @@ def _progress_line(step: int, steps: int, loss: float, metric: str, bits: float,
     m = f"{mfu:6.1%}" if mfu is not None else "   n/a"
     return (f"step {step:>{len(str(steps))}d}/{steps} | loss {loss:.4f} | {metric} {loss * bits:.4f} | lr {lr:.2e} | "
             f"{tps:,.0f} tok/s | MFU {m} | ETA {_fmt_eta(eta_s)}")
+
+
+def preflight(cfg: Config, dataset, world_size: int) -> list[str]:
+    """Problems between the config and the opened dataset, found before any process group starts."""
+    from hgscale.data import DataError
+
+    out, d, t = [], cfg.data, cfg.train
+    if dataset.vocab_size > cfg.model.vocab_size:
+        out.append(f"the dataset at {d.url} has vocab_size {dataset.vocab_size} > model.vocab_size = "
+                   f"{cfg.model.vocab_size}; set model.vocab_size={dataset.vocab_size}")
+    for field in ("train_split",) + (("valid_split",) if t.eval_interval else ()):
+        try:
+            dataset.num_tokens(getattr(d, field))
+        except DataError as e:
+            out.append(str(e))
+            continue
+        if field == "valid_split":
+            dp = batch_layout(cfg, world_size)["data_parallel_size"]
+            have = dataset.eval_windows(d.valid_split, d.seq_len)
+            if have < t.micro_batch_size * dp:
+                out.append(f"split {d.valid_split!r} of {d.url} holds {have} windows of data.seq_len = {d.seq_len} "
+                           f"tokens, fewer than one validation batch (micro_batch_size {t.micro_batch_size} x "
+                           f"data-parallel size {dp}); lower them or set train.eval_interval=0")
+    return out
 
 
 def run(cfg: Config, ds_json: dict, dataset) -> int:
@@ -168,6 +193,8 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
                 metrics[names.LOSS_SCALE] = eng.loss_scale()
             if torch.cuda.is_available():
                 metrics[names.PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated() / 2**30
+            else:  # CPU: the process's peak resident set (Linux reports KiB)
+                metrics[names.PEAK_MEMORY_GB] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
             tracker.log_metrics(metrics, step)
             if rt.rank == 0:  # a local record beside MLflow: one JSON line per log interval
                 with open(metrics_path, "a") as f:

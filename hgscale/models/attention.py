@@ -273,8 +273,8 @@ class Attention(nn.Module):
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, n, dh)
         if self.relative:
             scale = 1.0 / math.sqrt(self.d_head)
-            qu = (q + uv[0][:, None]) * scale  # scale folded into the (n, dh) operands, not the (n, n) scores
-            qv = (q + uv[1][:, None]) * scale
+            qu = torch.add(q, uv[0][:, None]).mul_(scale)  # scale folded into the (n, dh) operands, not (n, n)
+            qv = torch.add(q, uv[1][:, None]).mul_(scale)
             kern = REL_KERNELS[kernel or pick_kernel(self.impl, xq.device)]
             o = kern(qu, qv, k, v, self.pos.weight, geo, self.attn_dropout, self.training)
         else:

@@ -46,7 +46,7 @@ def _diag(raw: torch.Tensor, b: int, L: int, W: int, qs: int) -> torch.Tensor:
 class BlockedRelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qu, qv, k, v, R, block: int, qs: int):
-        """qu, qv: (BH, n, dh); k, v: (BH, qs*n, dh), all contiguous;
+        """qu, qv: (BH, n, dh); k, v: (BH, qs*n, dh), last dimension contiguous;
         R: (BH, qs*(n + block - 1), dh), row c <-> distance c - qs*(n-1)."""
         BH, n, dh = qu.shape
         o = torch.empty_like(qu)
@@ -67,7 +67,6 @@ class BlockedRelAttention(torch.autograd.Function):
         qu, qv, k, v, R, o, *probs = ctx.saved_tensors
         BH, n, dh = qu.shape
         qs = ctx.qs
-        do = do.contiguous()
         delta = (do * o).sum(-1, keepdim=True)  # (BH, n, 1): sum_j p_ij dp_ij, the softmax backward term
         dqu, dqv = torch.empty_like(qu), torch.empty_like(qv)
         dk, dv, dR = torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(R)
@@ -88,6 +87,7 @@ class BlockedRelAttention(torch.autograd.Function):
 def blocked_rel_attention(qu, qv, k, v, R, block: int, qs: int = 1) -> torch.Tensor:
     """qu, qv: (B, H, n, dh); k, v: (B, H, qs*n, dh); R: (H, qs*(n + block - 1), dh) -> (B, H, n, dh)."""
     B, H, n, dh = qu.shape
-    flat = [t.reshape(B * H, -1, dh).contiguous() for t in (qu, qv, k, v)]
-    Rf = R.to(qu.dtype).expand(B, *R.shape).reshape(B * H, *R.shape[1:]).contiguous()
-    return BlockedRelAttention.apply(*flat, Rf, block, qs).view(B, H, n, dh)
+    # strided views, not copies, when B = 1: bmm takes any row stride (q, k, v are slices of one projection)
+    flat = [t.reshape(B * H, -1, dh) for t in (qu, qv, k, v)]
+    Rf = R.to(qu.dtype).expand(B, *R.shape).reshape(B * H, *R.shape[1:])
+    return BlockedRelAttention.apply(*flat, Rf, block, qs).reshape(B, H, n, dh)

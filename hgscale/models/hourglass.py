@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgscale.config import ConfigError, ModelConfig
-from hgscale.models.blocks import Block, layer_norm
+from hgscale.models.blocks import Block, dropout, layer_norm
 from hgscale.models.resampling import Shorten, Upsample, shift_right
 
 UV_INIT_STD = 1e-6  # trax get_rel_att_inputs
@@ -59,7 +59,7 @@ class EmbedLayer(nn.Module):
         pad = -T % self.total
         if pad:  # right padding: causal, so no real position ever sees it; stripped after the head
             tokens = F.pad(tokens, (0, pad))
-        x = F.dropout(self.embed(tokens), self.dropout, self.training)  # (B, T_pad, D)
+        x = dropout(self.embed(tokens), self.dropout, self.training)  # (B, T_pad, D)
         return (x, self.uv.clone()) if hasattr(self, "uv") else (x,)
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgscale.models.attention import Attention, Geometry
-from hgscale.models.blocks import FeedForward, layer_norm
+from hgscale.models.blocks import FeedForward, dropout, layer_norm
 
 
 def shift_right(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -42,25 +42,25 @@ def avg_pool(x: torch.Tensor, f: int) -> torch.Tensor:  # (B, n, D) -> (B, n/f, 
 
 
 class LinearPool(nn.Module):
-    def __init__(self, d_model: int, f: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, f: int, p_drop: float = 0.0):
         super().__init__()
-        self.f, self.dropout = f, dropout
+        self.f, self.dropout = f, p_drop
         self.proj = nn.Linear(f * d_model, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, n, D) -> (B, n/f, D)
         B, n, D = x.shape
-        return F.dropout(self.proj(x.reshape(B, n // self.f, self.f * D)), self.dropout, self.training)
+        return dropout(self.proj(x.reshape(B, n // self.f, self.f * D)), self.dropout, self.training)
 
 
 class LinearUpsample(nn.Module):
-    def __init__(self, d_model: int, f: int, dropout: float = 0.0):
+    def __init__(self, d_model: int, f: int, p_drop: float = 0.0):
         super().__init__()
-        self.f, self.dropout = f, dropout
+        self.f, self.dropout = f, p_drop
         self.proj = nn.Linear(d_model, f * d_model)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:  # (B, m, D) -> (B, m*f, D)
         B, m, D = y.shape
-        return F.dropout(self.proj(y), self.dropout, self.training).reshape(B, m * self.f, D)
+        return dropout(self.proj(y), self.dropout, self.training).reshape(B, m * self.f, D)
 
 
 class _AttentionResampling(nn.Module):
@@ -89,8 +89,8 @@ class _AttentionResampling(nn.Module):
         if self.up:
             q = q + skip  # (B, n, D)
         geo = Geometry("up" if self.up else "down", q.shape[1], h.shape[1], self.f, self.P)
-        q = q + F.dropout(self.attn(q, h, uv, geo), self.dropout, self.training)
-        return q + F.dropout(self.ff(self.ln_ff(q)), self.dropout, self.training)
+        q = q + dropout(self.attn(q, h, uv, geo), self.dropout, self.training)
+        return q + dropout(self.ff(self.ln_ff(q)), self.dropout, self.training)
 
 
 class Shorten(nn.Module):

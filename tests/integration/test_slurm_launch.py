@@ -26,7 +26,8 @@ ALLREDUCE = textwrap.dedent("""
     t = torch.tensor([float(dist.get_rank() + 1)])
     dist.all_reduce(t)
     names = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT"]
-    out = dict({k: os.environ[k] for k in names}, sum=t.item(), gloo_rank=dist.get_rank(), gloo_world=dist.get_world_size())
+    out = dict({k: os.environ[k] for k in names}, sum=t.item(), gloo_rank=dist.get_rank(),
+               gloo_world=dist.get_world_size())
     open(os.path.join(sys.argv[1], f"rank{dist.get_rank()}.json"), "w").write(json.dumps(out))
     dist.destroy_process_group()
 """)
@@ -105,9 +106,9 @@ def test_missing_config_fails_before_training(slurm_cluster, tmp_path):
 
 
 @pytest.mark.parametrize("addr, reason", [("no-such-host.invalid", "does not resolve"),
-                                          ("192.0.2.1", "cannot reach MASTER_ADDR 192.0.2.1")])
+                                          ("198.51.100.1", "cannot reach MASTER_ADDR 198.51.100.1")])
 def test_unreachable_master_addr_fails_before_training(slurm_cluster, tmp_path, addr, reason):
-    """A master address that does not resolve, or that nothing answers on (TEST-NET-1), stops the job."""
+    """A master address that does not resolve, or that nothing answers on (TEST-NET-2), stops the job."""
     cfg = _config(tmp_path)
     job_id, job = _run_script(slurm_cluster, tmp_path, str(cfg),
                               env={"HGSCALE_MASTER_ADDR": addr, "HGSCALE_PROBE_TIMEOUT": "3"})
@@ -123,3 +124,13 @@ def test_hostlist_expansion_matches_scontrol(slurm_cluster):
     for text in ("node[01-04,07]", "r[1-2]n[08-10]", "a[8-11],login,b[009-011]", "gpu[1,3,5-6]", "vm"):
         got = slurm_cluster.cmd("scontrol", "show", "hostnames", text).stdout.split()
         assert expand_hostlist(text) == got, text
+
+
+def test_missing_dataset_fails_with_the_trainers_message(slurm_cluster, tmp_path):
+    """Bad data.url: every rank stops before any process group starts; the job log names the URL and the fix."""
+    cfg = _config(tmp_path)  # data.url points at a directory that does not exist
+    job_id, job = _run_script(slurm_cluster, tmp_path, str(cfg))
+    log = _log(tmp_path, job_id)
+    assert job["JobState"] == "FAILED", log
+    assert f"no dataset at {tmp_path / 'data'}" in log and "python -m data_pipelines" in log
+    assert "hgscale: error: the ranks failed" in log and "step 1/" not in log and "Traceback" not in log

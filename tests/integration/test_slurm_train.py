@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "slurm" / "train_multinode.sh"
 CPU_JOB = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
 STEPS = 40
+OVERRIDE = f"train.steps={STEPS}"
 EXPERIMENT = "slurm-e2e"
 
 
@@ -37,11 +38,12 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 def _config(run: Path, data: Path) -> Path:
-    """A debug-size model, 2 data-parallel ranks, every step logged; checkpoints only at the end or on a signal."""
+    """A debug-size model, 2 data-parallel ranks, every step logged; checkpoints only at the end or on a signal.
+    The step count comes from a command-line override (OVERRIDE), which the script passes through."""
     cfg = {
         "model": {"size": "debug", "max_seq_len": 256},
         "data": {"url": str(data), "seq_len": 128, "num_workers": 0},
-        "train": {"micro_batch_size": 2, "grad_accum_steps": 1, "steps": STEPS, "lr": 1e-3, "warmup_steps": 0,
+        "train": {"micro_batch_size": 2, "grad_accum_steps": 1, "steps": 1000, "lr": 1e-3, "warmup_steps": 0,
                   "lr_schedule": "constant", "log_interval": 1, "eval_interval": 0},
         "parallel": {"pipeline_stages": 1, "zero_stage": 1},
         "tracking": {"uri": f"sqlite:///{run}/mlflow.db", "experiment": EXPERIMENT, "system_metrics": False},
@@ -74,7 +76,7 @@ def reference_run(slurm_cluster, demo_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("slurm_ref")
     cfg = _config(run, demo_data)
     p = slurm_cluster.cmd("sbatch", "--wait", "--parsable", *CPU_JOB, f"--output={run}/job-%j.log", str(SCRIPT),
-                          str(cfg), check=False, cwd=run, env={**slurm_cluster.env, **_env()}, timeout=300)
+                          str(cfg), OVERRIDE, check=False, cwd=run, env={**slurm_cluster.env, **_env()}, timeout=300)
     job_id = int(p.stdout.strip().split(";")[0])
     return run, job_id, p.returncode, (run / f"job-{job_id}.log").read_text()
 
@@ -85,7 +87,8 @@ def test_sbatch_trains_with_two_ranks_checkpoints_and_tracks_one_run(reference_r
     # header: rendezvous and resolved config at the top, before the trainer's first line
     head = log.split("training ", 1)[0]
     assert f"rendezvous MASTER_ADDR={slurm_cluster.host} MASTER_PORT={master_port_for_job(job_id)} WORLD_SIZE=2" in head
-    assert "layout 2 tasks = 1 pipeline stage(s) x 2 data-parallel" in head and '"steps": 40' in head
+    assert "layout 2 tasks = 1 pipeline stage(s) x 2 data-parallel" in head and f"overrides {OVERRIDE}" in head
+    assert '"steps": 40' in head  # the override reached the resolved config, and the trainer (below)
     assert "2 process(es), 1 stage(s) x 2 data-parallel" in log
     assert f"finished {STEPS} steps" in log
     latest = (run / "ckpt" / "latest").read_text().strip()
@@ -109,11 +112,11 @@ def _wait_for(path: Path, pattern: str, timeout: float) -> re.Match:
 
 def test_preempted_job_checkpoints_requeues_and_resumes_same_run(slurm_cluster, demo_data, reference_run,
                                                                  tmp_path):
-    """The signal lands while the ranks are still starting (the hardest moment): they ignore it until the
-    trainer's handler exists, the script repeats it, the trainer checkpoints after its next step."""
+    """The signal lands while the ranks are still starting (the hardest moment): each task's launchers.env
+    wrapper holds it until the trainer's handler exists, then the trainer checkpoints after its next step."""
     cfg = _config(tmp_path, demo_data)
-    job_id = slurm_cluster.sbatch(*CPU_JOB, f"--output={tmp_path}/job-%j.log", str(SCRIPT), str(cfg),
-                                  cwd=tmp_path, env={**_env(), "HGSCALE_SIGNAL_REPEAT_S": "1"})
+    job_id = slurm_cluster.sbatch(*CPU_JOB, f"--output={tmp_path}/job-%j.log", str(SCRIPT), str(cfg), OVERRIDE,
+                                  cwd=tmp_path, env=_env())
     log_path = tmp_path / f"job-{job_id}.log"
     _wait_for(log_path, r"rendezvous reachable", timeout=120)  # preflight done: srun starts the ranks now
     time.sleep(1)

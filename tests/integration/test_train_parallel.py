@@ -16,6 +16,7 @@ from tests.integration.train_helpers import ROOT, demo_data, run_worker, tiny_co
 
 pytestmark = pytest.mark.integration
 STEPS = 2
+# every launch here: debug model, 2 processes at most, about 20-45 s on 2 shared cores
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +107,16 @@ def test_export_then_load_gives_the_engine_logits(job, request, tmp_path):
         logits = model(saved["inputs"])
     assert logits.shape == saved["logits"].shape == (cfg.train.micro_batch_size, cfg.data.seq_len, 256)
     assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_activation_checkpointing_changes_nothing(nprocs, work, demo_data, reference_stream):  # noqa: F811
+    """Recomputing activations in backward (one process: torch checkpoint per layer; two: the 2-stage
+    pipeline's DeepSpeed checkpointing) gives the same losses and parameters as keeping them."""
+    par = {"activation_checkpointing": True, **({"pipeline_stages": 2} if nprocs == 2 else {})}
+    cfg = tiny_config(work, demo_data, f"ac{nprocs}.json", parallel=par)
+    job = run_worker(nprocs, work / f"ac{nprocs}", cfg, "--steps", str(STEPS), "--data", "stream")
+    ref = reference_stream
+    assert_close(torch.tensor(job["ranks"][-1]["losses"]), torch.tensor(ref["ranks"][0]["losses"]), rtol=1e-5, atol=1e-6)
+    for name, value in ref["params"].items():
+        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")

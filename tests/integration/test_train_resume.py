@@ -101,3 +101,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, demo_data):  # 
     ckpt = tmp_path / "nan_ckpt"
     assert (ckpt / "latest").read_text() == f"step{good:08d}"
     assert not (ckpt / f"step{bad:08d}").exists()
+
+
+def test_interrupted_save_is_ignored_and_cleaned(tmp_path, demo_data):  # noqa: F811
+    """A save that died half-way (no COMPLETE marker, a truncated file) is never resumed from, `latest`
+    keeps naming the last complete checkpoint, and the next save replaces the debris."""
+    import shutil
+    cfg = tiny_config(tmp_path, demo_data, "crash.json", train={"steps": 2}, checkpoint={"interval": 1})
+    launch(1, TRAIN, ["--config", str(cfg)])
+    ckpt = tmp_path / "crash_ckpt"
+    assert (ckpt / "latest").read_text() == "step00000002"
+    debris = ckpt / "step00000003"
+    shutil.copytree(ckpt / "step00000002", debris)
+    (debris / "COMPLETE").unlink()
+    (debris / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+
+    from hgscale.checkpoint import latest_tag
+    assert latest_tag(ckpt) == "step00000002"
+    (ckpt / "latest").unlink()  # even without the pointer, only complete checkpoints count
+    assert latest_tag(ckpt) == "step00000002"
+
+    again = launch(1, TRAIN, ["--config", str(cfg), "train.steps=4"])
+    assert f"resumed from {ckpt / 'step00000002'} at step 2" in again.stdout
+    kept = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step"))
+    assert kept == ["step00000003", "step00000004"] and (ckpt / "latest").read_text() == "step00000004"
+    assert (ckpt / "step00000003" / "COMPLETE").exists()
+    assert (ckpt / "step00000003" / "mp_rank_00_model_states.pt").stat().st_size > 1000

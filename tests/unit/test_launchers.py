@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from hgscale.config import ConfigError
 from launchers import env as lenv
 from launchers import hostlist, local, preflight
 from launchers.env import LaunchError, master_port_for_job, slurm_rank_env, slurm_rendezvous
@@ -196,7 +197,8 @@ def test_local_launch_gives_each_rank_the_slurm_mapping(tmp_path):
     got = [json.loads((tmp_path / f"r{r}").read_text()) for r in range(3)]
     expected = local.local_rank_envs(3, "127.0.0.1", 29123)
     for r in range(3):
-        assert {k: got[r][k] for k in expected[r] if k in got[r]} == {k: expected[r][k] for k in got[r] if k in expected[r]}
+        shared = set(got[r]) & set(expected[r])
+        assert {k: got[r][k] for k in shared} == {k: expected[r][k] for k in shared}
         assert got[r]["RANK"] == got[r]["LOCAL_RANK"] == str(r) and got[r]["WORLD_SIZE"] == "3"
         assert got[r]["MASTER_PORT"] == "29123" and int(got[r]["OMP_NUM_THREADS"]) >= 1
     # the same function maps Slurm tasks: one node, three tasks gives identical variables
@@ -244,7 +246,8 @@ def test_local_launch_holds_early_sigusr1_for_starting_ranks(tmp_path):
 
 def test_signal_handler_detection():
     from launchers.signals import catches
-    code = "import signal, time; signal.signal(signal.SIGUSR2, lambda *a: None); print('ok', flush=True); time.sleep(30)"
+    code = ("import signal, time; signal.signal(signal.SIGUSR2, lambda *a: None); print('ok', flush=True); "
+            "time.sleep(30)")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout.readline().strip() == "ok"
@@ -280,6 +283,14 @@ def test_local_launch_gloo_allreduce(tmp_path):
 
 # ------------------------------------------------------------------------------------------ preflight
 
+def test_gpu_mismatch_warning():
+    rdv = slurm_rendezvous({"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "g[1-2]", "SLURM_TASKS_PER_NODE": "4(x2)"})
+    assert preflight.gpu_mismatch(rdv, {"SLURM_GPUS_PER_NODE": "a100:4"}) is None
+    assert preflight.gpu_mismatch(rdv, {"SLURM_GPUS_PER_NODE": "0"}) is None  # CPU nodes
+    assert "8 GPUs per node but 4,4 tasks per node; one rank per GPU needs --ntasks-per-node=8" in \
+        preflight.gpu_mismatch(rdv, {"SLURM_GPUS_PER_NODE": "8"})
+
+
 def test_redact_hides_url_credentials():
     assert preflight.redact('"http://alice:s3cr3t@mlflow:5000"') == '"http://***@mlflow:5000"'
     assert preflight.redact("s3://bucket/path file:///x") == "s3://bucket/path file:///x"
@@ -293,14 +304,11 @@ def test_check_config_reports_layout_and_rejects_mismatch(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "layout 4 tasks = 2 pipeline stage(s) x 2 data-parallel" in out
     assert json.loads(out.split("resolved config\n", 1)[1])["train"]["steps"] == 7
-    with pytest.raises(SystemExit) as e:
+    with pytest.raises(ConfigError, match="train.global_batch_size = 5 != micro_batch_size 8 x grad_accum_steps 1 "
+                                          "x data-parallel size 2"):
         preflight.check_config(str(cfg), ["train.global_batch_size=5"], world_size=4)
-    assert e.value.code == 2
-    assert "train.global_batch_size = 5 != micro_batch_size 8 x grad_accum_steps 1 x data-parallel size 2" in \
-        capsys.readouterr().err
-    with pytest.raises(SystemExit) as e:  # the trainer's DeepSpeed JSON check runs too
+    with pytest.raises(ConfigError, match="deepspeed.train_micro_batch_size_per_gpu = 4 conflicts"):
         preflight.check_config(str(cfg), ['deepspeed={"train_micro_batch_size_per_gpu": 4}'], world_size=4)
-    assert e.value.code == 2 and "deepspeed.train_micro_batch_size_per_gpu = 4 conflicts" in capsys.readouterr().err
 
 
 def test_probe_reaches_a_listener_and_names_a_dead_port(capsys):
@@ -320,3 +328,19 @@ def test_probe_reaches_a_listener_and_names_a_dead_port(capsys):
     assert seen == [socket.gethostname()]
     assert preflight.probe("127.0.0.1", port, 2) == 3
     assert f"cannot reach MASTER_ADDR 127.0.0.1 port {port}" in capsys.readouterr().err
+
+
+def test_preflight_main_without_probe(tmp_path, monkeypatch, capsys):
+    """The batch-script entry point: header, layout and config; the probe step can be switched off."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {"size": "debug"}, "data": {"url": "/data", "seq_len": 64}}))
+    for k, v in {"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)",
+                 "HGSCALE_SKIP_RENDEZVOUS_CHECK": "1"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("SLURM_STEP_NODELIST", raising=False)
+    monkeypatch.delenv("SLURM_STEP_TASKS_PER_NODE", raising=False)
+    assert preflight.main([str(cfg), "train.steps=3"]) == 0
+    out = capsys.readouterr().out
+    assert "rendezvous MASTER_ADDR=n1 MASTER_PORT=20042 WORLD_SIZE=4" in out and "reachable" not in out
+    assert preflight.main([str(tmp_path / "missing.json")]) == 2
+    assert "missing.json' does not exist" in capsys.readouterr().err

@@ -149,3 +149,21 @@ def test_kernels_agree_on_the_whole_model():
     for logits, grad in outs[1:]:
         assert_close(logits, outs[0][0], atol=1e-5, rtol=1e-4)
         assert_close(grad, outs[0][1], atol=1e-6, rtol=1e-3)
+
+
+def test_fast_dropout_rate_scale_and_gradient():
+    from hgscale.models.blocks import dropout
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1001, requires_grad=True)  # an odd size: the last 64-bit word is partly used
+    y = dropout(x, 0.2, True)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.003
+    assert y.mean().item() == pytest.approx(1.0, abs=0.005)  # unbiased
+    assert torch.equal(y[kept], torch.full_like(y[kept], 65536 / (65536 - 13107)))
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.equal(x.grad, 2.0 * y.detach())
+    assert torch.equal(dropout(x, 0.2, False), x) and torch.equal(dropout(x, 0.0, True), x)
+    torch.manual_seed(5)
+    a = dropout(x, 0.5, True)
+    torch.manual_seed(5)
+    assert torch.equal(a, dropout(x, 0.5, True))  # reproducible from the torch seed

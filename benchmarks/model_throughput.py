@@ -4,7 +4,8 @@
     python benchmarks/model_throughput.py --layers-scale 0.25   # same shapes, a quarter of the layers
 
 Measured side by side in one run (iterations of the two models interleaved, so machine load hits both
-alike): forward+backward tokens/s at batch 1, the fp32 matrix-multiply peak (2048^3 GEMM), model FLOPs
+alike; best step of each): forward+backward tokens/s at batch 1, the fp32 matrix-multiply peak (2048^3
+GEMM, best of samples taken before, between and after the steps), model FLOPs
 (hgscale.models.flops: full-square attention convention) and MFU against that peak, the measured
 speed-up against the analytic FLOPs ratio, and the relative-attention kernels (naive / sdpa / blocked)
 on one layer's shapes. Prints a table; writes benchmarks/results/model_throughput.json.
@@ -60,7 +61,8 @@ def train_step(model, tokens, labels) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def bench_models(cfgs: dict, T: int, batch: int, warmup: int, iters: int) -> dict:
+def bench_models(cfgs: dict, T: int, batch: int, warmup: int, iters: int, peaks: list[float]) -> dict:
+    """Best step time of each model; the GEMM peak is sampled between steps into ``peaks``."""
     torch.manual_seed(0)
     models = {name: HourglassLM(cfg).train() for name, cfg in cfgs.items()}
     tokens = torch.randint(0, 256, (batch, T + 1))
@@ -72,6 +74,7 @@ def bench_models(cfgs: dict, T: int, batch: int, warmup: int, iters: int) -> dic
             train_step(model, inputs, labels)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
+            peaks.append(matmul_peak(reps=3))
     out = {}
     for name, cfg in cfgs.items():
         best = min(times[name])
@@ -83,27 +86,21 @@ def bench_models(cfgs: dict, T: int, batch: int, warmup: int, iters: int) -> dic
 
 
 def bench_kernels(T: int, heads: int, d_head: int, d_model: int, reps: int) -> dict:
-    """One self-attention layer's relative-attention core, forward + backward."""
+    """One self-attention layer's relative-attention core, forward + backward; kernels interleaved, best of reps."""
     torch.manual_seed(0)
     leaves = [torch.randn(1, heads, T, d_head, requires_grad=True) for _ in range(4)] + \
              [torch.randn(d_model, d_model, requires_grad=True)]
     geo = Geometry("self", T, T, 1, 1)
-    out = {}
-    for name in ("naive", "sdpa", "blocked"):
-        best = float("inf")
-        for i in range(reps + 1):
-            t = time.perf_counter()
-            REL_KERNELS[name](*leaves, geo).sum().backward()
-            if i:
-                best = min(best, time.perf_counter() - t)
-        out[name] = best
-    t = time.perf_counter()
+    runs = {name: (lambda name=name: REL_KERNELS[name](*leaves, geo)) for name in ("naive", "sdpa", "blocked")}
+    runs["sdpa_causal_no_positions"] = lambda: F.scaled_dot_product_attention(*leaves[:3], is_causal=True)
+    best = {name: float("inf") for name in runs}
     for i in range(reps + 1):
-        if i == 1:
+        for name, run in runs.items():
             t = time.perf_counter()
-        F.scaled_dot_product_attention(*leaves[:3], is_causal=True).sum().backward()
-    out["sdpa_causal_no_positions"] = (time.perf_counter() - t) / reps
-    return out
+            run().sum().backward()
+            if i:
+                best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
 def main(argv=None) -> int:
@@ -115,17 +112,18 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--impl", default="auto", help="model.attn_impl for both models")
-    ap.add_argument("--kernel-reps", type=int, default=2)
+    ap.add_argument("--kernel-reps", type=int, default=3)
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    peak_before = matmul_peak()
+    # best step times against the best GEMM rate seen in the same run: both at the least-loaded moments
+    peaks = [matmul_peak()]
     cfgs = model_configs(args.layers_scale, args.impl)
-    models = bench_models(cfgs, args.seq_len, args.batch, args.warmup, args.iters)
+    models = bench_models(cfgs, args.seq_len, args.batch, args.warmup, args.iters, peaks)
     kernels = bench_kernels(args.seq_len, 8, 64, 512, args.kernel_reps)
-    peak = max(peak_before, matmul_peak())
+    peak = max(peaks + [matmul_peak()])
     hg, van = models["hourglass"], models["vanilla"]
     analytic = van["flops_per_token"] / hg["flops_per_token"]
     speedup = hg["tokens_per_s"] / van["tokens_per_s"]
@@ -149,7 +147,7 @@ def main(argv=None) -> int:
               "seq_len": args.seq_len, "batch": args.batch, "layers_scale": args.layers_scale,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
               "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
-              "matmul_peak_flops": peak, "models": models, "analytic_flops_ratio": analytic,
+              "matmul_peak_flops": peak, "matmul_peak_samples": peaks, "models": models, "analytic_flops_ratio": analytic,
               "measured_speedup": speedup, "speedup_over_analytic": speedup / analytic,
               "relative_attention_kernel_s": kernels}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -56,6 +56,40 @@ class PlainLoop:
         return acc / A
 
 
+def breakdown(engine, plain: PlainLoop, batch, steps: int) -> dict:
+    """Median ms of forward / backward / optimizer step of one micro-batch, each side, interleaved."""
+    x, y = batch
+    e, m = engine.engine, plain.model
+
+    def ds_parts():
+        t0 = time.perf_counter()
+        loss = e(x, y)
+        t1 = time.perf_counter()
+        e.backward(loss)
+        t2 = time.perf_counter()
+        e.step()
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    def plain_parts():
+        t0 = time.perf_counter()
+        loss = lm_loss(m(x), y)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), plain.cfg.train.grad_clip or float("inf"))
+        plain.opt.step()
+        plain.sched.step()
+        plain.opt.zero_grad(set_to_none=True)
+        return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+    parts = {"deepspeed": [], "plain_pytorch": []}
+    for _ in range(steps):
+        parts["deepspeed"].append(ds_parts())
+        parts["plain_pytorch"].append(plain_parts())
+    return {k: {n: statistics.median(p[i] for p in v) * 1e3 for i, n in enumerate(("fwd_ms", "bwd_ms", "step_ms"))}
+            for k, v in parts.items()}
+
+
 def timed_round(step_fn, it, steps: int) -> tuple[float, list[float]]:
     """Wall seconds and losses of ``steps`` optimizer steps."""
     losses = []
@@ -71,6 +105,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="timed optimizer steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    ap.add_argument("--breakdown", action="store_true", help="also time forward / backward / optimizer step apart "
+                    "(needs train.grad_accum_steps=1)")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.threads:
@@ -125,6 +161,11 @@ def main(argv=None) -> int:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         print(f"{name:16s}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}{r['tflops'] * 1e3:>10.1f}{mfu:>8s}")
     print(f"deepspeed / plain = {ratio:.3f} (goal >= 0.9)")
+    parts = None
+    if args.breakdown and t.grad_accum_steps == 1:
+        parts = breakdown(engine, plain, batches[0], args.steps)
+        for name, p in parts.items():
+            print(f"{name:16s} forward {p['fwd_ms']:.1f} ms, backward {p['bwd_ms']:.1f} ms, step {p['step_ms']:.1f} ms")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({
         "config": args.config, "overrides": args.overrides, "hierarchy": cfg.model.hierarchy,
@@ -132,7 +173,7 @@ def main(argv=None) -> int:
         "seq_len": d.seq_len, "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
         "threads": torch.get_num_threads(), "timed_steps": args.steps, "statistic": "median step time",
         "flops_per_token": fpt, "peak_flops": peak, "results": rows, "ratio_deepspeed_over_plain": ratio,
-        "first_losses": first_losses, "machine": platform.platform(), "torch": torch.__version__}, indent=1))
+        "first_losses": first_losses, "breakdown_ms": parts, "machine": platform.platform(), "torch": torch.__version__}, indent=1))
     print(f"wrote {RESULTS}")
     return 0
 

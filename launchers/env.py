@@ -8,6 +8,10 @@ variables for processes on one machine.
     srun python -m launchers.env python -m hgscale.train --config X   # map, then run the command
     srun python -m launchers.env                                        # print what each rank gets
 
+With a command, this process stays as the rank's parent: it prints the rank's rendezvous line to the
+job log, relays stop signals and holds a preemption SIGUSR1 that lands while the rank is still
+starting up (launchers.signals), and exits with the rank's status.
+
 Rendezvous point, identical for the batch script (launchers.preflight) and every rank:
 - MASTER_ADDR: the first host of the step's node list (rank 0 runs there: Slurm places tasks in block
   order), or ``HGSCALE_MASTER_ADDR`` to pick another interface (for example an InfiniBand address).
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv:
         print(" ".join(f"{k}={v}" for k, v in mapped.items()))
         return 0
-    m = mapped
+    m = mapped  # one line per rank in the job log: who runs where, and where it meets the others
     print(f"hgscale: rank {m['RANK']}/{m['WORLD_SIZE']} on {socket.gethostname()} (node {m['NODE_RANK']}, local rank "
           f"{m['LOCAL_RANK']}/{m['LOCAL_WORLD_SIZE']}) -> {m['MASTER_ADDR']}:{m['MASTER_PORT']}", file=sys.stderr,
           flush=True)

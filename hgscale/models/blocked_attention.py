@@ -43,6 +43,24 @@ def _diag(raw: torch.Tensor, b: int, L: int, W: int, qs: int) -> torch.Tensor:
     return raw.as_strided((raw.shape[0], b, qs * L), (b * W, W - qs, 1), raw.storage_offset() + qs * (b - 1))
 
 
+def _scatter_diag(ds: torch.Tensor, b: int, L: int, W: int, qs: int) -> torch.Tensor:
+    """Inverse of _diag: (BH, b, qs*L) -> (BH, b, W) with zeros where no (r, j) lands.
+
+    Flattened, the covered entries are b runs of qs*L separated by gaps of qs*(b-2), after a head and
+    before a tail of qs*(b-1) each: only those are zeroed, not the whole buffer."""
+    BH = ds.shape[0]
+    draw = torch.empty(BH, b, W, dtype=ds.dtype, device=ds.device)
+    _diag(draw, b, L, W, qs).copy_(ds)  # each (r, j) owns a distinct raw entry
+    flat = draw.view(BH, b * W)
+    edge = qs * (b - 1)
+    if edge:
+        flat[:, :edge].zero_()
+        flat[:, b * W - edge:].zero_()
+    if b > 2:  # the gaps between consecutive rows' runs
+        flat.as_strided((BH, b - 1, qs * (b - 2)), (b * W, W - qs, 1), edge + qs * L).zero_()
+    return draw
+
+
 class BlockedRelAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, qu, qv, k, v, R, block: int, qs: int):
@@ -77,8 +95,7 @@ class BlockedRelAttention(torch.autograd.Function):
             ds.sub_(delta[:, i0:L]).mul_(p)
             dqu[:, i0:L] = torch.bmm(ds, k[:, :Lk])
             dk[:, :Lk].baddbmm_(ds.transpose(1, 2), qu[:, i0:L])
-            draw = torch.zeros(BH, b, W, dtype=ds.dtype, device=ds.device)
-            _diag(draw, b, L, W, qs).copy_(ds)  # each (r, j) owns a distinct raw entry
+            draw = _scatter_diag(ds, b, L, W, qs)  # (BH, b, W)
             dqv[:, i0:L] = torch.bmm(draw, R[:, c0: c0 + W])
             dR[:, c0: c0 + W].baddbmm_(draw.transpose(1, 2), qv[:, i0:L])
         return dqu, dqv, dk, dv, dR, None, None

@@ -236,6 +236,21 @@ def test_local_launch_forwards_sigusr1_to_every_rank(tmp_path):
     assert p.wait(timeout=30) == 0
 
 
+def test_relay_replays_a_signal_that_came_before_the_rank_existed(tmp_path):
+    from launchers.signals import SignalRelay, child_setup
+    relay = SignalRelay().install()
+    try:
+        os.kill(os.getpid(), signal.SIGUSR1)  # arrives at the relay before any rank is started
+        child = relay.add(subprocess.Popen([sys.executable, "-c", SLOW_RANK, str(tmp_path)], preexec_fn=child_setup))
+        deadline = time.time() + 30
+        while child.poll() is None and time.time() < deadline:
+            relay.poll()
+            time.sleep(0.05)
+    finally:
+        relay.restore()
+    assert child.wait(timeout=5) == 0  # got exactly one SIGUSR1, after its handler existed
+
+
 def test_local_launch_holds_early_sigusr1_for_starting_ranks(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "launchers.local", "--nproc", "2", "--", sys.executable, "-c",
                           SLOW_RANK, str(tmp_path)])

@@ -177,3 +177,20 @@ def test_rotary_fused_matches_naive_with_grads(geo):
     assert_close(outs[0], outs[1], atol=2e-6, rtol=1e-5)
     for a, b in zip(*grads):
         assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_backward_scatter_zeroes_every_uncovered_entry(monkeypatch):
+    """The backward writes the position-term gradient into an uninitialised buffer and zeroes only the
+    entries no (query, key) pair maps to: with NaN-filled memory the result still equals zeros + copy."""
+    from hgscale.models.blocked_attention import _diag, _scatter_diag
+    torch.set_default_dtype(torch.float32)
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: real_empty(*a, **k).fill_(float("nan")))
+    for qs in (1, 2, 3):
+        for b in (1, 2, 3, 5):
+            for L in (b, b + 4, 3 * b + 1):
+                W = qs * (L + b - 1)
+                ds = torch.randn(2, b, qs * L)
+                want = torch.zeros(2, b, W)
+                _diag(want, b, L, W, qs).copy_(ds)
+                assert torch.equal(_scatter_diag(ds, b, L, W, qs), want), (qs, b, L)

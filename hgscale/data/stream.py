@@ -20,6 +20,7 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import signal
 import sys
 from typing import Iterator
 
@@ -30,6 +31,20 @@ log = logging.getLogger("hgscale.data")
 
 STATE_VERSION = 1
 _FIXED = ("split", "seed", "dp_rank", "dp_size", "num_workers", "micro_batch_size", "seq_len")
+
+
+@contextlib.contextmanager
+def _preemption_signals_blocked():
+    """Workers (and the fork server and resource tracker started with the first of them) inherit a
+    signal mask blocking SIGUSR1/SIGUSR2: Slurm signals every process of a job step on preemption,
+    and only the trainer should act on it (checkpoint, then stop its workers). In this process the
+    signals are only held while workers start, and delivered on unblocking."""
+    sigs = {signal.SIGUSR1, signal.SIGUSR2}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager
@@ -147,7 +162,7 @@ class Stream:
             # milliseconds. It creates no s3fs client or event loop, so the forks are clean.
             ctx.set_forkserver_preload(["hgscale.data.reader", "s3fs"])
         queues, stops, procs = [], [], []
-        with _main_not_reimported():
+        with _main_not_reimported(), _preemption_signals_blocked():
             for w in range(self._n):
                 q, stop = ctx.Queue(maxsize=self._prefetch), ctx.Event()
                 env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}

@@ -4,7 +4,8 @@
 
 Text (enwik8 protocol of the paper): the split is cut into chunks of 128 tokens; each chunk is scored
 with the 53 x 128 tokens before it as context (6912 tokens per window), so every token but the first is
-scored exactly once with long context. Images (and ``--protocol windows``): non-overlapping windows of
+scored exactly once with long context. A model built for shorter sequences (model.max_seq_len) gets as
+many context chunks as fit; the output says how many. Images (and ``--protocol windows``): non-overlapping windows of
 data.seq_len tokens, as in validation. Prints bits per character (text) or per dimension (images).
 
 --checkpoint takes a training checkpoint directory (consolidated in memory) or an exported one.
@@ -63,7 +64,7 @@ def windows_nll(model, batches, device="cpu") -> tuple[float, int]:
 
 
 def evaluate(checkpoint: str, split: str = "test", data_url: str | None = None, protocol: str = "auto",
-             chunk: int = 128, context_chunks: int = 53, batch_size: int = 8, max_chunks: int | None = None,
+             chunk: int = 128, context_chunks: int | None = None, batch_size: int = 8, max_chunks: int | None = None,
              device: str = "auto") -> dict:
     from hgscale.checkpoint import load_any
     from hgscale.data import open_dataset
@@ -76,6 +77,8 @@ def evaluate(checkpoint: str, split: str = "test", data_url: str | None = None, 
     ds = open_dataset(cfg.data)
     if protocol == "auto":
         protocol = "sliding" if ds.modality.startswith("text") else "windows"
+    if context_chunks is None:  # the paper's 53 chunks of context, or as many as the model was built for
+        context_chunks = max(0, min(53, cfg.model.max_seq_len // chunk - 1))
     if protocol == "sliding" and context_chunks * chunk + chunk > cfg.model.max_seq_len:
         raise ValueError(f"a window of ({context_chunks} + 1) x {chunk} tokens exceeds model.max_seq_len = "
                          f"{cfg.model.max_seq_len}; lower --context-chunks")
@@ -104,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--protocol", choices=("auto", "sliding", "windows"), default="auto",
                     help="auto: sliding chunks for text, windows for images")
     ap.add_argument("--chunk", type=int, default=128, help="tokens scored per window (sliding)")
-    ap.add_argument("--context-chunks", type=int, default=53, help="chunks of context before each scored chunk")
+    ap.add_argument("--context-chunks", type=int, default=None,
+                    help="chunks of context before each scored chunk (default 53, fewer if model.max_seq_len is shorter)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-chunks", type=int, default=None, help="score only the first N chunks/batches (quick look)")
     ap.add_argument("--device", default="auto")

@@ -14,6 +14,8 @@ from hgscale.evaluate import sliding_nll
 from hgscale.models import HourglassLM
 from tests.integration.train_helpers import ROOT, TRAIN, demo_data, launch, tiny_config  # noqa: F401
 
+pytestmark = pytest.mark.integration
+
 
 def reference_chunks(model, tokens, chunk, context_chunks):
     """Each chunk scored from an unpadded window of its own length: the protocol written out plainly."""
@@ -44,7 +46,6 @@ def test_sliding_protocol_scores_every_token_once_with_its_context():
     assert abs(sliding_nll(model, tokens, chunk=16, context_chunks=0)[0] - got[0]) > 1e-3
 
 
-@pytest.mark.integration
 def test_evaluate_cli_on_a_training_checkpoint(tmp_path, demo_data):  # noqa: F811
     cfg = tiny_config(tmp_path, demo_data, "ev.json")
     launch(1, TRAIN, ["--config", str(cfg)])

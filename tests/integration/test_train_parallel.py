@@ -17,6 +17,8 @@ from tests.integration.train_helpers import ROOT, demo_data, run_worker, tiny_co
 pytestmark = pytest.mark.integration
 STEPS = 2
 # every launch here: debug model, 2 processes at most, about 20-45 s on 2 shared cores
+# 31 tokens: not a multiple of the total factor 2, so the embedding pads and the stages carry padded shapes
+PADDED = {"seq_len": 31}
 
 
 @pytest.fixture(scope="module")
@@ -26,14 +28,14 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference_stream(work, demo_data):  # noqa: F811
-    cfg = tiny_config(work, demo_data, "ref_stream.json")
+    cfg = tiny_config(work, demo_data, "ref_stream.json", data=PADDED)
     return run_worker(1, work / "ref_stream", cfg, "--steps", str(STEPS), "--data", "stream")
 
 
 @pytest.fixture(scope="module")
 def pipeline(work, demo_data):  # noqa: F811
     # split by FLOPs: the residual skip (down at layer 2, up at layer 5) and u/v both cross the boundary
-    cfg = tiny_config(work, demo_data, "pp.json", parallel={"pipeline_stages": 2, "partition": "flops"})
+    cfg = tiny_config(work, demo_data, "pp.json", data=PADDED, parallel={"pipeline_stages": 2, "partition": "flops"})
     return run_worker(2, work / "pp", cfg, "--steps", str(STEPS), "--data", "stream", "--checkpoint")
 
 
@@ -106,6 +108,7 @@ def test_export_then_load_gives_the_engine_logits(job, request, tmp_path):
     with torch.no_grad():
         logits = model(saved["inputs"])
     assert logits.shape == saved["logits"].shape == (cfg.train.micro_batch_size, cfg.data.seq_len, 256)
+    assert cfg.data.seq_len == (31 if job == "pipeline" else 32)
     assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
 
 
@@ -114,7 +117,7 @@ def test_activation_checkpointing_changes_nothing(nprocs, work, demo_data, refer
     """Recomputing activations in backward (one process: torch checkpoint per layer; two: the 2-stage
     pipeline's DeepSpeed checkpointing) gives the same losses and parameters as keeping them."""
     par = {"activation_checkpointing": True, **({"pipeline_stages": 2} if nprocs == 2 else {})}
-    cfg = tiny_config(work, demo_data, f"ac{nprocs}.json", parallel=par)
+    cfg = tiny_config(work, demo_data, f"ac{nprocs}.json", data=PADDED, parallel=par)
     job = run_worker(nprocs, work / f"ac{nprocs}", cfg, "--steps", str(STEPS), "--data", "stream")
     ref = reference_stream
     assert_close(torch.tensor(job["ranks"][-1]["losses"]), torch.tensor(ref["ranks"][0]["losses"]), rtol=1e-5, atol=1e-6)

@@ -11,7 +11,6 @@ same samples in the same order (``reads_data``, ``dp_rank``).
 """
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -151,6 +150,7 @@ class TrainEngine:
             loss = float(self.engine.train_batch(it))
             total = time.perf_counter() - t0
             data_s = it.seconds if it else 0.0
+            # forward, backward and the optimizer step all run inside train_batch: compute_s holds the three
             self.timings = {"data_s": data_s, "compute_s": total - data_s, "optimizer_s": 0.0, "step_s": total}
         else:
             self.engine.train()
@@ -242,7 +242,3 @@ class TrainEngine:
         return {"world_size": self.rt.world_size, "pipeline_stages": self.num_stages, "data_parallel_size": self.dp_size,
                 "zero_stage": self.cfg.parallel.zero_stage, "backend": self.rt.backend, "device": str(self.rt.device),
                 "stage_boundaries": self.parts}
-
-
-def is_finite(x: float) -> bool:
-    return math.isfinite(x)

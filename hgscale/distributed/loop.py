@@ -114,7 +114,10 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
                             peak_flops_per_device=peak_flops(rt.device, cfg.tracking.peak_tflops, t.precision))
     if "meter" in state:
         meter.load_state_dict(state["meter"])
-    bits, metric = dataset.bits_per_nat_token, dataset.metric_name
+    # metric = nats/token x factor; SentencePiece splits each have their own bytes per token
+    bits, bits_val, metric = (dataset.bits_per_nat_token_for(d.train_split),
+                              dataset.bits_per_nat_token_for(d.valid_split) if t.eval_interval else 0.0,
+                              dataset.metric_name)
     tokens_per_step = lay["global_batch_size"] * d.seq_len
     bubble = pipeline_bubble_fraction(eng.num_stages, t.grad_accum_steps)
 
@@ -127,8 +130,8 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
     def validate(at: int) -> None:
         loss = eng.eval_loss(val_batches)
         if loss is not None:
-            say(f"validation at step {at}: loss {loss:.4f} | {metric} {loss * bits:.4f}")
-            vals = {names.val_metric(metric): loss * bits, "val/loss": loss}
+            say(f"validation at step {at}: loss {loss:.4f} | {metric} {loss * bits_val:.4f}")
+            vals = {names.val_metric(metric): loss * bits_val, "val/loss": loss}
             tracker.log_metrics(vals, at)
             if rt.rank == 0:
                 with open(metrics_path, "a") as f:

@@ -23,8 +23,7 @@ Kernels for the relative score (chosen by ``ModelConfig.attn_impl``):
     blocked  CPU path (blocked_attention.py): blocks of 128 queries against only the keys they may
              see (the masked upper half is never computed), position term by a strided view of
              one matmul per block, hand-written backward. ~4-8x faster than naive at T = 2048.
-'auto' takes sdpa on GPU and blocked on CPU. Attention dropout > 0 runs the blocked self-attention
-through autograd and resampling attention through the naive kernel.
+'auto' takes sdpa on GPU and blocked on CPU.
 """
 from __future__ import annotations
 
@@ -110,16 +109,19 @@ def _causal_block_mask(b: int, device: torch.device) -> torch.Tensor:
     return torch.full((b, b), float("-inf"), device=device).triu(1)  # (b, b) additive
 
 
+def _gathered_bias(qv, Wr, geo: Geometry) -> torch.Tensor:
+    """Position term (q+v) . R[dist(i, j)] gathered from a (n_q, n_dist) product; -inf where masked."""
+    B, H, _, dh = qv.shape
+    lo, hi, idx, vis = _gather_plan(geo, qv.device)
+    R = F.linear(_sinusoid_table(lo, hi, geo.P, Wr.shape[1], qv.device, Wr.dtype), Wr)  # (n_dist, D)
+    R = R.view(-1, H, dh).transpose(0, 1)  # (H, n_dist, dh)
+    bd = torch.matmul(qv, R.transpose(-1, -2)).gather(-1, idx.expand(B, H, -1, -1))  # (B, H, n_q, n_k)
+    return bd.masked_fill(~vis, float("-inf"))
+
+
 def rel_attention_naive(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=False):
     """Reference kernel. qu = (q+u)/sqrt(d), qv = (q+v)/sqrt(d), k, v: (B, H, n, dh); Wr: (D, D)."""
-    B, H, _, dh = qu.shape
-    lo, hi, idx, vis = _gather_plan(geo, qu.device)
-    R = F.linear(_sinusoid_table(lo, hi, geo.P, Wr.shape[1], qu.device, Wr.dtype), Wr)  # (n_dist, D)
-    R = R.view(-1, H, dh).transpose(0, 1)  # (H, n_dist, dh)
-    raw = torch.matmul(qv, R.transpose(-1, -2))  # (B, H, n_q, n_dist)
-    bd = raw.gather(-1, idx.expand(B, H, -1, -1))  # (B, H, n_q, n_k)
-    s = torch.matmul(qu, k.transpose(-1, -2)) + bd
-    s = s.masked_fill(~vis, float("-inf"))
+    s = torch.matmul(qu, k.transpose(-1, -2)) + _gathered_bias(qv, Wr, geo)  # (B, H, n_q, n_k)
     p = F.dropout(s.softmax(-1), dropout_p, training)
     return torch.matmul(p, v)
 
@@ -129,10 +131,7 @@ def rel_attention_sdpa(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=
     B, H, n, dh = qu.shape
     D = Wr.shape[1]
     if geo.kind != "self":  # resampling geometry: gather (2 layers per level, not the hot path)
-        lo, hi, idx, vis = _gather_plan(geo, qu.device)
-        R = F.linear(_sinusoid_table(lo, hi, geo.P, D, qu.device, Wr.dtype), Wr).view(-1, H, dh).transpose(0, 1)
-        bd = torch.matmul(qv, R.transpose(-1, -2)).gather(-1, idx.expand(B, H, -1, -1))
-        bias = bd.masked_fill(~vis, float("-inf"))
+        bias = _gathered_bias(qv, Wr, geo)
     else:
         R = F.linear(_sinusoid_table(-(n - 1), 0, geo.P, D, qu.device, Wr.dtype), Wr)  # distances -(n-1)..0
         R = R.view(n, H, dh).transpose(0, 1)  # (H, n, dh)
@@ -157,41 +156,20 @@ def rel_attention_blocked(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, traini
     shortened keys j <= a at distance f*(j - a) - r, so each residue r is a causal self-attention of
     its own with the distance table shifted by r."""
     B, H, n, dh = qu.shape
-    if training and dropout_p > 0 and geo.kind != "self":
-        return rel_attention_naive(qu, qv, k, v, Wr, geo, dropout_p, training)
-    if geo.kind == "down":  # query i at key position f*i, distances -f(n-1) .. f*block - 1
-        block, f = min(block, n), geo.f
-        R = _rel_table(Wr, H, -f * (n - 1), f * block - 1, 1, 0, geo.P, qu.device, Wr.dtype)
-        return blocked_rel_attention(qu, qv, k, v, R, block, qs=f)
+    p = dropout_p if training else 0.0
     if geo.kind == "up":
         m, f = k.shape[2], geo.f
         block = min(block, m)
         outs = [blocked_rel_attention(qu[:, :, r::f], qv[:, :, r::f], k, v,
-                                      _rel_table(Wr, H, -(m - 1), block - 1, f, r, geo.P, qu.device, Wr.dtype), block)
+                                      _rel_table(Wr, H, -(m - 1), block - 1, f, r, geo.P, qu.device, Wr.dtype),
+                                      block, p_drop=p)
                 for r in range(f)]  # f x (B, H, m, dh)
         return torch.stack(outs, dim=3).view(B, H, n, dh)  # query a*f + r
-    D = Wr.shape[1]
     block = min(block, n)
-    # distances -(n-1) .. block-1 (the positive ones only feed masked entries of diagonal blocks)
-    R = F.linear(_sinusoid_table(-(n - 1), block - 1, geo.P, D, qu.device, Wr.dtype), Wr)
-    R = R.view(-1, H, dh).transpose(0, 1)  # (H, n + block - 1, dh); row c <-> distance c - (n-1)
-    if not (training and dropout_p > 0):
-        return blocked_rel_attention(qu, qv, k, v, R, block)  # hand-written backward
-    kT = k.transpose(-1, -2)  # with attention dropout: the same blocks through autograd
-    outs = []
-    for i0 in range(0, n, block):
-        b = min(block, n - i0)
-        L = i0 + b
-        Rb = R[:, n - L: n + b - 1]  # distances -(L-1) .. b-1, width W = L + b - 1
-        raw = torch.matmul(qv[:, :, i0:L], Rb.transpose(-1, -2))  # (B, H, b, W)
-        W = L + b - 1
-        # bd[r, j] = raw[r, j - r + b - 1]  (distance j - (i0 + r)): a strided view, no copy
-        bd = raw.as_strided((B, H, b, L), (raw.stride(0), raw.stride(1), W - 1, 1), raw.storage_offset() + b - 1)
-        s = torch.matmul(qu[:, :, i0:L], kT[:, :, :, :L]) + bd  # (B, H, b, L)
-        s[..., i0:] += _causal_block_mask(b, qu.device).to(s.dtype)
-        p = F.dropout(s.softmax(-1), dropout_p, training)
-        outs.append(torch.matmul(p, v[:, :, :L]))  # (B, H, b, dh)
-    return torch.cat(outs, dim=2)
+    qs = geo.f if geo.kind == "down" else 1  # down: query i at key position f*i
+    # distances -qs(n-1) .. qs*block - 1 (the largest only feed masked entries of diagonal blocks)
+    R = _rel_table(Wr, H, -qs * (n - 1), qs * block - 1, 1, 0, geo.P, qu.device, Wr.dtype)
+    return blocked_rel_attention(qu, qv, k, v, R, block, qs=qs, p_drop=p)
 
 
 REL_KERNELS = {"naive": rel_attention_naive, "sdpa": rel_attention_sdpa, "blocked": rel_attention_blocked}

@@ -12,13 +12,16 @@ followed by a strided view (the Transformer-XL shift without a copy):
 The backward is written out (flash-attention style, keeping the probabilities of each block) so that
 gradients of the key, value and position slices accumulate in place into one buffer each, instead of
 autograd materialising a zero-padded full-size gradient for every slice of every block.
-Inputs come pre-scaled by 1/sqrt(d_head). No attention dropout here (the autograd path handles it).
+Inputs come pre-scaled by 1/sqrt(d_head). Attention dropout masks are regenerated in the backward from
+a seed instead of being stored.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 
 import torch
+
+from hgscale.models.dropout import keep_mask
 
 
 @lru_cache(maxsize=16)
@@ -61,23 +64,36 @@ def _scatter_diag(ds: torch.Tensor, b: int, L: int, W: int, qs: int) -> torch.Te
     return draw
 
 
+def _masks(p_drop: float, seed: int, shapes, dtype, device):
+    """Attention-dropout masks of the blocks, regenerated identically in the backward from the seed
+    (nothing stored)."""
+    if p_drop == 0.0:
+        return [None] * len(shapes)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return [keep_mask(shape, p_drop, dtype, device, gen) for shape in shapes]
+
+
 class BlockedRelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qu, qv, k, v, R, block: int, qs: int):
+    def forward(ctx, qu, qv, k, v, R, block: int, qs: int, p_drop: float, seed: int):
         """qu, qv: (BH, n, dh); k, v: (BH, qs*n, dh), last dimension contiguous;
-        R: (BH, qs*(n + block - 1), dh), row c <-> distance c - qs*(n-1)."""
+        R: (BH, qs*(n + block - 1), dh), row c <-> distance c - qs*(n-1). Attention dropout p_drop
+        with masks drawn from ``seed``."""
         BH, n, dh = qu.shape
+        plan = list(_blocks(n, block, qs))
+        masks = _masks(p_drop, seed, [(BH, b, qs * L) for _, b, L, _, _ in plan], qu.dtype, qu.device)
         o = torch.empty_like(qu)
         probs = []
-        for i0, b, L, W, c0 in _blocks(n, block, qs):
+        for (i0, b, L, W, c0), mask in zip(plan, masks):
             raw = torch.bmm(qv[:, i0:L], R[:, c0: c0 + W].transpose(1, 2))  # (BH, b, W)
             s = torch.baddbmm(_diag(raw, b, L, W, qs), qu[:, i0:L], k[:, : qs * L].transpose(1, 2))  # (BH, b, qs*L)
             s[:, :, qs * i0:] += _diag_mask(b, qs, qu.device, qu.dtype)
             p = torch.softmax(s, dim=-1)
-            o[:, i0:L] = torch.bmm(p, v[:, : qs * L])  # (BH, b, dh)
+            o[:, i0:L] = torch.bmm(p if mask is None else p * mask, v[:, : qs * L])  # (BH, b, dh)
             probs.append(p)
         ctx.save_for_backward(qu, qv, k, v, R, o, *probs)
-        ctx.block, ctx.qs = block, qs
+        ctx.block, ctx.qs, ctx.p_drop, ctx.seed = block, qs, p_drop, seed
         return o
 
     @staticmethod
@@ -85,27 +101,36 @@ class BlockedRelAttention(torch.autograd.Function):
         qu, qv, k, v, R, o, *probs = ctx.saved_tensors
         BH, n, dh = qu.shape
         qs = ctx.qs
-        delta = (do * o).sum(-1, keepdim=True)  # (BH, n, 1): sum_j p_ij dp_ij, the softmax backward term
+        plan = list(_blocks(n, ctx.block, qs))
+        masks = _masks(ctx.p_drop, ctx.seed, [(BH, b, qs * L) for _, b, L, _, _ in plan], qu.dtype, qu.device)
+        # softmax backward: ds = p * (g - sum_j p_ij g_ij), g = dL/dp = (do v^T) * mask, and
+        # sum_j p_ij g_ij = do_i . o_i because o = (p * mask) v
+        delta = (do * o).sum(-1, keepdim=True)  # (BH, n, 1)
         dqu, dqv = torch.empty_like(qu), torch.empty_like(qv)
         dk, dv, dR = torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(R)
-        for (i0, b, L, W, c0), p in zip(_blocks(n, ctx.block, qs), probs):
+        for (i0, b, L, W, c0), p, mask in zip(plan, probs, masks):
             do_b, Lk = do[:, i0:L], qs * L
-            dv[:, :Lk].baddbmm_(p.transpose(1, 2), do_b)
-            ds = torch.bmm(do_b, v[:, :Lk].transpose(1, 2))  # dp, then in place: ds = p * (dp - delta)
+            dv[:, :Lk].baddbmm_((p if mask is None else p * mask).transpose(1, 2), do_b)
+            ds = torch.bmm(do_b, v[:, :Lk].transpose(1, 2))  # g, then in place: ds = p * (g - delta)
+            if mask is not None:
+                ds.mul_(mask)
             ds.sub_(delta[:, i0:L]).mul_(p)
             dqu[:, i0:L] = torch.bmm(ds, k[:, :Lk])
             dk[:, :Lk].baddbmm_(ds.transpose(1, 2), qu[:, i0:L])
             draw = _scatter_diag(ds, b, L, W, qs)  # (BH, b, W)
             dqv[:, i0:L] = torch.bmm(draw, R[:, c0: c0 + W])
             dR[:, c0: c0 + W].baddbmm_(draw.transpose(1, 2), qv[:, i0:L])
-        return dqu, dqv, dk, dv, dR, None, None
+        return dqu, dqv, dk, dv, dR, None, None, None, None
 
 
-def blocked_rel_attention(qu, qv, k, v, R, block: int, qs: int = 1) -> torch.Tensor:
-    """qu, qv: (B, H, n, dh); k, v: (B, H, qs*n, dh); R: (H, qs*(n + block - 1), dh) -> (B, H, n, dh)."""
+def blocked_rel_attention(qu, qv, k, v, R, block: int, qs: int = 1, p_drop: float = 0.0,
+                          seed: int | None = None) -> torch.Tensor:
+    """qu, qv: (B, H, n, dh); k, v: (B, H, qs*n, dh); R: (H, qs*(n + block - 1), dh) -> (B, H, n, dh).
+    With p_drop > 0 the dropout masks come from ``seed`` (default: drawn from torch's generator)."""
     B, H, n, dh = qu.shape
-    # q, k, v: strided views, not copies, when B = 1 (bmm takes any row stride). R is made contiguous:
-    # its head-interleaved layout from the projection makes the in-place dR accumulation ~2x slower.
+    if p_drop > 0.0 and seed is None:
+        seed = int(torch.randint(0, 1 << 62, (1,)).item())
+    # q, k, v: strided views, not copies, when B = 1 (bmm takes any row stride); R (small) contiguous
     flat = [t.reshape(B * H, -1, dh) for t in (qu, qv, k, v)]
     Rf = R.to(qu.dtype).expand(B, *R.shape).reshape(B * H, *R.shape[1:]).contiguous()
-    return BlockedRelAttention.apply(*flat, Rf, block, qs).reshape(B, H, n, dh)
+    return BlockedRelAttention.apply(*flat, Rf, block, qs, p_drop, seed or 0).reshape(B, H, n, dh)

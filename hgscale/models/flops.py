@@ -5,6 +5,7 @@ multiply-add), attention scores and values over the full (n_q, n_k) square (the 
 fused attention kernels and of MFU as usually reported, even though the causal half is masked),
 the Transformer-XL position term (q+v) R^T over the table of distances it needs, and the projection
 of the sinusoid table. Element-wise work (LayerNorm, softmax, GELU, pooling) is not counted.
+``causal=True`` gives the useful work instead: attention only over the (query, key) pairs a query sees.
 
 Training = forward + backward = 3 x forward, except the position projection: its input is a constant
 table, so its backward only computes the weight gradient (2 x forward in all).
@@ -15,14 +16,17 @@ from hgscale.config import ModelConfig
 from hgscale.models.hourglass import _check, layer_plan
 
 
-def _attention(cfg: ModelConfig, B: int, n_q: int, n_k: int, n_dist: int, self_attn: bool) -> float:
-    """Training FLOPs of one attention layer (projections, scores, values, position term)."""
+def _attention(cfg: ModelConfig, B: int, n_q: int, n_k: int, n_dist: int, visible: int, causal: bool) -> float:
+    """Training FLOPs of one attention layer (projections, scores, values, position term).
+
+    causal=False: scores over the full (n_q, n_k) square and the position term over (n_q, n_dist), as
+    FlopCounterMode counts them; causal=True: only the ``visible`` (query, key) pairs, the useful work."""
     D = cfg.d_model
     proj = 2 * B * D * D * (n_q * 2 + n_k * 2)  # q and out on queries, k and v on keys
-    scores = 4 * B * n_q * n_k * D  # (q k^T) and (p v)
+    scores = 4 * B * (visible if causal else n_q * n_k) * D  # (q k^T) and (p v)
     total = 3 * (proj + scores)
     if cfg.attention == "relative":
-        total += 3 * 2 * B * n_q * n_dist * D  # (q + v) R^T
+        total += 3 * 2 * B * (visible if causal else n_q * n_dist) * D  # (q + v) R^T
         total += 2 * 2 * n_dist * D * D  # R = sinusoid table @ W_r^T, once per sequence batch
     return total
 
@@ -31,7 +35,7 @@ def _ff(cfg: ModelConfig, B: int, n: int) -> float:
     return 3 * 4 * B * n * cfg.d_model * cfg.d_ff
 
 
-def _layer_total(cfg: ModelConfig, item: tuple, B: int, T: int) -> float:
+def _layer_total(cfg: ModelConfig, item: tuple, B: int, T: int, causal: bool = False) -> float:
     """Training FLOPs of one layer for B sequences of padded length T."""
     kind, *args = item
     D = cfg.d_model
@@ -41,37 +45,40 @@ def _layer_total(cfg: ModelConfig, item: tuple, B: int, T: int) -> float:
         return 3 * 2 * B * T * D * cfg.vocab_size
     if kind == "block":
         n = T // args[0]
-        return _attention(cfg, B, n, n, n, True) + _ff(cfg, B, n)
+        return _attention(cfg, B, n, n, n, n * (n + 1) // 2, causal) + _ff(cfg, B, n)
     if kind == "down":
         outer, inner = args
         n, m, f = T // outer, T // inner, inner // outer
         method = cfg.downsample
         total = 3 * 2 * B * n * D * D if method in ("linear", "attention_linear") else 0.0
         if method.startswith("attention_"):
-            total += _attention(cfg, B, m, n, n, False) + _ff(cfg, B, m)  # distances j - f*i: n of them
+            # pooled query i sees f*(i+1) keys; distances j - f*i: n of them
+            total += _attention(cfg, B, m, n, n, f * m * (m + 1) // 2, causal) + _ff(cfg, B, m)
         return total
     inner, outer = args
     n, m = T // outer, T // inner
     method = cfg.upsample
     total = 3 * 2 * B * m * D * (n // m * D) if method in ("linear", "attention_linear") else 0.0
     if method.startswith("attention_"):
-        total += _attention(cfg, B, n, m, n, False) + _ff(cfg, B, n)  # distances f*j - i: n of them
+        # query i sees i//f + 1 shortened keys; distances f*j - i: n of them
+        total += _attention(cfg, B, n, m, n, (n // m) * m * (m + 1) // 2, causal) + _ff(cfg, B, n)
     return total
 
 
-def layer_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1) -> list[float]:
+def layer_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1, causal: bool = False) -> list[float]:
     """Training FLOPs per input token of each layer, in ``build_layers`` order (sum = flops_per_token).
 
     seq_len is the real length; the model pads it to a multiple of the total factor and computes on the
-    padding, which is counted. batch_size matters only for the position projection (once per batch)."""
+    padding, which is counted. batch_size matters only for the position projection (once per batch).
+    causal=True counts attention over visible (query, key) pairs only (about half the square)."""
     _check(cfg)
     T = seq_len + (-seq_len % cfg.total_factor())
-    return [_layer_total(cfg, item, batch_size, T) / (batch_size * seq_len) for item in layer_plan(cfg)]
+    return [_layer_total(cfg, item, batch_size, T, causal) / (batch_size * seq_len) for item in layer_plan(cfg)]
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, batch_size: int = 1) -> float:
+def flops_per_token(cfg: ModelConfig, seq_len: int, batch_size: int = 1, causal: bool = False) -> float:
     """Training (forward + backward) FLOPs per token of a micro-batch of sequences of seq_len tokens."""
-    return float(sum(layer_flops(cfg, seq_len, batch_size)))
+    return float(sum(layer_flops(cfg, seq_len, batch_size, causal)))
 
 
 def _attn_params(cfg: ModelConfig) -> int:

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgscale.config import ConfigError, ModelConfig
-from hgscale.models.blocks import Block, dropout, layer_norm
+from hgscale.models.blocks import Block, layer_norm
+from hgscale.models.dropout import dropout
 from hgscale.models.resampling import Shorten, Upsample, shift_right
 
 UV_INIT_STD = 1e-6  # trax get_rel_att_inputs

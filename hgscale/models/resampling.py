@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgscale.models.attention import Attention, Geometry
-from hgscale.models.blocks import FeedForward, dropout, layer_norm
+from hgscale.models.blocks import FeedForward, layer_norm
+from hgscale.models.dropout import dropout
 
 
 def shift_right(x: torch.Tensor, n: int) -> torch.Tensor:

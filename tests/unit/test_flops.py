@@ -75,3 +75,35 @@ def test_layer_params(name):
     cfg = make(**CONFIGS[name])
     model = HourglassLM(cfg)
     assert [sum(p.numel() for p in layer.parameters()) for layer in model.layers] == layer_params(cfg)
+
+
+@pytest.mark.parametrize("name", ["vanilla-relative", "2levels-attn-relative", "1level-linear-rotary"])
+def test_causal_count_is_the_full_count_less_the_masked_pairs(name):
+    """causal=True (useful work) = the full-square count minus the attention work on the pairs each
+    layer's mask hides, counted here from the masks themselves."""
+    cfg = make(**CONFIGS[name])
+    T = 24
+    full, causal = flops_per_token(cfg, T), flops_per_token(cfg, T, causal=True)
+    from hgscale.models.attention import Geometry
+    from hgscale.models.hourglass import layer_plan
+    masked = 0
+    for kind, *args in layer_plan(cfg):
+        if kind == "block":
+            n = T // args[0]
+            geo = Geometry("self", n, n, 1, args[0])
+        elif kind == "down" and cfg.downsample.startswith("attention"):
+            n, m = T // args[0], T // args[1]
+            geo = Geometry("down", m, n, args[1] // args[0], args[0])
+        elif kind == "up" and cfg.upsample.startswith("attention"):
+            n, m = T // args[1], T // args[0]
+            geo = Geometry("up", n, m, args[0] // args[1], args[1])
+        else:
+            continue
+        invisible = int((~geo.offsets()[1]).sum())
+        per_pair = 4 * cfg.d_model * 3  # (q k^T) and (p v), forward + backward
+        if cfg.attention == "relative":
+            n_dist = geo.n_k if kind == "down" else geo.n_q  # the position term's (n_q, n_dist) square
+            masked += 6 * cfg.d_model * (geo.n_q * n_dist - (geo.n_q * geo.n_k - invisible))
+        masked += invisible * per_pair
+    assert causal == pytest.approx(full - masked / T, rel=1e-9)
+    assert causal < full

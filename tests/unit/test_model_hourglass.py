@@ -152,7 +152,7 @@ def test_kernels_agree_on_the_whole_model():
 
 
 def test_fast_dropout_rate_scale_and_gradient():
-    from hgscale.models.blocks import dropout
+    from hgscale.models.dropout import dropout
     torch.manual_seed(0)
     x = torch.ones(1000, 1001, requires_grad=True)  # an odd size: the last 64-bit word is partly used
     y = dropout(x, 0.2, True)

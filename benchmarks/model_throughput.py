@@ -47,11 +47,12 @@ def scaled(hierarchy: str, scale: float) -> str:
     return " ".join(f"{max(1, round(n * scale))}@{k}" for n, k in parse_hierarchy(hierarchy))
 
 
-def model_configs(scale: float, impl: str) -> dict[str, ModelConfig]:
-    hg = ModelConfig(**{**MODEL_SIZES["enwik8"], "attn_impl": impl})
+def model_configs(scale: float, impl: str, attn_dropout: float | None) -> dict[str, ModelConfig]:
+    extra = {"attn_impl": impl} if attn_dropout is None else {"attn_impl": impl, "attn_dropout": attn_dropout}
+    hg = ModelConfig(**{**MODEL_SIZES["enwik8"], **extra})
     hg.hierarchy = scaled(hg.hierarchy, scale)
     depth = sum(n for n, _ in parse_hierarchy(hg.hierarchy))
-    van = ModelConfig(**{**MODEL_SIZES["enwik8_baseline"], "attn_impl": impl, "hierarchy": f"{depth}@1"})
+    van = ModelConfig(**{**MODEL_SIZES["enwik8_baseline"], **extra, "hierarchy": f"{depth}@1"})
     return {"hourglass": hg, "vanilla": van}
 
 
@@ -113,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--impl", default="auto", help="model.attn_impl for both models")
+    ap.add_argument("--attn-dropout", type=float, default=None,
+                    help="override model.attn_dropout (the enwik8 sizes use the paper's 0.2)")
     ap.add_argument("--kernel-reps", type=int, default=3)
     ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero")
     ap.add_argument("--out", default=str(RESULTS))
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
 
     # best step times against the best GEMM rate seen in the same run: both at the least-loaded moments
     peaks = [matmul_peak()]
-    cfgs = model_configs(args.layers_scale, args.impl)
+    cfgs = model_configs(args.layers_scale, args.impl, args.attn_dropout)
     models = bench_models(cfgs, args.seq_len, args.batch, args.warmup, args.iters, peaks)
     kernels = bench_kernels(args.seq_len, 8, 64, 512, args.kernel_reps)
     peak = max(peaks + [matmul_peak()])
@@ -137,6 +140,8 @@ def main(argv=None) -> int:
         m["mfu_causal"] = m["causal_flops_per_s"] / peak
     analytic_causal = van["causal_flops_per_token"] / hg["causal_flops_per_token"]
 
+    print(f"dropout {cfgs['hourglass'].dropout}, attention dropout {cfgs['hourglass'].attn_dropout}, "
+          f"T={args.seq_len}, batch {args.batch}")
     print(f"fp32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads, "
           f"flush denormals: {not args.keep_denormals}, load average {os.getloadavg()[0]:.1f}")
     print(f"{'model':10s} {'hierarchy':16s} {'params':>8s} {'step s':>8s} {'tok/s':>8s} {'GFLOP/tok':>10s} "
@@ -155,6 +160,7 @@ def main(argv=None) -> int:
 
     result = {"command": "python benchmarks/model_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "seq_len": args.seq_len, "batch": args.batch, "layers_scale": args.layers_scale,
+              "dropout": cfgs["hourglass"].dropout, "attn_dropout": cfgs["hourglass"].attn_dropout,
               "threads": torch.get_num_threads(), "flush_denormal": not args.keep_denormals, "torch": torch.__version__, "machine": platform.machine(),
               "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
               "matmul_peak_flops": peak, "matmul_peak_samples": peaks, "models": models, "analytic_flops_ratio": analytic, "analytic_causal_flops_ratio": analytic_causal,

@@ -5,7 +5,8 @@
 One process, one run, the same model (same seed), the same micro-batches (read once from the dataset in
 data.url, then replayed to both, so data loading costs neither anything) and the same optimisation
 (Adam, lr schedule, gradient clipping, gradient accumulation). The two loops take turns step by step,
-so machine load hits both alike; each side reports its median step time. MFU uses the model's training FLOPs per token and the measured matmul peak of this device.
+so machine load hits both alike; each side reports its median step time. MFU uses the model's training
+FLOPs per token and the measured matmul peak of this device.
 Prints a table; writes benchmarks/results/train_throughput.json. Goal: DeepSpeed >= 0.9 x plain.
 """
 from __future__ import annotations
@@ -173,7 +174,8 @@ def main(argv=None) -> int:
         "seq_len": d.seq_len, "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
         "threads": torch.get_num_threads(), "timed_steps": args.steps, "statistic": "median step time",
         "flops_per_token": fpt, "peak_flops": peak, "results": rows, "ratio_deepspeed_over_plain": ratio,
-        "first_losses": first_losses, "breakdown_ms": parts, "machine": platform.platform(), "torch": torch.__version__}, indent=1))
+        "first_losses": first_losses, "breakdown_ms": parts, "machine": platform.platform(),
+        "torch": torch.__version__}, indent=1))
     print(f"wrote {RESULTS}")
     return 0
 

@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto: sliding chunks for text, windows for images")
     ap.add_argument("--chunk", type=int, default=128, help="tokens scored per window (sliding)")
     ap.add_argument("--context-chunks", type=int, default=None,
-                    help="chunks of context before each scored chunk (default 53, fewer if model.max_seq_len is shorter)")
+                    help="chunks of context before each scored chunk (default 53; fewer if model.max_seq_len "
+                         "is shorter)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-chunks", type=int, default=None, help="score only the first N chunks/batches (quick look)")
     ap.add_argument("--device", default="auto")

@@ -20,7 +20,8 @@ from hgscale.config import ConfigError, load_config  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="hgscale/train.py", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True, help="JSON config (see configs/)")
-    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+    # the deepspeed launcher passes --local_rank; LOCAL_RANK in the environment is what we read
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
     return ap.parse_args(argv)
 

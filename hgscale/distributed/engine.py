@@ -239,6 +239,6 @@ class TrainEngine:
         self.dist.barrier()
 
     def topology(self) -> dict:
-        return {"world_size": self.rt.world_size, "pipeline_stages": self.num_stages, "data_parallel_size": self.dp_size,
-                "zero_stage": self.cfg.parallel.zero_stage, "backend": self.rt.backend, "device": str(self.rt.device),
-                "stage_boundaries": self.parts}
+        return {"world_size": self.rt.world_size, "pipeline_stages": self.num_stages,
+                "data_parallel_size": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,
+                "backend": self.rt.backend, "device": str(self.rt.device), "stage_boundaries": self.parts}

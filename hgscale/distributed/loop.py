@@ -152,71 +152,76 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
     win_loss, win_n, win_t, win_parts = 0.0, 0, time.perf_counter(), {"data_s": 0.0, "compute_s": 0.0,
                                                                        "optimizer_s": 0.0, "step_s": 0.0}
     skipped0, win_start = eng.skipped_steps(), step
-    while step < t.steps:
-        loss = eng.train_step(it)
-        step += 1
-        for k in win_parts:
-            win_parts[k] += eng.timings.get(k, 0.0)
-        finite = loss == loss and abs(loss) != float("inf")
-        if not finite and t.precision != "fp16":
-            if rt.rank == 0:
-                good = f"step {last_saved}" if last_saved is not None else "none"
-                print(f"error: the training loss is {loss} at step {step}; stopping without saving. The last good "
-                      f"checkpoint is {good} in {cfg.checkpoint.dir}; lower train.lr or raise train.warmup_steps "
-                      f"before resuming", file=sys.stderr, flush=True)
-            status = EXIT_NAN
-            break
-        if finite:
-            win_loss, win_n = win_loss + loss, win_n + 1
-        if bar is not None:
-            bar.update(1)
-        if step % t.log_interval == 0 or step == t.steps:
-            dt = time.perf_counter() - win_t
-            win_steps = step - win_start
-            perf = meter.update(tokens=tokens_per_step * win_steps, seconds=dt,
-                                samples=lay["global_batch_size"] * win_steps)
-            steps_in = max(win_steps, 1)
-            mean_loss = win_loss / win_n if win_n else float("nan")
-            lr = lr_at(cfg, step - 1)
-            eta = (t.steps - step) * dt / steps_in
-            line = _progress_line(step, t.steps, mean_loss, metric, bits, lr, perf[names.TOKENS_PER_S],
-                                  perf.get(names.MFU), eta)
+    try:
+        while step < t.steps:
+            loss = eng.train_step(it)
+            step += 1
+            for k in win_parts:
+                win_parts[k] += eng.timings.get(k, 0.0)
+            finite = loss == loss and abs(loss) != float("inf")
+            if not finite and t.precision != "fp16":
+                if rt.rank == 0:
+                    good = f"step {last_saved}" if last_saved is not None else "none"
+                    print(f"error: the training loss is {loss} at step {step}; stopping without saving. The last good "
+                          f"checkpoint is {good} in {cfg.checkpoint.dir}; lower train.lr or raise train.warmup_steps "
+                          f"before resuming", file=sys.stderr, flush=True)
+                status = EXIT_NAN
+                break
+            if finite:
+                win_loss, win_n = win_loss + loss, win_n + 1
             if bar is not None:
-                bar.write(line)
-            else:
-                say(line)
-            metrics = {names.TRAIN_LOSS: mean_loss, f"train/{metric}": mean_loss * bits, names.LR: lr, **perf,
-                       "time/data_wait_share": win_parts["data_s"] / max(win_parts["step_s"], 1e-9),
-                       "time/fwd_bwd_share": win_parts["compute_s"] / max(win_parts["step_s"], 1e-9),
-                       "time/optimizer_share": win_parts["optimizer_s"] / max(win_parts["step_s"], 1e-9),
-                       "time/bubble_share": bubble, "train/skipped_steps": eng.skipped_steps() - skipped0}
-            if eng.grad_norm() is not None:
-                metrics[names.GRAD_NORM] = eng.grad_norm()
-            if eng.loss_scale() is not None:
-                metrics[names.LOSS_SCALE] = eng.loss_scale()
-            if torch.cuda.is_available():
-                metrics[names.PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated() / 2**30
-            else:  # CPU: the process's peak resident set (Linux reports KiB)
-                metrics[names.PEAK_MEMORY_GB] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-            tracker.log_metrics(metrics, step)
-            if rt.rank == 0:  # a local record beside MLflow: one JSON line per log interval
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": step, **{k: v for k, v in metrics.items() if v is not None}}) + "\n")
-            tracker.gather_and_log(step, timings={k: v / steps_in for k, v in win_parts.items()},
-                                   stage=eng.stage_id, device=rt.device)
-            win_loss, win_n, win_t, win_start = 0.0, 0, time.perf_counter(), step
-            win_parts = dict.fromkeys(win_parts, 0.0)
-        t_pause = time.perf_counter()  # validation and saving do not count as training time
-        if t.eval_interval and step % t.eval_interval == 0:
-            validate(step)
-        preempted = eng.any_rank(signals.received is not None)
-        if preempted or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == t.steps:
-            save(step)
-            last_saved = step
-        win_t += time.perf_counter() - t_pause
-        if preempted:
-            say(f"preempted at step {step}; checkpoint saved")
-            break
+                bar.update(1)
+            if step % t.log_interval == 0 or step == t.steps:
+                dt = time.perf_counter() - win_t
+                win_steps = step - win_start
+                perf = meter.update(tokens=tokens_per_step * win_steps, seconds=dt,
+                                    samples=lay["global_batch_size"] * win_steps)
+                steps_in = max(win_steps, 1)
+                mean_loss = win_loss / win_n if win_n else float("nan")
+                lr = lr_at(cfg, step - 1)
+                eta = (t.steps - step) * dt / steps_in
+                line = _progress_line(step, t.steps, mean_loss, metric, bits, lr, perf[names.TOKENS_PER_S],
+                                      perf.get(names.MFU), eta)
+                if bar is not None:
+                    bar.write(line)
+                else:
+                    say(line)
+                metrics = {names.TRAIN_LOSS: mean_loss, f"train/{metric}": mean_loss * bits, names.LR: lr, **perf,
+                           "time/data_wait_share": win_parts["data_s"] / max(win_parts["step_s"], 1e-9),
+                           "time/fwd_bwd_share": win_parts["compute_s"] / max(win_parts["step_s"], 1e-9),
+                           "time/optimizer_share": win_parts["optimizer_s"] / max(win_parts["step_s"], 1e-9),
+                           "time/bubble_share": bubble, "train/skipped_steps": eng.skipped_steps() - skipped0}
+                if eng.grad_norm() is not None:
+                    metrics[names.GRAD_NORM] = eng.grad_norm()
+                if eng.loss_scale() is not None:
+                    metrics[names.LOSS_SCALE] = eng.loss_scale()
+                if torch.cuda.is_available():
+                    metrics[names.PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated() / 2**30
+                else:  # CPU: the process's peak resident set (Linux reports KiB)
+                    metrics[names.PEAK_MEMORY_GB] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                tracker.log_metrics(metrics, step)
+                if rt.rank == 0:  # a local record beside MLflow: one JSON line per log interval
+                    with open(metrics_path, "a") as f:
+                        rec = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
+                        f.write(json.dumps(rec) + "\n")
+                tracker.gather_and_log(step, timings={k: v / steps_in for k, v in win_parts.items()},
+                                       stage=eng.stage_id, device=rt.device)
+                win_loss, win_n, win_t, win_start = 0.0, 0, time.perf_counter(), step
+                win_parts = dict.fromkeys(win_parts, 0.0)
+            t_pause = time.perf_counter()  # validation and saving do not count as training time
+            if t.eval_interval and step % t.eval_interval == 0:
+                validate(step)
+            preempted = eng.any_rank(signals.received is not None)
+            if preempted or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == t.steps:
+                save(step)
+                last_saved = step
+            win_t += time.perf_counter() - t_pause
+            if preempted:
+                say(f"preempted at step {step}; checkpoint saved")
+                break
+    except BaseException:  # a crash still closes the tracking run, marked FAILED
+        tracker.close(status="FAILED")
+        raise
     if bar is not None:
         bar.close()
     if status == 0 and step >= t.steps:

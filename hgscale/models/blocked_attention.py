@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import torch
 
-from hgscale.models.dropout import keep_mask
+from hgscale.models.dropout import keep_mask, keep_scale
 
 
 @lru_cache(maxsize=16)
@@ -71,7 +71,7 @@ def _masks(p_drop: float, seed: int, shapes, dtype, device):
         return [None] * len(shapes)
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return [keep_mask(shape, p_drop, dtype, device, gen) for shape in shapes]
+    return [keep_mask(shape, p_drop, dtype, device, gen, scaled=False) for shape in shapes]  # 0/1
 
 
 class BlockedRelAttention(torch.autograd.Function):
@@ -90,7 +90,10 @@ class BlockedRelAttention(torch.autograd.Function):
             s = torch.baddbmm(_diag(raw, b, L, W, qs), qu[:, i0:L], k[:, : qs * L].transpose(1, 2))  # (BH, b, qs*L)
             s[:, :, qs * i0:] += _diag_mask(b, qs, qu.device, qu.dtype)
             p = torch.softmax(s, dim=-1)
-            o[:, i0:L] = torch.bmm(p if mask is None else p * mask, v[:, : qs * L])  # (BH, b, dh)
+            if mask is None:
+                o[:, i0:L] = torch.bmm(p, v[:, : qs * L])  # (BH, b, dh)
+            else:  # the 1/keep scale on the (b, dh) result, not the (b, qs*L) mask
+                o[:, i0:L] = torch.bmm(p * mask, v[:, : qs * L]).mul_(keep_scale(p_drop))
             probs.append(p)
         ctx.save_for_backward(qu, qv, k, v, R, o, *probs)
         ctx.block, ctx.qs, ctx.p_drop, ctx.seed = block, qs, p_drop, seed
@@ -110,6 +113,8 @@ class BlockedRelAttention(torch.autograd.Function):
         dk, dv, dR = torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(R)
         for (i0, b, L, W, c0), p, mask in zip(plan, probs, masks):
             do_b, Lk = do[:, i0:L], qs * L
+            if mask is not None:
+                do_b = do_b * keep_scale(ctx.p_drop)  # (BH, b, dh)
             dv[:, :Lk].baddbmm_((p if mask is None else p * mask).transpose(1, 2), do_b)
             ds = torch.bmm(do_b, v[:, :Lk].transpose(1, 2))  # g, then in place: ds = p * (g - delta)
             if mask is not None:

@@ -13,9 +13,14 @@ import torch.nn.functional as F
 _BITS = 1 << 16
 
 
+def keep_scale(p: float) -> float:
+    """1 / (exact keep fraction of p's 16-bit threshold)."""
+    return _BITS / (_BITS - round(p * _BITS))
+
+
 def keep_mask(shape, p: float, dtype: torch.dtype, device: torch.device,
-              generator: torch.Generator | None = None) -> torch.Tensor:
-    """Float mask: 1/(1-p) where kept, 0 where dropped (exact keep fraction of the 16-bit threshold)."""
+              generator: torch.Generator | None = None, scaled: bool = True) -> torch.Tensor:
+    """Float mask: keep_scale(p) (or 1 if not scaled) where kept, 0 where dropped."""
     thresh = round(p * _BITS)
     n = 1
     for s in shape:
@@ -24,7 +29,7 @@ def keep_mask(shape, p: float, dtype: torch.dtype, device: torch.device,
                                                                                 generator=generator)
     mask = torch.empty(shape, dtype=dtype, device=device)
     torch.ge(words.view(torch.int16)[:n].view(shape), thresh - (1 << 15), out=mask)  # int16 uniform in [-2^15, 2^15)
-    return mask.mul_(_BITS / (_BITS - thresh))
+    return mask.mul_(keep_scale(p)) if scaled else mask
 
 
 class _Dropout(torch.autograd.Function):

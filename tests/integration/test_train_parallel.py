@@ -121,7 +121,8 @@ def test_activation_checkpointing_changes_nothing(nprocs, work, demo_data, refer
     cfg = tiny_config(work, demo_data, f"ac{nprocs}.json", data=PADDED, parallel=par)
     job = run_worker(nprocs, work / f"ac{nprocs}", cfg, "--steps", str(STEPS), "--data", "stream")
     ref = reference_stream
-    assert_close(torch.tensor(job["ranks"][-1]["losses"]), torch.tensor(ref["ranks"][0]["losses"]), rtol=1e-5, atol=1e-6)
+    assert_close(torch.tensor(job["ranks"][-1]["losses"]), torch.tensor(ref["ranks"][0]["losses"]),
+                 rtol=1e-5, atol=1e-6)
     for name, value in ref["params"].items():
         assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
 

@@ -152,8 +152,9 @@ def test_train_entry_checks_config_against_dataset(tmp_path):
     from data_pipelines.demo_corpus import write_demo_corpus
     data = tmp_path / "demo"
     write_demo_corpus(str(data))
-    r = subprocess.run([sys.executable, str(ROOT / "hgscale" / "train.py"), "--config", str(ROOT / "configs" / "demo.json"),
-                        f"data.url={data}", "model.vocab_size=100", "data.valid_split=validation"],
+    r = subprocess.run([sys.executable, str(ROOT / "hgscale" / "train.py"), "--config",
+                        str(ROOT / "configs" / "demo.json"), f"data.url={data}", "model.vocab_size=100",
+                        "data.valid_split=validation"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "vocab_size 256 > model.vocab_size = 100" in r.stderr and "no split 'validation'" in r.stderr

@@ -81,6 +81,9 @@ class BlockedRelAttention(torch.autograd.Function):
         R: (BH, qs*(n + block - 1), dh), row c <-> distance c - qs*(n-1). Attention dropout p_drop
         with masks drawn from ``seed``."""
         BH, n, dh = qu.shape
+        if R.shape[1] != qs * (n + block - 1) or k.shape[1] != qs * n:
+            raise ValueError(f"blocked attention: R has {R.shape[1]} rows and k {k.shape[1]}; "
+                             f"expected {qs * (n + block - 1)} and {qs * n}")
         plan = list(_blocks(n, block, qs))
         masks = _masks(p_drop, seed, [(BH, b, qs * L) for _, b, L, _, _ in plan], qu.dtype, qu.device)
         o = torch.empty_like(qu)

@@ -36,6 +36,12 @@ class _Signals:
     def _handler(self, signum, frame):
         self.received = signal.Signals(signum).name
 
+    def ignore(self):
+        """After the preemption checkpoint: a repeated signal must not kill a rank during shutdown
+        (the interpreter puts default handlers back while it exits)."""
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+
 
 def _fmt_eta(seconds: float) -> str:
     return str(timedelta(seconds=int(max(seconds, 0))))
@@ -217,6 +223,7 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
                 last_saved = step
             win_t += time.perf_counter() - t_pause
             if preempted:
+                signals.ignore()
                 say(f"preempted at step {step}; checkpoint saved")
                 break
     except BaseException:  # a crash still closes the tracking run, marked FAILED

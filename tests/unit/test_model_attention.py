@@ -128,7 +128,8 @@ def test_relative_fast_kernels_match_naive_with_grads(kind, m, f, P, block):
     n_q, n_k = {"self": (m, m), "down": (m, m * f), "up": (m * f, m)}[kind]
     geo = Geometry(kind, n_q, n_k, f, P)
     leaves = [torch.randn(B, H, n_q, dh, requires_grad=True) for _ in range(2)] + \
-             [torch.randn(B, H, n_k, dh, requires_grad=True) for _ in range(2)] + [torch.randn(D, D, requires_grad=True)]
+             [torch.randn(B, H, n_k, dh, requires_grad=True) for _ in range(2)] + \
+             [torch.randn(D, D, requires_grad=True)]
     grad_out = torch.randn(B, H, n_q, dh)
     results = []
     for fn in (rel_attention_naive, rel_attention_sdpa, lambda *a: rel_attention_blocked(*a, block=block)):

@@ -62,6 +62,9 @@ def init_distributed(cfg: Config) -> Runtime:
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if not cuda:
+        # peaked softmax tails underflow into denormal floats, which halve CPU GEMM speed
+        torch.set_flush_denormal(True)
     return Runtime(dist.get_rank(), local_rank, world, device, backend)
 
 

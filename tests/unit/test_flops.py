@@ -8,14 +8,6 @@ from hgscale.config import ModelConfig
 from hgscale.models import HourglassLM, flops_per_token, layer_flops, layer_params
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two on a shared 2-core machine (no sync per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 CONFIGS = {
     "vanilla-relative": dict(hierarchy="3@1"),
     "1level-attn-relative": dict(hierarchy="1@1 2@3 1@1"),

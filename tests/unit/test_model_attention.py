@@ -13,16 +13,6 @@ from hgscale.models.attention import Attention, Geometry, rel_attention_blocked,
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two on a shared 2-core machine (no sync per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-
-@pytest.fixture(autouse=True)
 def double():
     """The reference is exact: compare in double precision (the fast-kernel test opts out)."""
     old = torch.get_default_dtype()

@@ -14,14 +14,6 @@ from hgscale.config import DOWNSAMPLE, UPSAMPLE, ModelConfig
 from hgscale.models import HourglassLM
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two on a shared 2-core machine (no sync per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 HIERARCHIES = {1: "1@1 1@3 1@1", 2: "1@1 1@2 1@6 1@2 1@1", 3: "1@1 1@2 0@4 1@8 1@4 1@2 1@1"}
 COMBOS = list(itertools.product(DOWNSAMPLE, UPSAMPLE, ("relative", "rotary")))
 

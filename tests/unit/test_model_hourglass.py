@@ -7,14 +7,6 @@ from hgscale.config import MODEL_SIZES, ModelConfig, config_from_dict
 from hgscale.models import HourglassLM, build_layer, build_layers, layer_constructors, state_shapes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two on a shared 2-core machine (no sync per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 CFG = dict(vocab_size=32, d_model=16, n_heads=2, d_ff=32, hierarchy="1@1 1@2 2@6 1@2 1@1", dropout=0.0)
 
 

@@ -8,15 +8,6 @@ from hgscale.config import MODEL_SIZES, ModelConfig
 from hgscale.models import HourglassLM
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two on a shared 2-core machine (no sync per op)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def text_batch(batch: int, seq_len: int) -> torch.Tensor:
     data = "".join(pydoc_data.topics.topics.values()).encode("utf-8")
     return torch.tensor(list(data[10_000: 10_000 + batch * (seq_len + 1)]), dtype=torch.long).view(batch, -1)

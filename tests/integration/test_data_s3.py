@@ -14,23 +14,12 @@ from data_pipelines.demo_corpus import write_demo_corpus
 from hgscale.config import DataConfig
 from hgscale.data import DataError, open_dataset
 from hgscale.data.storage import storage_options
+from tests.batches import assert_same, take
 
 pytestmark = pytest.mark.integration
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _take(stream, n):
-    it = iter(stream)
-    out = [next(it) for _ in range(n)]
-    stream.close()
-    return out
-
-
-def _same(a, b):
-    assert len(a) == len(b)
-    for (x1, y1), (x2, y2) in zip(a, b):
-        torch.testing.assert_close(x1, x2, rtol=0, atol=0)
-        torch.testing.assert_close(y1, y2, rtol=0, atol=0)
 
 
 def test_cli_writes_to_s3_and_stream_matches_local(s3_bucket, tmp_path):
@@ -46,10 +35,10 @@ def test_cli_writes_to_s3_and_stream_matches_local(s3_bucket, tmp_path):
     assert strip(remote.manifest) == strip(local)
     local_ds = open_dataset(DataConfig(url=str(tmp_path / "demo")))
     for rank in (0, 1):
-        a = _take(remote.stream("train", 4, 128, rank, 2, seed=7, num_workers=2), 6)
-        b = _take(local_ds.stream("train", 4, 128, rank, 2, seed=7, num_workers=0 if rank else 2), 6)
+        a = take(remote.stream("train", 4, 128, rank, 2, seed=7, num_workers=2), 6)
+        b = take(local_ds.stream("train", 4, 128, rank, 2, seed=7, num_workers=0 if rank else 2), 6)
         if rank == 0:
-            _same(a, b)
+            assert_same(a, b)
         else:  # 2 workers vs 1 producer interleave differently, but each holds real contiguous text
             assert not all(torch.equal(x[0], y[0]) for x, y in zip(a, b))
     torch.testing.assert_close(remote.split_tokens("valid"), local_ds.split_tokens("valid"), rtol=0, atol=0)
@@ -75,7 +64,7 @@ def test_exact_resume_with_workers_across_epochs_from_s3(s3_bucket):
     ds = open_dataset(DataConfig(url=url))
     epoch_windows = ds.num_tokens("train") // 512 // 2  # ~ windows per epoch per rank
     n = epoch_windows // 8 + 6  # batches of 8: beyond one epoch of this rank
-    full = _take(ds.stream("train", 8, 512, 1, 2, seed=3, num_workers=2), n)
+    full = take(ds.stream("train", 8, 512, 1, 2, seed=3, num_workers=2), n)
     s = ds.stream("train", 8, 512, 1, 2, seed=3, num_workers=2)
     it = iter(s)
     for _ in range(n - 9):
@@ -85,7 +74,7 @@ def test_exact_resume_with_workers_across_epochs_from_s3(s3_bucket):
     assert any(c[0] >= 1 for c in state["cursors"]) or n - 9 < epoch_windows // 8
     resumed = ds.stream("train", 8, 512, 1, 2, seed=3, num_workers=2)
     resumed.load_state_dict(state)
-    _same(_take(resumed, 9), full[n - 9:])
+    assert_same(take(resumed, 9), full[n - 9:])
     epochs = {c[0] for c in resumed.state_dict()["cursors"]}
     assert max(epochs) >= 1, "the test must cross an epoch boundary"
 
@@ -121,7 +110,7 @@ def test_wrong_credentials_say_so_without_the_secret(s3_bucket, monkeypatch, cap
 def test_transient_faults_are_retried_counted_logged(s3_bucket, fault_proxy, monkeypatch, caplog, action):
     url = f"{s3_bucket}/demo"
     write_demo_corpus(url)
-    clean = _take(open_dataset(DataConfig(url=url)).stream("train", 4, 256, 0, 1, seed=5, num_workers=0), 12)
+    clean = take(open_dataset(DataConfig(url=url)).stream("train", 4, 256, 0, 1, seed=5, num_workers=0), 12)
     monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint_url)
     fault_proxy.slow_s = 4.0  # well past the 1.5 s request timeout; other requests take milliseconds
     cfg = DataConfig(url=url, retries=4, retry_backoff_s=0.05, request_timeout_s=1.5 if action == "slow" else 30.0,
@@ -130,8 +119,8 @@ def test_transient_faults_are_retried_counted_logged(s3_bucket, fault_proxy, mon
     fault_proxy.inject(action, count=2, match=".tar")
     stream = ds.stream("train", 4, 256, 0, 1, seed=5)
     with caplog.at_level(logging.WARNING, logger="hgscale.data"):
-        got = _take(stream, 12)  # the two faults hit the first shard: its retries come with batch 1
-    _same(got, clean)
+        got = take(stream, 12)  # the two faults hit the first shard: its retries come with batch 1
+    assert_same(got, clean)
     assert fault_proxy.injected[action] == 2
     # aiohttp itself may replay a reset GET once; every fault that reaches us is retried and counted
     low = 1 if action == "reset" else 2
@@ -146,4 +135,4 @@ def test_persistent_faults_give_up_with_a_clear_error(s3_bucket, fault_proxy, mo
     ds = open_dataset(DataConfig(url=url, retries=3, retry_backoff_s=0.01, num_workers=1))
     fault_proxy.inject("500", count=100, match="shard-")
     with pytest.raises(DataError, match=r"s3://.*shard-\d+\.tar: storage kept failing after 3 attempts"):
-        _take(ds.stream("train", 4, 256, 0, 1, seed=5), 1)
+        take(ds.stream("train", 4, 256, 0, 1, seed=5), 1)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from data_pipelines.demo_corpus import write_demo_corpus
 from hgscale.config import DataConfig
 from hgscale.data import DataError, open_dataset
+from tests.batches import assert_same
 
 pytestmark = pytest.mark.integration
 
@@ -30,12 +30,6 @@ def run(stream, n, skip=0):
     return out, state
 
 
-def same(a, b):
-    assert len(a) == len(b)
-    for (x1, y1), (x2, y2) in zip(a, b):
-        torch.testing.assert_close(x1, x2, rtol=0, atol=0)
-        torch.testing.assert_close(y1, y2, rtol=0, atol=0)
-
 
 def test_resume_with_three_workers_mid_shard_and_across_epochs(root):
     ds = open_dataset(DataConfig(url=str(root), num_workers=3, prefetch_batches=2))
@@ -50,14 +44,14 @@ def test_resume_with_three_workers_mid_shard_and_across_epochs(root):
         resumed = ds.stream("train", B, T, dp_rank=0, dp_size=2, seed=4)
         resumed.load_state_dict(state)
         got, _ = run(resumed, 260 - cut)
-        same(got, full[cut:])
+        assert_same(got, full[cut:])
 
 
 def test_one_spawned_worker_equals_in_process_producer(root):
     ds = open_dataset(DataConfig(url=str(root), worker_start_method="spawn"))
     a, sa = run(ds.stream("train", 4, 128, 1, 2, seed=8, num_workers=1), 40)
     b, sb = run(ds.stream("train", 4, 128, 1, 2, seed=8, num_workers=0), 40)
-    same(a, b)
+    assert_same(a, b)
     assert sa == sb
 
 

@@ -12,6 +12,7 @@ from data_pipelines.shards import DatasetWriter
 from hgscale.config import DataConfig
 from hgscale.data import open_dataset
 from hgscale.data.reader import worker_shards
+from tests.batches import assert_same, take
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +22,6 @@ def ds(tmp_path_factory):
     return open_dataset(DataConfig(url=str(root), num_workers=0))
 
 
-def take(stream, n):
-    it = iter(stream)
-    out = [next(it) for _ in range(n)]
-    stream.close()
-    return out
-
-
-def assert_same(a, b):
-    assert len(a) == len(b)
-    for (x1, y1), (x2, y2) in zip(a, b):
-        torch.testing.assert_close(x1, x2, rtol=0, atol=0)
-        torch.testing.assert_close(y1, y2, rtol=0, atol=0)
 
 
 def test_batches_are_shifted_contiguous_text(ds):

@@ -48,7 +48,11 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     from hgscale.distributed.loop import run
-    return run(cfg, ds_json, dataset)
+    try:
+        return run(cfg, ds_json, dataset)
+    except DataError as e:  # storage failed mid-run (after retries): the message names the URL; resume later
+        print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 if __name__ == "__main__":

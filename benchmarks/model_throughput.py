@@ -149,8 +149,8 @@ def main(argv=None) -> int:
           f"{'GFLOP/s':>8s} {'MFU':>6s} {'MFU causal':>10s}")
     for name, m in models.items():
         print(f"{name:10s} {m['hierarchy']:16s} {m['params'] / 1e6:7.1f}M {m['step_s']:8.2f} "
-              f"{m['tokens_per_s']:8.1f} {m['flops_per_token'] / 1e9:10.3f} {m['model_flops_per_s'] / 1e9:8.1f} {m['mfu']:6.1%} "
-              f"{m['mfu_causal']:10.1%}")
+              f"{m['tokens_per_s']:8.1f} {m['flops_per_token'] / 1e9:10.3f} {m['model_flops_per_s'] / 1e9:8.1f} "
+              f"{m['mfu']:6.1%} {m['mfu_causal']:10.1%}")
     print("(MFU counts attention over the full square, as FlopCounterMode and fused kernels do; "
           "'MFU causal' only the visible half)")
     print(f"speed-up hourglass/vanilla: measured {speedup:.2f}x, analytic FLOPs ratio {analytic:.2f}x "

@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.prompt_ids:
-        ids = [int(t) for t in args.prompt_ids.split(",")]
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",")]
+        except ValueError:
+            print(f"error: --prompt-ids {args.prompt_ids!r} is not a comma-separated list of integers; "
+                  f"pass e.g. --prompt-ids 1,2,3", file=sys.stderr)
+            return 2
     elif cfg.model.vocab_size == 256:
         ids = list(args.prompt.encode("utf-8")) or [10]  # an empty prompt starts after a newline
     else:

@@ -80,11 +80,15 @@ class Geometry:
         return self.f * j - i, j <= torch.div(i, self.f, rounding_mode="floor")
 
 
+def _inv_freq(dim: int, device) -> torch.Tensor:
+    """(dim/2,) float64 frequencies 10000^(-2m/dim). float64: angles of distances in the thousands keep
+    their precision; the tables are built once per level and shape."""
+    return 1.0 / (10000 ** (torch.arange(0, dim, 2, device=device, dtype=torch.float64) / dim))
+
+
 def sinusoid(pos: torch.Tensor, dim: int) -> torch.Tensor:
-    """trax Sinusoidal_Embeddings: (n,) float positions -> (n, dim) = [sin(pos*w) | cos(pos*w)]."""
-    # float64: angles of distances in the thousands keep their precision; the table is built once per level
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64) / dim))
-    ang = pos.double()[:, None] * inv_freq[None, :]
+    """trax Sinusoidal_Embeddings: (n,) positions -> (n, dim) = [sin(pos*w) | cos(pos*w)]."""
+    ang = pos.double()[:, None] * _inv_freq(dim, pos.device)[None, :]
     return torch.cat([ang.sin(), ang.cos()], dim=1)
 
 
@@ -185,8 +189,7 @@ def pick_kernel(impl: str, device: torch.device) -> str:
 
 @_cached
 def _rotary_table(n: int, step: int, dh: int, device: torch.device, dtype: torch.dtype):
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, dh, 2, device=device, dtype=torch.float64) / dh))
-    ang = (torch.arange(n, device=device, dtype=torch.float64) * step)[:, None] * inv_freq[None, :]
+    ang = (torch.arange(n, device=device, dtype=torch.float64) * step)[:, None] * _inv_freq(dh, device)[None, :]
     ang = torch.cat([ang, ang], dim=1)  # (n, dh), rotate-half layout
     return ang.cos().to(dtype), ang.sin().to(dtype)
 

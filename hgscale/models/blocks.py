@@ -12,10 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hgscale.config import ModelConfig
 from hgscale.models.attention import Attention, Geometry
 from hgscale.models.dropout import dropout
 
 LN_EPS = 1e-6
+
+
 def layer_norm(d_model: int) -> nn.LayerNorm:
     return nn.LayerNorm(d_model, eps=LN_EPS)
 
@@ -35,7 +38,7 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """One pre-LN decoder block at cumulative factor P (positions in original-token units)."""
 
-    def __init__(self, cfg, P: int):
+    def __init__(self, cfg: ModelConfig, P: int):
         super().__init__()
         self.P = P
         self.ln1 = layer_norm(cfg.d_model)

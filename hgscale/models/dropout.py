@@ -7,6 +7,8 @@ the exact keep fraction of that threshold, so E[out] = x exactly. On GPU, F.drop
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -22,9 +24,7 @@ def keep_mask(shape, p: float, dtype: torch.dtype, device: torch.device,
               generator: torch.Generator | None = None, scaled: bool = True) -> torch.Tensor:
     """Float mask: keep_scale(p) (or 1 if not scaled) where kept, 0 where dropped."""
     thresh = round(p * _BITS)
-    n = 1
-    for s in shape:
-        n *= s
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(1 << 63), None,
                                                                                 generator=generator)
     mask = torch.empty(shape, dtype=dtype, device=device)

@@ -73,7 +73,7 @@ class BlockLayer(nn.Module):
         self.block = Block(cfg, P)
 
     def forward(self, state: tuple) -> tuple:
-        x, *rest = state
+        x, *rest = state  # x (B, T/factor, D); rest: [uv], then the skips of the enclosing valleys
         return (self.block(x, rest[0] if self.relative else None), *rest)
 
 

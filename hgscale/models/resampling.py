@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hgscale.config import ModelConfig
 from hgscale.models.attention import Attention, Geometry
 from hgscale.models.blocks import FeedForward, layer_norm
 from hgscale.models.dropout import dropout
@@ -67,7 +68,7 @@ class LinearUpsample(nn.Module):
 class _AttentionResampling(nn.Module):
     """Shared body of attention shortening / upsampling (trax ``AttentionResampling``)."""
 
-    def __init__(self, cfg, f: int, P: int, linear: bool, up: bool):
+    def __init__(self, cfg: ModelConfig, f: int, P: int, linear: bool, up: bool):
         super().__init__()
         self.f, self.P, self.up, self.dropout = f, P, up, cfg.dropout
         d = cfg.d_model
@@ -97,7 +98,7 @@ class _AttentionResampling(nn.Module):
 class Shorten(nn.Module):
     """(B, n, D) already shifted by f-1 -> (B, n/f, D). P: cumulative factor of the input."""
 
-    def __init__(self, cfg, f: int, P: int):
+    def __init__(self, cfg: ModelConfig, f: int, P: int):
         super().__init__()
         self.method, self.f = cfg.downsample, f
         if self.method == "linear":
@@ -116,7 +117,7 @@ class Shorten(nn.Module):
 class Upsample(nn.Module):
     """(B, n/f, D) and the skip (B, n, D) -> (B, n, D), before the final LayerNorm and residual add."""
 
-    def __init__(self, cfg, f: int, P: int):
+    def __init__(self, cfg: ModelConfig, f: int, P: int):
         super().__init__()
         self.method, self.f = cfg.upsample, f
         if self.method == "linear":

@@ -48,3 +48,7 @@ def test_cli_on_an_exported_model(tmp_path, capsys):
     assert printed == "Hi" + bytes(expected).decode("utf-8", errors="replace") + "\n"
     assert main(["--checkpoint", str(tmp_path / "missing")]) == 2
     assert "no complete checkpoint at" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path), "--prompt-ids", "1,x"]) == 2
+    assert "--prompt-ids '1,x' is not a comma-separated list of integers" in capsys.readouterr().err
+    assert main(["--checkpoint", str(tmp_path), "--prompt-ids", "1,256"]) == 2
+    assert "prompt ids must lie in [0, 256)" in capsys.readouterr().err

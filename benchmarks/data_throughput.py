@@ -88,6 +88,9 @@ def start_moto() -> tuple[subprocess.Popen, str]:
             break
         except OSError:
             time.sleep(0.1)
+    else:
+        proc.terminate()
+        raise SystemExit(f"error: {exe} did not listen on port {port} within 30 s; install moto[server]")
     return proc, f"http://127.0.0.1:{port}"
 
 

@@ -28,7 +28,6 @@ from .shards import DatasetWriter, add_storage_args, opts_from_args, summary
 URL = "http://mattmahoney.net/dc/enwik8.zip"
 SIZE = 100_000_000
 SHA256 = "2b49720ec4d78c3c9fabaee6e4179a5e997302b3a70029f30f2d582218c024a8"
-MD5 = "a1fa5ffddb56f4953e226637dabbb36a"  # the published one; sha256 is what we check
 SPLIT = (90_000_000, 5_000_000, 5_000_000)
 
 

@@ -55,8 +55,21 @@ class DatasetWriter:
                 raise DataError(f"{join(self.url, 'manifest.json')} exists; choose another --out or leave out "
                                 f"--no-overwrite to replace it")
             self.fs.rm(manifest)  # first: a dataset being rewritten must never look complete
-        if "://" not in self.url or self.url.startswith("file://"):
+        if self._local:
             self.fs.makedirs(self.base, exist_ok=True)
+
+    @property
+    def _local(self) -> bool:
+        """A local directory: folders must exist before files go in (object stores have none)."""
+        return "://" not in self.url or self.url.startswith("file://")
+
+    def _write(self, rel: str, data: bytes) -> None:
+        """``data`` to ``<url>/<rel>``, retrying transient storage errors (each one logged)."""
+        path = join(self.base, rel)
+        if self._local:
+            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        with_retries(join(self.url, rel), lambda: self.fs.pipe_file(path, data), self.opts,
+                     lambda m: log.warning("%s", m), "write")
 
     # ---------------------------------------------------------------------------------- writing
     def add(self, split: str, tokens: np.ndarray, label: int | None = None) -> None:
@@ -105,11 +118,7 @@ class DatasetWriter:
         tar.close()
         data = buf.getvalue()
         meta.update(size=len(data), sha256=sha256(data))
-        url = join(self.url, meta["path"])
-        path = join(self.base, meta["path"])
-        if "://" not in self.url or self.url.startswith("file://"):
-            self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        with_retries(url, lambda: self.fs.pipe_file(path, data), self.opts, lambda m: log.warning("%s", m), "write")
+        self._write(meta["path"], data)
         s = self._split(split)
         s["shards"].append(meta)
         s["num_samples"] += meta["num_samples"]
@@ -117,8 +126,7 @@ class DatasetWriter:
 
     def put_file(self, rel: str, data: bytes) -> None:
         """A side file beside the shards (the tokenizer model)."""
-        with_retries(join(self.url, rel), lambda: self.fs.pipe_file(join(self.base, rel), data), self.opts,
-                     what="write")
+        self._write(rel, data)
 
     # --------------------------------------------------------------------------------- finishing
     def manifest(self) -> dict:
@@ -139,9 +147,7 @@ class DatasetWriter:
             self._flush(split)
         m = self.manifest()
         check_manifest(m, join(self.url, "manifest.json"))
-        data = json.dumps(m, indent=1).encode()
-        with_retries(join(self.url, "manifest.json"),
-                     lambda: self.fs.pipe_file(join(self.base, "manifest.json"), data), self.opts, what="write")
+        self._write("manifest.json", json.dumps(m, indent=1).encode())
         self._finished = True
         return m
 

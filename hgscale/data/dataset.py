@@ -15,11 +15,16 @@ import numpy as np
 
 from . import shards as fmt
 from .storage import DataError, join, storage_options
-from .stream import Stream
+from .stream import Stream, check_start_method
 
 log = logging.getLogger("hgscale.data")
 
 METRICS = {"text_bytes": "bpc", "text_sentencepiece": "bpc", "image": "bpd"}
+
+
+def _warn(msg: str) -> None:
+    """Transient storage errors on the trainer's own reads (retried) reach the log."""
+    log.warning("%s", msg)
 
 
 class Dataset:
@@ -85,12 +90,12 @@ class Dataset:
             raise DataError(f"data-parallel rank {dp_rank} is not in [0, {dp_size})")
         if micro_batch_size < 1 or seq_len < 1:
             raise DataError(f"micro_batch_size = {micro_batch_size} and seq_len = {seq_len} must be >= 1")
+        shuffle = bool(self._cfg("shuffle", True) if shuffle is None else shuffle)
         spec = dict(
             root=self.root, split=split, shards=self._split(split)["shards"], dtype=self.manifest["dtype"],
             modality=self.modality, seq_len=int(seq_len), micro_batch_size=int(micro_batch_size),
-            seed=int(self._cfg("seed", 1234) if seed is None else seed),
-            shuffle=bool(self._cfg("shuffle", True) if shuffle is None else shuffle),
-            shuffle_shards=int(self._cfg("shuffle_shards", 4)),
+            seed=int(self._cfg("seed", 1234) if seed is None else seed), shuffle=shuffle,
+            shuffle_shards=max(1, int(self._cfg("shuffle_shards", 4))) if shuffle else 1,  # shards per group
             dp_rank=int(dp_rank), dp_size=int(dp_size), on_corrupt=self._cfg("on_corrupt", "error"),
             image_tokens=int(self.manifest.get("sample_tokens") or 0) if self.modality == "image" else 0,
             opts=self.opts)
@@ -100,8 +105,7 @@ class Dataset:
     def iter_split(self, split: str) -> Iterator[np.ndarray]:
         """Token arrays of every shard of ``split`` in file order (one shard in memory at a time)."""
         for shard in self._split(split)["shards"]:
-            samples = fmt.load_shard(self.root, shard, self.manifest["dtype"], self.opts,
-                                     lambda msg: log.warning("%s", msg))
+            samples = fmt.load_shard(self.root, shard, self.manifest["dtype"], self.opts, _warn)
             yield np.concatenate(samples) if samples else np.zeros(0, self.manifest["dtype"])
 
     def split_tokens(self, split: str):
@@ -162,16 +166,13 @@ def open_dataset(data_cfg: Any, verify_checksums: bool | None = None) -> Dataset
     with its recorded size (``data.verify_manifest``) and, optionally, every checksum and count
     (``data.verify_checksums``). Problems raise DataError naming the URL, before training starts."""
     root = (data_cfg.url or "").rstrip("/")
-    method = getattr(data_cfg, "worker_start_method", "forkserver")
-    if method not in ("forkserver", "spawn"):
-        raise DataError(f"data.worker_start_method = {method!r} is not one of forkserver, spawn "
-                        f"(fork is unsafe with s3fs)")
+    check_start_method(getattr(data_cfg, "worker_start_method", "forkserver"))  # before any download
     opts = storage_options(data_cfg)
-    manifest = fmt.load_manifest(root, opts, lambda msg: log.warning("%s", msg))
+    manifest = fmt.load_manifest(root, opts, _warn)
     if getattr(data_cfg, "verify_manifest", True):
-        fmt.verify_sizes(root, manifest, opts)
+        fmt.verify_sizes(root, manifest, opts, _warn)
     full = getattr(data_cfg, "verify_checksums", False) if verify_checksums is None else verify_checksums
     if full:
-        n = fmt.verify_checksums(root, manifest, opts)
+        n = fmt.verify_checksums(root, manifest, opts, on_retry=_warn)
         log.info("verified sha256 and counts of %d shard(s) of %s", n, root)
     return Dataset(root, manifest, data_cfg, opts)

@@ -18,6 +18,7 @@ This module imports no torch: spawned workers start fast.
 """
 from __future__ import annotations
 
+import os
 import queue as queue_mod
 import threading
 from typing import Callable, Iterator
@@ -73,7 +74,7 @@ def iter_windows(spec: dict, cursor: list[int], stats: dict, events: list[str]
     a group are shuffled together, so a batch mixes several shards."""
     shards = spec["shards"]
     epoch, gpos, wpos = cursor
-    group_size = max(1, int(spec.get("shuffle_shards") or 1)) if spec["shuffle"] else 1
+    group_size = spec["shuffle_shards"]  # 1 without shuffling (Dataset.stream)
 
     def note_retry(msg: str) -> None:
         stats["retries"] += 1
@@ -95,7 +96,10 @@ def iter_windows(spec: dict, cursor: list[int], stats: dict, events: list[str]
             for w in range(wpos, len(refs)):
                 k, s = int(refs[w, 0]), int(refs[w, 1])
                 produced += 1
-                yield pieces[k][s:s + spec["seq_len"] + 1], [epoch, gpos, w + 1]
+                # after a group's last window the cursor names the next group: a resume there
+                # need not download this group again only to find nothing left in it
+                after = [epoch, gpos, w + 1] if w + 1 < len(refs) else [epoch, gpos + 1, 0]
+                yield pieces[k][s:s + spec["seq_len"] + 1], after
             gpos, wpos = gpos + 1, 0
         if produced == 0 and cursor == [epoch, 0, 0]:
             raise DataError(f"worker {spec['worker']} of data-parallel rank {spec['dp_rank']} read a whole epoch of "
@@ -174,7 +178,6 @@ def _putter(q, stop) -> Callable[[dict], bool]:
 def worker_main(spec: dict, cursor: list[int], q, stop, env: dict) -> None:
     """Entry point of a worker process. ``env``: the AWS_* variables of the stream's process now (a
     forkserver child would otherwise see those of the moment the server started)."""
-    import os
     for k in [k for k in os.environ if k.startswith("AWS_")]:
         del os.environ[k]
     os.environ.update(env)

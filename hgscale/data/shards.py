@@ -98,7 +98,7 @@ def check_shard_bytes(data: bytes, shard: dict, url: str) -> None:
     """Size and checksum of a downloaded shard against its manifest entry."""
     if len(data) != shard["size"]:
         raise CorruptShard(f"shard {url} has {len(data)} bytes but the manifest says {shard['size']}: it is truncated "
-                        f"or was rewritten; re-create the dataset")
+                           f"or was rewritten; re-create the dataset")
     if shard.get("sha256") and sha256(data) != shard["sha256"]:
         raise CorruptShard(f"shard {url} does not match its sha256 in the manifest: it is corrupt; "
                            f"re-create the dataset")
@@ -113,7 +113,7 @@ def load_shard(root: str, shard: dict, dtype: str, opts: dict,
     samples = decode_shard(data, dtype, url)
     if len(samples) != shard["num_samples"] or sum(len(s) for s in samples) != shard["num_tokens"]:
         raise CorruptShard(f"shard {url} holds {len(samples)} samples / {sum(len(s) for s in samples)} tokens but the "
-                        f"manifest says {shard['num_samples']} / {shard['num_tokens']}; re-create the dataset")
+                           f"manifest says {shard['num_samples']} / {shard['num_tokens']}; re-create the dataset")
     return samples
 
 
@@ -127,9 +127,8 @@ def load_manifest(root: str, opts: dict, on_retry: Callable[[str], None] | None 
     if not root:
         raise DataError("data.url is empty: set it to the dataset root holding manifest.json")
     url = join(root, "manifest.json")
-    fs, path = filesystem(url, opts)
     try:
-        raw = with_retries(url, lambda: fs.cat_file(path), opts, on_retry)
+        raw = read_bytes(url, opts, on_retry)
     except DataError as e:
         if "no such" in str(e):
             raise DataError(f"no dataset at {root}: {url} does not exist (manifest.json is written last, so the "
@@ -175,11 +174,11 @@ def check_manifest(m: Any, url: str) -> None:
                 raise DataError(f"{url}: a shard entry of split {name!r} lacks path/num_samples/num_tokens/size")
 
 
-def verify_sizes(root: str, manifest: dict, opts: dict) -> None:
+def verify_sizes(root: str, manifest: dict, opts: dict, on_retry: Callable[[str], None] | None = None) -> None:
     """Every shard exists with the size the manifest records (one listing, no downloads)."""
     fs, base = filesystem(root, opts)
     fs.invalidate_cache(base)  # s3fs caches listings: a re-uploaded dataset must be seen as it is now
-    listing = with_retries(root, lambda: fs.find(base, detail=True), opts, what="list")
+    listing = with_retries(root, lambda: fs.find(base, detail=True), opts, on_retry, what="list")
     base = fs._strip_protocol(base).rstrip("/")  # local: absolute, as find() returns them
     sizes = {fs._strip_protocol(p)[len(base):].lstrip("/"): info.get("size") for p, info in listing.items()}
     for name, split in manifest["splits"].items():
@@ -193,7 +192,8 @@ def verify_sizes(root: str, manifest: dict, opts: dict) -> None:
                                 f"the manifest and the shards disagree: re-create or re-upload the dataset")
 
 
-def verify_checksums(root: str, manifest: dict, opts: dict, progress: bool = False) -> int:
+def verify_checksums(root: str, manifest: dict, opts: dict, progress: bool = False,
+                     on_retry: Callable[[str], None] | None = None) -> int:
     """Download every shard and check sha256, sample and token counts. Returns the shards checked."""
     shards = [s for split in manifest["splits"].values() for s in split["shards"]]
     it = shards
@@ -201,7 +201,7 @@ def verify_checksums(root: str, manifest: dict, opts: dict, progress: bool = Fal
         from tqdm import tqdm
         it = tqdm(shards, desc="verify", unit="shard")
     for s in it:
-        load_shard(root, s, manifest["dtype"], opts)
+        load_shard(root, s, manifest["dtype"], opts, on_retry)
     return len(shards)
 
 

@@ -18,6 +18,7 @@ the workers do not otherwise need. Neither is imported here at module level.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import sys
 import time
@@ -68,8 +69,7 @@ def filesystem(url: str, opts: dict | None = None):
         return _s3fs(opts), url.split("://", 1)[1]
     if proto == "file":
         return fsspec.filesystem("file"), url.split("://", 1)[1] if "://" in url else url
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
+    return fsspec.core.url_to_fs(url)
 
 
 _S3_CACHE: dict = {}
@@ -80,8 +80,6 @@ _CRED_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
 def _s3fs(opts: dict):
     """One S3FileSystem per process, options and credentials: changed AWS_* variables give a new one
     (fsspec's own instance cache would keep using the old keys). The key is a digest, never the secret."""
-    import hashlib
-
     import s3fs
     kw = _s3_kwargs(opts)
     env = "\0".join(os.environ.get(k, "") for k in _CRED_VARS)

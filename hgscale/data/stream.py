@@ -7,10 +7,11 @@
 
 Workers: ``num_workers`` processes, started from a fork server (or spawned; never forked from the
 trainer: s3fs is not fork-safe), each produce the batches of their own shards (reader.py); the main
-process takes batch i from worker i mod num_workers, so the order never depends on timing. Each batch carries its worker's cursor, and the state is
-``{next_worker, cursors[w]}`` as of the last batch handed out: batches prefetched but not yet
-yielded are simply produced again after a resume. ``num_workers = 0`` runs one producer in a
-prefetching thread of this process and gives the same batches as one worker process.
+process takes batch i from worker i mod num_workers, so the order never depends on timing. Each
+batch carries its worker's cursor, and the state is ``{next_worker, cursors[w]}`` as of the last
+batch handed out: batches prefetched but not yet yielded are simply produced again after a resume.
+``num_workers = 0`` runs one producer in a prefetching thread of this process and gives the same
+batches as one worker process.
 """
 from __future__ import annotations
 
@@ -30,7 +31,16 @@ from .storage import DataError
 log = logging.getLogger("hgscale.data")
 
 STATE_VERSION = 1
-_FIXED = ("split", "seed", "dp_rank", "dp_size", "num_workers", "micro_batch_size", "seq_len")
+# everything a cursor's meaning depends on: a state saved with other values cannot resume exactly
+_FIXED = ("split", "seed", "shuffle", "shuffle_shards", "dp_rank", "dp_size", "num_workers", "micro_batch_size",
+          "seq_len")
+START_METHODS = ("forkserver", "spawn")
+
+
+def check_start_method(method: str) -> None:
+    if method not in START_METHODS:
+        raise DataError(f"data.worker_start_method = {method!r} is not one of {', '.join(START_METHODS)} "
+                        f"(fork is unsafe with s3fs)")
 
 
 @contextlib.contextmanager
@@ -69,6 +79,8 @@ class Stream:
         self._workers = max(0, int(num_workers))
         self._n = max(1, self._workers)
         self._prefetch = max(1, int(prefetch_batches))
+        if self._workers:
+            check_start_method(start_method)
         self._start_method = start_method
         n_shards = len(spec["shards"])
         if n_shards < spec["dp_size"] * self._n:
@@ -97,7 +109,7 @@ class Stream:
             return
         # A changed layout changes the data order: an exact resume is impossible. Restart at the
         # beginning of the earliest epoch any worker was in, rather than refusing to train.
-        epoch = min(c[0] for c in state.get("cursors", [[0]])) if state.get("cursors") else 0
+        epoch = min((c[0] for c in state.get("cursors") or []), default=0)
         log.warning("data stream state was saved with a different layout (%s): resuming at the start of epoch %d "
                     "instead of the exact position", ", ".join(differ), epoch)
         self._state["next_worker"] = 0
@@ -153,9 +165,6 @@ class Stream:
         if self._workers == 0:
             q, stop, t = start_thread(self._spec_for(0), cursors[0], self._prefetch)
             return [q], [stop], [t]
-        if self._start_method not in ("spawn", "forkserver"):
-            raise DataError(f"data.worker_start_method = {self._start_method!r} is not one of spawn, forkserver "
-                            f"(fork is unsafe with s3fs)")
         ctx = mp.get_context(self._start_method)
         if self._start_method == "forkserver":
             # the server imports the reader (numpy, fsspec, s3fs) once; workers fork from it in

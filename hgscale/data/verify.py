@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     opts = storage_options(endpoint_url=args.s3_endpoint_url, region=args.s3_region)
     url = args.url.rstrip("/")
     try:
-        manifest = load_manifest(url, opts)
-        verify_sizes(url, manifest, opts)
-        n = verify_checksums(url, manifest, opts, progress=not args.quiet)
+        warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731 - transient storage errors, retried
+        manifest = load_manifest(url, opts, warn)
+        verify_sizes(url, manifest, opts, warn)
+        n = verify_checksums(url, manifest, opts, progress=not args.quiet, on_retry=warn)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

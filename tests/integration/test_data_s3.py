@@ -20,8 +20,6 @@ pytestmark = pytest.mark.integration
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-
-
 def test_cli_writes_to_s3_and_stream_matches_local(s3_bucket, tmp_path):
     url = f"{s3_bucket}/demo"
     proc = subprocess.run([sys.executable, "-m", "data_pipelines.demo_corpus", "--out", url],

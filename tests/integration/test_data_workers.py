@@ -30,7 +30,6 @@ def run(stream, n, skip=0):
     return out, state
 
 
-
 def test_resume_with_three_workers_mid_shard_and_across_epochs(root):
     ds = open_dataset(DataConfig(url=str(root), num_workers=3, prefetch_batches=2))
     B, T = 4, 256  # rank 0 of 2 holds ~13 shards x 16 KiB: ~ 200 batches per epoch

@@ -22,8 +22,6 @@ def ds(tmp_path_factory):
     return open_dataset(DataConfig(url=str(root), num_workers=0))
 
 
-
-
 def test_batches_are_shifted_contiguous_text(ds):
     text = corpus_bytes()
     for x, y in take(ds.stream("train", 4, 128, seed=1), 5):
@@ -80,6 +78,23 @@ def test_exact_resume_in_process(ds, cut, epoch):
     assert_same(take(r, 12), full[cut:])
 
 
+def test_resume_at_a_group_boundary_starts_the_next_group(ds):
+    B, T = 1, 4096  # ~ 30 windows per group of 4 shards
+    s = ds.stream("train", B, T, seed=6)
+    it = iter(s)
+    full, states = [], []
+    for _ in range(45):
+        full.append(next(it))
+        states.append(s.state_dict())
+    s.close()
+    # the first state after the last window of a group points at the next group, not past its end
+    i = next(i for i, st in enumerate(states) if st["cursors"][0][1:] == [1, 0])
+    assert states[i - 1]["cursors"][0][1] == 0
+    r = ds.stream("train", B, T, seed=6)
+    r.load_state_dict(states[i])
+    assert_same(take(r, 5), full[i + 1:i + 6])
+
+
 def test_epochs_differ_and_repeat_the_data(ds):
     B, T = 1, 512
     per_epoch = sum((s["num_tokens"] - 1) // T - 1 for s in ds.manifest["splits"]["train"]["shards"])
@@ -106,6 +121,11 @@ def test_changed_layout_resumes_at_epoch_start(ds, caplog):
     other = ds.stream("train", 4, 64, seed=1, num_workers=0, dp_rank=1, dp_size=2)
     other.load_state_dict(state)
     assert other.state_dict()["cursors"] == [[0, 0, 0]] and "different layout" in caplog.text
+    # the shard grouping decides what a cursor means, so it is part of the layout
+    regrouped = open_dataset(DataConfig(url=ds.root, shuffle_shards=2, num_workers=0)).stream("train", 4, 64, seed=1)
+    caplog.clear()
+    regrouped.load_state_dict(state)
+    assert "shuffle_shards 4 -> 2" in caplog.text
 
 
 def test_eval_batches_split_windows_between_ranks(ds):

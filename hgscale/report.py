@@ -24,6 +24,7 @@ import numpy as np
 
 from hgscale.tracking import names
 from hgscale.tracking.plots import at_steps, plot_panels, series
+from hgscale.tracking.runinfo import mask_value
 
 log = logging.getLogger("hgscale.report")
 REPORT_TAG = "hgscale.kind"
@@ -132,7 +133,8 @@ def build_report(tracking_uri: str, experiment: str, run_filter: list[str] | Non
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         known = ", ".join(e.name for e in client.search_experiments()) or "(none)"
-        raise ReportError(f"experiment {experiment!r} does not exist at {tracking_uri}; existing experiments: {known}")
+        raise ReportError(f"experiment {experiment!r} does not exist at {mask_value(tracking_uri)}; existing "
+                          f"experiments: {known}")
     runs = select_runs(client, exp.experiment_id, run_filter)
     if not runs:
         raise ReportError(f"experiment {experiment!r} has no runs to compare; train one first")
@@ -194,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         res = build_report(args.tracking_uri, args.experiment, args.runs, out, not args.no_summary_run)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - a store that does not answer is the user's to fix, not a bug
+        from hgscale.tracking.mlflow_sink import is_transient
+        if not is_transient(e):
+            raise
+        print(f"error: the tracking store at {mask_value(args.tracking_uri)} does not answer; start it or fix "
+              f"--tracking-uri / MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
     print(res["markdown"].read_text())
     print(f"wrote {res['markdown']}, {', '.join(str(p) for p in res['pngs'])}"

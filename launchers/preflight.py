@@ -27,11 +27,6 @@ from launchers.env import LaunchError, Rendezvous, slurm_rendezvous
 PROBE_TIMEOUT_S = float(os.environ.get("HGSCALE_PROBE_TIMEOUT", "20"))
 
 
-def redact(text: str) -> str:
-    """Hide credentials written into URLs (``scheme://user:secret@host``) before anything is logged."""
-    return re.sub(r"(://)[^/@\s\"]+:[^/@\s\"]*@", r"\1***@", text)
-
-
 def header(rdv: Rendezvous, env=os.environ) -> str:
     tasks = ",".join(map(str, rdv.tasks_per_node))
     return "\n".join([
@@ -58,13 +53,15 @@ def check_config(path: str, overrides: list[str], world_size: int):
     # The trainer's own checks, before any rank starts; neither module imports torch (this takes a second).
     from hgscale.config import load_config
     from hgscale.distributed.ds_config import deepspeed_config
+    from hgscale.tracking.runinfo import mask_args, mask_secrets
     cfg = load_config(path, overrides)
     cfg.validate(world_size, source=path)
     deepspeed_config(cfg, world_size)  # conflicts between `deepspeed` pass-through keys and generated ones
     stages = cfg.parallel.pipeline_stages
     print(f"hgscale: layout {world_size} tasks = {stages} pipeline stage(s) x {cfg.dp_size(world_size)} "
-          f"data-parallel; config {os.path.abspath(path)} overrides {' '.join(overrides) or '(none)'}")
-    print("hgscale: resolved config\n" + redact(json.dumps(cfg.to_dict(), indent=2)), flush=True)
+          f"data-parallel; config {os.path.abspath(path)} overrides {' '.join(mask_args(overrides)) or '(none)'}")
+    # The job log is read by others: credentials go the way they go in MLflow params (masked).
+    print("hgscale: resolved config\n" + json.dumps(mask_secrets(cfg.to_dict()), indent=2), flush=True)
     return cfg
 
 

@@ -18,6 +18,10 @@ import subprocess
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 PR_SET_PDEATHSIG = 1
+try:  # loaded here, not in the forked child: a dlopen there could deadlock on a lock another thread held
+    _libc = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _libc = None
 
 
 def catches(pid: int, signum: int) -> bool:
@@ -32,15 +36,19 @@ def catches(pid: int, signum: int) -> bool:
     return False
 
 
+def die_with_parent(signum: int = signal.SIGKILL) -> None:
+    """Between fork and exec: have the kernel send ``signum`` to this process when its parent dies, so a
+    parent killed outright leaves no orphans (the setting survives exec)."""
+    if _libc is not None:
+        _libc.prctl(PR_SET_PDEATHSIG, signum)
+
+
 def child_setup():
     """Runs in each rank between fork and exec: ignore SIGUSR1 until the rank handles it; default SIGINT;
     and let the kernel kill the rank if its parent dies (no orphaned ranks)."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
+    die_with_parent(signal.SIGKILL)
 
 
 class SignalRelay:

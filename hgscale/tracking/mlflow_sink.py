@@ -27,6 +27,8 @@ import threading
 import time
 from pathlib import Path
 
+from .runinfo import mask_value
+
 log = logging.getLogger(__name__)
 
 MAX_METRICS_PER_BATCH = 1000      # MLflow log_batch limits
@@ -42,6 +44,11 @@ def clean_key(key) -> str:
     k = _BAD_KEY_CHARS.sub("_", str(key))
     k = re.sub(r"/+", "/", k).strip("/") or "_"
     return k[:MAX_KEY_LEN]
+
+
+def _said(exc: BaseException) -> str:
+    """An error's text for a log line; MLflow quotes the request URL, credentials in it included."""
+    return mask_value(str(exc))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -67,6 +74,7 @@ class MlflowSink:
                  artifact_location: str | None = None, spool_path: str | Path | None = None,
                  tags: dict | None = None, http_timeout_s: int = 5, max_backoff_s: float = 5.0):
         self.uri = uri
+        self.shown_uri = mask_value(uri)   # for log lines: a user:password@ in the URI stays out of them
         self.experiment = experiment
         self.run_name = run_name
         self.resume_run_id = resume_run_id
@@ -122,7 +130,8 @@ class MlflowSink:
         try:
             self._run()
         except Exception as e:  # noqa: BLE001 - the thread must never take the trainer down
-            log.error("MLflow delivery stopped unexpectedly (%s: %s); unsent records are spooled", type(e).__name__, e)
+            log.error("MLflow delivery stopped unexpectedly (%s: %s); unsent records are spooled", type(e).__name__,
+                      _said(e))
             self._drain()
             self._spool()
         finally:
@@ -149,7 +158,7 @@ class MlflowSink:
                 except Exception as e:  # noqa: BLE001
                     if not is_transient(e):
                         log.error("MLflow at %s refused to create the run (%s); tracking is off for this run",
-                                  self.uri, str(e)[:500])
+                                  self.shown_uri, _said(e)[:500])
                         self.dead = True
                         self._pending.clear()
                         self._ready.set()
@@ -177,7 +186,7 @@ class MlflowSink:
                     self._pending.popleft()
                 backoff = 0.2
                 if self._warned:
-                    log.warning("MLflow at %s is reachable again; delivering queued records", self.uri)
+                    log.warning("MLflow at %s is reachable again; delivering queued records", self.shown_uri)
                     self._warned = False
             except Exception as e:  # noqa: BLE001
                 if is_transient(e):
@@ -200,10 +209,10 @@ class MlflowSink:
                 self._pending.append(item)
 
     def _failed(self, e: BaseException, backoff: float) -> float:
-        self.last_error = f"{type(e).__name__}: {str(e)[:300]}"
+        self.last_error = f"{type(e).__name__}: {_said(e)[:300]}"
         if not self._warned:
             log.warning("MLflow at %s is not answering (%s); records are queued and will be delivered when it "
-                        "returns", self.uri, str(e).splitlines()[0][:200])
+                        "returns", self.shown_uri, (_said(e).splitlines() or [''])[0][:200])
             self._warned = True
         remaining = self._deadline - time.monotonic()
         time.sleep(max(0.0, min(backoff, remaining)))
@@ -224,7 +233,7 @@ class MlflowSink:
                     raise
                 log.warning("MLflow run %s (from the checkpoint) is not in the store at %s or was deleted; "
                             "starting a new run",
-                            self.resume_run_id, self.uri)
+                            self.resume_run_id, self.shown_uri)
                 self.tags["hgscale.resumed_from_missing_run"] = self.resume_run_id
                 self.resume_run_id = None
             else:
@@ -349,7 +358,7 @@ class MlflowSink:
                 self.dropped += 1
                 if self.dropped <= 5 or self.dropped % 1000 == 0:   # a deleted run rejects everything: no flood
                     log.warning("MLflow rejected %s %s (%d rejected so far): %s", single[0], str(single[1:])[:200],
-                                self.dropped, str(e)[:300])
+                                self.dropped, _said(e)[:300])
 
     # ---------------------------------------------------------------------------------------- spool
 
@@ -359,7 +368,7 @@ class MlflowSink:
         if not items:
             return
         if self.spool_path is None:
-            log.warning("%d tracking records could not be delivered to %s and are lost", len(items), self.uri)
+            log.warning("%d tracking records could not be delivered to %s and are lost", len(items), self.shown_uri)
             return
         try:
             self.spool_path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,7 +376,7 @@ class MlflowSink:
                 for item in items:
                     f.write(json.dumps({"run_id": self.run_id, "item": list(item)}) + "\n")
             log.warning("%d tracking records could not be delivered to %s; kept in %s and sent when the run "
-                        "resumes", len(items), self.uri, self.spool_path)
+                        "resumes", len(items), self.shown_uri, self.spool_path)
         except OSError as e:
             log.warning("%d tracking records lost: cannot write %s (%s)", len(items), self.spool_path, e)
 

@@ -146,11 +146,11 @@ def manifest_summary(manifest: dict | None) -> dict[str, str]:
     return dict(list(out.items())[:200])   # a manifest is a summary, not a second copy of the data
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command that started the run, with secret ``key=value`` overrides and ``--secret X`` flags masked."""
-    argv = list(sys.argv if argv is None else argv)
-    out, hide_next = [Path(argv[0]).name if argv else "python"], False
-    for arg in argv[1:]:
+def mask_args(args: list[str]) -> list[str]:
+    """Command-line arguments with secret ``key=value`` overrides, the value after a ``--secret`` flag and
+    credentials inside values masked."""
+    out, hide_next = [], False
+    for arg in args:
         if hide_next:
             out.append(MASK)
             hide_next = False
@@ -161,4 +161,10 @@ def command_line(argv: list[str] | None = None) -> str:
             hide_next = True
         else:
             out.append(mask_value(arg))
-    return " ".join(out)[:6000]
+    return out
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that started the run (program name and masked arguments, see ``mask_args``)."""
+    argv = list(sys.argv if argv is None else argv)
+    return " ".join([Path(argv[0]).name if argv else "python", *mask_args(argv[1:])])[:6000]

@@ -87,7 +87,7 @@ class Tracker:
                                 http_timeout_s=cfg.tracking.http_timeout_s)
         if not self._sink.wait_ready(cfg.tracking.start_timeout_s):
             log.warning("tracking at %s did not answer within %.0f s; training goes on and the run is created "
-                        "when it answers", self.uri, cfg.tracking.start_timeout_s)
+                        "when it answers", self._sink.shown_uri, cfg.tracking.start_timeout_s)
         system.start_cpu_sampling()
         # Without close() (a crash, a forgotten call) still deliver what was queued, briefly.
         atexit.register(self.close, status="KILLED", timeout=10.0)
@@ -143,14 +143,6 @@ class Tracker:
             self._sink.put("artifact", str(info_dir), "run_info")
         except OSError as e:
             log.warning("could not write the run information to %s (%s)", self.stage_dir, e)
-
-    def log_params(self, params: dict) -> None:
-        if self.enabled:
-            self._sink.put("params", runinfo.flatten(runinfo.mask_secrets(dict(params))))
-
-    def set_tags(self, tags: dict) -> None:
-        if self.enabled:
-            self._sink.put("tags", {k: runinfo.mask_value(str(v)) for k, v in tags.items()})
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Queue metrics for ``step`` (never blocks, never raises). Values: numbers or 0-d tensors; None is skipped.
@@ -229,7 +221,7 @@ class Tracker:
             ok = self._sink.close(self.cfg.tracking.close_timeout_s if timeout is None else timeout)
             if not ok:
                 log.warning("tracking: %d records not delivered to %s before the close timeout; they are kept in %s",
-                            self._sink.pending(), self.uri, self._sink.spool_path)
+                            self._sink.pending(), self._sink.shown_uri, self._sink.spool_path)
             return ok
         except Exception as e:  # noqa: BLE001
             log.warning("tracking close failed (%s)", e)

@@ -306,9 +306,17 @@ def test_gpu_mismatch_warning():
         preflight.gpu_mismatch(rdv, {"SLURM_GPUS_PER_NODE": "8"})
 
 
-def test_redact_hides_url_credentials():
-    assert preflight.redact('"http://alice:s3cr3t@mlflow:5000"') == '"http://***@mlflow:5000"'
-    assert preflight.redact("s3://bucket/path file:///x") == "s3://bucket/path file:///x"
+def test_check_config_masks_credentials_in_the_job_log(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"model": {"size": "debug"}, "data": {"url": "s3://bucket/path", "seq_len": 64},
+                               "deepspeed": {"aws_secret_access_key": "wJalrXUtnFEMI"}}))
+    preflight.check_config(str(cfg), ["tracking.uri=http://alice:s3cr3t@mlflow:5000", "train.steps=3"], world_size=1)
+    out = capsys.readouterr().out
+    assert "s3cr3t" not in out and "wJalrXUtnFEMI" not in out
+    assert "overrides tracking.uri=http://alice:***@mlflow:5000 train.steps=3" in out
+    shown = json.loads(out.split("resolved config\n", 1)[1])
+    assert shown["tracking"]["uri"] == "http://alice:***@mlflow:5000"
+    assert shown["deepspeed"]["aws_secret_access_key"] == "***" and shown["data"]["url"] == "s3://bucket/path"
 
 
 def test_check_config_reports_layout_and_rejects_mismatch(tmp_path, capsys):

@@ -1,4 +1,6 @@
 """hgscale.report: user errors are one sentence and leave nothing behind; the markdown table's formatting."""
+import socket
+
 import numpy as np
 
 from hgscale import report
@@ -16,6 +18,19 @@ def test_no_store_named(monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     assert report.main(["--experiment", "x"]) == 2
     assert "no tracking store given" in capsys.readouterr().err
+
+
+def test_unreachable_server_is_one_sentence_without_the_password(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with socket.socket() as s:   # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rc = report.main(["--experiment", "x", "--tracking-uri", f"http://hg:hunter2@127.0.0.1:{port}",
+                      "--out", str(tmp_path / "out"), "--no-summary-run"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1
+    assert f"tracking store at http://hg:***@127.0.0.1:{port} does not answer" in err and "hunter2" not in err
 
 
 def test_markdown_table():

@@ -4,7 +4,7 @@ Layout of ``checkpoint.dir``:
 
     latest                  the tag of the newest complete checkpoint (replaced atomically)
     step00001000/           DeepSpeed's files (model/optimizer/scheduler states, per stage and rank) plus
-        hgscale.json        step, tracking run id, resolved config, generated DeepSpeed JSON, layout
+        hgscale.json        step, tracking run id, resolved config and DeepSpeed JSON (secrets masked), layout
         rank00003.pt        per rank: RNG states, data-stream position of its data-parallel rank, meters
         COMPLETE            written last, after every rank has finished writing
 
@@ -78,6 +78,31 @@ def resolve(spec: str | Path, default_root: str | Path | None = None) -> tuple[P
                           f"'{LATEST}' or a step directory holding '{COMPLETE}'")
 
 
+def resume_point(cfg: Config) -> tuple[Path, str] | None:
+    """(root, tag) to resume from according to checkpoint.resume ('auto', 'never' or a path), or None.
+    Raises CheckpointError for a path that holds no complete checkpoint."""
+    spec = cfg.checkpoint.resume
+    if spec == "never":
+        return None
+    if spec == "auto":
+        root = Path(cfg.checkpoint.dir)
+        tag = latest_tag(root)
+        return (root, tag) if tag else None
+    return resolve(spec)
+
+
+def layout_problem(tag_dir: Path, want: dict) -> str | None:
+    """Why the checkpoint in ``tag_dir`` cannot be resumed with topology ``want``, or None.
+    Stage boundaries count too: each stage's optimizer state only fits the layers it was saved with."""
+    have = json.loads((tag_dir / META).read_text())["topology"]
+    for key in ("world_size", "pipeline_stages", "zero_stage", "stage_boundaries"):
+        if have.get(key) != want.get(key):
+            return (f"checkpoint {str(tag_dir)!r} was written with {key} = {have.get(key)}, this run has "
+                    f"{want.get(key)}: launch the same layout, or start fresh with checkpoint.resume=never "
+                    f"(or export it: python -m hgscale.checkpoint export)")
+    return None
+
+
 def rng_state() -> dict:
     st = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -124,8 +149,11 @@ class CheckpointManager:
         self.eng.engine.save_checkpoint(str(self.root), tag=tag, client_state={"step": step}, save_latest=False)
         torch.save({"rng": rng_state(), **rank_state}, _rank_file(tag_dir, self.rank))
         if self.rank == 0:
-            meta = {"step": step, "run_id": run_id, "time": time.time(), "config": self.cfg.to_dict(),
-                    "deepspeed": self.ds_json, "topology": self.eng.topology(), **(extra or {})}
+            from hgscale.tracking.runinfo import mask_secrets
+
+            # checkpoints get copied and shared: credentials in URLs or passthrough keys stay out of them
+            meta = {"step": step, "run_id": run_id, "time": time.time(), "config": mask_secrets(self.cfg.to_dict()),
+                    "deepspeed": mask_secrets(self.ds_json), "topology": self.eng.topology(), **(extra or {})}
             _atomic_write(tag_dir / META, json.dumps(meta, indent=1))
         self.eng.barrier()  # every rank's files are on disk
         if self.rank == 0:
@@ -147,28 +175,14 @@ class CheckpointManager:
         for t in doomed:
             shutil.rmtree(self.root / t, ignore_errors=True)
 
-    def find_resume(self) -> tuple[Path, str] | None:
-        """Where to resume from according to checkpoint.resume ('auto', 'never' or a path)."""
-        spec = self.cfg.checkpoint.resume
-        if spec == "never":
-            return None
-        if spec == "auto":
-            tag = latest_tag(self.root)
-            return (self.root, tag) if tag else None
-        return resolve(spec)
-
     def load(self, root: Path, tag: str) -> dict:
         """Restore engine, optimizer, scheduler and this rank's client state; returns
         {"step", "run_id", "meta", **rank_state}. Raises CheckpointError on a layout mismatch."""
         tag_dir = root / tag
+        problem = layout_problem(tag_dir, self.eng.topology())  # train.py's preflight saw it already
+        if problem:
+            raise CheckpointError(problem)
         meta = json.loads((tag_dir / META).read_text())
-        have, want = meta["topology"], self.eng.topology()
-        for key in ("world_size", "pipeline_stages", "zero_stage"):
-            if have.get(key) != want.get(key):
-                raise CheckpointError(
-                    f"checkpoint {str(tag_dir)!r} was written with {key} = {have.get(key)}, this run has "
-                    f"{want.get(key)}: launch the same layout, or start fresh with checkpoint.resume=never "
-                    f"(or export it: python -m hgscale.checkpoint export)")
         path, _ = self.eng.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)
         if path is None:

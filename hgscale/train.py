@@ -47,10 +47,13 @@ def main(argv=None) -> int:
         if rank0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    from hgscale.checkpoint import CheckpointError
     from hgscale.distributed.loop import run
     try:
         return run(cfg, ds_json, dataset)
-    except DataError as e:  # storage failed mid-run (after retries): the message names the URL; resume later
+    # storage failed mid-run (after retries): the message names the URL, resume later; or the checkpoint
+    # changed between preflight and loading
+    except (DataError, CheckpointError) as e:
         print(f"error (rank {os.environ.get('RANK', '0')}): {e}", file=sys.stderr, flush=True)
         return 2
 

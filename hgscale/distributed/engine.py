@@ -139,7 +139,6 @@ class TrainEngine:
             self.dp_rank, self.dp_size = rt.rank, rt.world_size
             self.is_first = self.is_last = True
         self.reads_data = self.is_first or self.is_last
-        self.local_params = sum(p.numel() for p in params)
         self.timings: dict[str, float] = {}
         self.last_batches: list[tuple] = []  # this step's (inputs, labels) as read, for data-order checks
 
@@ -177,13 +176,6 @@ class TrainEngine:
                             "step_s": time.perf_counter() - t0}
         self.last_batches = it.batches if it else []
         return loss
-
-    @property
-    def global_step(self) -> int:
-        return int(self.engine.global_steps)
-
-    def lr(self) -> float:
-        return float(self.engine.get_lr()[0])
 
     def grad_norm(self) -> float | None:
         g = self.engine.get_global_grad_norm()

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hgscale.checkpoint import CheckpointManager
+from hgscale.checkpoint import CheckpointError, CheckpointManager, layout_problem, resume_point
 from hgscale.config import Config
 from hgscale.distributed.ds_config import batch_layout, lr_at
 
@@ -54,8 +54,54 @@ def _progress_line(step: int, steps: int, loss: float, metric: str, bits: float,
             f"{tps:,.0f} tok/s | MFU {m} | ETA {_fmt_eta(eta_s)}")
 
 
+class _Window:
+    """Sums since the last progress line: mean loss over finite steps, wall time (pauses for validation
+    and saving taken out) and the engine's per-step time parts."""
+
+    PARTS = ("data_s", "compute_s", "optimizer_s", "step_s")
+
+    def __init__(self, step: int):
+        self.reset(step)
+
+    def reset(self, step: int) -> None:
+        self.start, self.loss, self.n, self.t0 = step, 0.0, 0, time.perf_counter()
+        self.parts = dict.fromkeys(self.PARTS, 0.0)
+
+    def add(self, loss: float, finite: bool, timings: dict) -> None:
+        for k in self.parts:
+            self.parts[k] += timings.get(k, 0.0)
+        if finite:
+            self.loss, self.n = self.loss + loss, self.n + 1
+
+    def pause(self, seconds: float) -> None:
+        self.t0 += seconds
+
+    def mean_loss(self) -> float:
+        return self.loss / self.n if self.n else float("nan")
+
+    def shares(self) -> dict:
+        """Fractions of step time spent waiting for data, in forward+backward and in the optimizer."""
+        total = max(self.parts["step_s"], 1e-9)
+        return {"time/data_wait_share": self.parts["data_s"] / total,
+                "time/fwd_bwd_share": self.parts["compute_s"] / total,
+                "time/optimizer_share": self.parts["optimizer_s"] / total}
+
+
+def _peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak resident set (Linux: KiB)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    """A local record beside MLflow (rank 0): one JSON line per log interval or validation."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
 def preflight(cfg: Config, dataset, world_size: int) -> list[str]:
-    """Problems between the config and the opened dataset, found before any process group starts."""
+    """Problems between the config, the opened dataset and the checkpoint to resume from, found before any
+    process group starts."""
     from hgscale.data import DataError
 
     out, d, t = [], cfg.data, cfg.train
@@ -75,6 +121,19 @@ def preflight(cfg: Config, dataset, world_size: int) -> list[str]:
                 out.append(f"split {d.valid_split!r} of {d.url} holds {have} windows of data.seq_len = {d.seq_len} "
                            f"tokens, fewer than one validation batch (micro_batch_size {t.micro_batch_size} x "
                            f"data-parallel size {dp}); lower them or set train.eval_interval=0")
+    try:
+        where = resume_point(cfg)
+    except CheckpointError as e:
+        return out + [str(e)]
+    if where:  # the layout TrainEngine.topology() will report, known without starting it
+        from hgscale.distributed.pipeline import stage_parts
+
+        p = cfg.parallel
+        want = {"world_size": world_size, "pipeline_stages": p.pipeline_stages, "zero_stage": p.zero_stage,
+                "stage_boundaries": stage_parts(cfg, p.pipeline_stages) if p.pipeline_stages > 1 else None}
+        problem = layout_problem(where[0] / where[1], want)
+        if problem:
+            out.append(problem)
     return out
 
 
@@ -94,7 +153,7 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
 
     ckpt = CheckpointManager(cfg, eng, ds_json)
     state: dict = {}
-    where = ckpt.find_resume()
+    where = resume_point(cfg)
     if where:
         state = ckpt.load(*where)
         say(f"resumed from {where[0] / where[1]} at step {state['step']}")
@@ -140,8 +199,7 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
             vals = {names.val_metric(metric): loss * bits_val, "val/loss": loss}
             tracker.log_metrics(vals, at)
             if rt.rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": at, **vals}) + "\n")
+                _append_jsonl(metrics_path, {"step": at, **vals})
 
     metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
     if rt.rank == 0:
@@ -150,21 +208,17 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
     if rt.rank == 0 and sys.stderr.isatty():
         from tqdm import tqdm
         bar = tqdm(total=t.steps, initial=step, unit="step", dynamic_ncols=True, leave=False)
-    if rt.rank == 0:
-        say(f"training {cfg.model.hierarchy!r} for {t.steps} steps: {rt.world_size} process(es), "
-            f"{eng.num_stages} stage(s) x {eng.dp_size} data-parallel, ZeRO-{cfg.parallel.zero_stage}, "
-            f"{t.precision}, global batch {lay['global_batch_size']} x {d.seq_len} tokens")
+    say(f"training {cfg.model.hierarchy!r} for {t.steps} steps: {rt.world_size} process(es), "
+        f"{eng.num_stages} stage(s) x {eng.dp_size} data-parallel, ZeRO-{cfg.parallel.zero_stage}, "
+        f"{t.precision}, global batch {lay['global_batch_size']} x {d.seq_len} tokens")
     status, last_saved = 0, step if where else None
-    win_loss, win_n, win_t, win_parts = 0.0, 0, time.perf_counter(), {"data_s": 0.0, "compute_s": 0.0,
-                                                                       "optimizer_s": 0.0, "step_s": 0.0}
-    skipped0, win_start = eng.skipped_steps(), step
+    win, skipped0 = _Window(step), eng.skipped_steps()
     try:
         while step < t.steps:
             loss = eng.train_step(it)
             step += 1
-            for k in win_parts:
-                win_parts[k] += eng.timings.get(k, 0.0)
             finite = loss == loss and abs(loss) != float("inf")
+            win.add(loss, finite, eng.timings)
             if not finite and t.precision != "fp16":
                 if rt.rank == 0:
                     good = f"step {last_saved}" if last_saved is not None else "none"
@@ -173,17 +227,15 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
                           f"before resuming", file=sys.stderr, flush=True)
                 status = EXIT_NAN
                 break
-            if finite:
-                win_loss, win_n = win_loss + loss, win_n + 1
             if bar is not None:
                 bar.update(1)
             if step % t.log_interval == 0 or step == t.steps:
-                dt = time.perf_counter() - win_t
-                win_steps = step - win_start
+                dt = time.perf_counter() - win.t0
+                win_steps = step - win.start
                 perf = meter.update(tokens=tokens_per_step * win_steps, seconds=dt,
                                     samples=lay["global_batch_size"] * win_steps)
                 steps_in = max(win_steps, 1)
-                mean_loss = win_loss / win_n if win_n else float("nan")
+                mean_loss = win.mean_loss()
                 lr = lr_at(cfg, step - 1)
                 eta = (t.steps - step) * dt / steps_in
                 line = _progress_line(step, t.steps, mean_loss, metric, bits, lr, perf[names.TOKENS_PER_S],
@@ -193,27 +245,18 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
                 else:
                     say(line)
                 metrics = {names.TRAIN_LOSS: mean_loss, f"train/{metric}": mean_loss * bits, names.LR: lr, **perf,
-                           "time/data_wait_share": win_parts["data_s"] / max(win_parts["step_s"], 1e-9),
-                           "time/fwd_bwd_share": win_parts["compute_s"] / max(win_parts["step_s"], 1e-9),
-                           "time/optimizer_share": win_parts["optimizer_s"] / max(win_parts["step_s"], 1e-9),
-                           "time/bubble_share": bubble, "train/skipped_steps": eng.skipped_steps() - skipped0}
-                if eng.grad_norm() is not None:
-                    metrics[names.GRAD_NORM] = eng.grad_norm()
-                if eng.loss_scale() is not None:
-                    metrics[names.LOSS_SCALE] = eng.loss_scale()
-                if torch.cuda.is_available():
-                    metrics[names.PEAK_MEMORY_GB] = torch.cuda.max_memory_allocated() / 2**30
-                else:  # CPU: the process's peak resident set (Linux reports KiB)
-                    metrics[names.PEAK_MEMORY_GB] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+                           **win.shares(), "time/bubble_share": bubble,
+                           "train/skipped_steps": eng.skipped_steps() - skipped0,
+                           names.PEAK_MEMORY_GB: _peak_memory_gb()}
+                for name, value in ((names.GRAD_NORM, eng.grad_norm()), (names.LOSS_SCALE, eng.loss_scale())):
+                    if value is not None:
+                        metrics[name] = value
                 tracker.log_metrics(metrics, step)
-                if rt.rank == 0:  # a local record beside MLflow: one JSON line per log interval
-                    with open(metrics_path, "a") as f:
-                        rec = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
-                        f.write(json.dumps(rec) + "\n")
-                tracker.gather_and_log(step, timings={k: v / steps_in for k, v in win_parts.items()},
+                if rt.rank == 0:
+                    _append_jsonl(metrics_path, {"step": step, **{k: v for k, v in metrics.items() if v is not None}})
+                tracker.gather_and_log(step, timings={k: v / steps_in for k, v in win.parts.items()},
                                        stage=eng.stage_id, device=rt.device)
-                win_loss, win_n, win_t, win_start = 0.0, 0, time.perf_counter(), step
-                win_parts = dict.fromkeys(win_parts, 0.0)
+                win.reset(step)
             t_pause = time.perf_counter()  # validation and saving do not count as training time
             if t.eval_interval and step % t.eval_interval == 0:
                 validate(step)
@@ -221,7 +264,7 @@ def run(cfg: Config, ds_json: dict, dataset) -> int:
             if preempted or (cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0) or step == t.steps:
                 save(step)
                 last_saved = step
-            win_t += time.perf_counter() - t_pause
+            win.pause(time.perf_counter() - t_pause)
             if preempted:
                 signals.ignore()
                 say(f"preempted at step {step}; checkpoint saved")

@@ -29,9 +29,6 @@ from torch import nn
 from hgscale.config import Config
 from hgscale.models import build_layer, layer_flops, layer_plan, state_shapes
 
-PARTITIONS = ("flops", "parameters", "uniform")
-
-
 def layer_names(cfg: Config) -> list[str]:
     """'embed', 'block@1', 'down 1->3', 'up 3->1', 'head' in model order."""
     out = []
@@ -120,10 +117,13 @@ def pipeline_module(cfg: Config, parts: list[int], topology=None):
     """The DeepSpeed PipelineModule of ``cfg.model`` split at ``parts``; each stage builds only its layers."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
+    names = layer_names(cfg)
+
     class _Spec(LayerSpec):
         def __init__(self, index: int):
             self.index = index
-            self.typename = type(f"{layer_names(cfg)[index]}", (nn.Module,), {})
+            # DeepSpeed prints and matches layers by typename: give each its readable name
+            self.typename = type(names[index], (nn.Module,), {})
             self.module_args, self.module_kwargs = (), {}
 
         def build(self, log=False):

@@ -108,10 +108,14 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path, demo_data):  # noqa: 
     """A save that died half-way (no COMPLETE marker, a truncated file) is never resumed from, `latest`
     keeps naming the last complete checkpoint, and the next save replaces the debris."""
     import shutil
-    cfg = tiny_config(tmp_path, demo_data, "crash.json", train={"steps": 2}, checkpoint={"interval": 1})
+    # tracking stays disabled; the password in its URI must still never reach a checkpoint
+    cfg = tiny_config(tmp_path, demo_data, "crash.json", train={"steps": 2}, checkpoint={"interval": 1},
+                      tracking={"uri": "http://alice:pw-in-uri-42@127.0.0.1:9"})
     launch(1, TRAIN, ["--config", str(cfg)])
     ckpt = tmp_path / "crash_ckpt"
     assert (ckpt / "latest").read_text() == "step00000002"
+    meta = (ckpt / "step00000002" / "hgscale.json").read_text()
+    assert "pw-in-uri-42" not in meta and "http://alice:***@127.0.0.1:9" in meta
     debris = ckpt / "step00000003"
     shutil.copytree(ckpt / "step00000002", debris)
     (debris / "COMPLETE").unlink()
@@ -128,3 +132,11 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path, demo_data):  # noqa: 
     assert kept == ["step00000003", "step00000004"] and (ckpt / "latest").read_text() == "step00000004"
     assert (ckpt / "step00000003" / "COMPLETE").exists()
     assert (ckpt / "step00000003" / "mp_rank_00_model_states.pt").stat().st_size > 1000
+
+    # a different layout cannot resume: refused before any process group starts, naming the checkpoint
+    r = subprocess.run(command(1, TRAIN, ["--config", str(cfg), "train.steps=6", "parallel.zero_stage=0"]), cwd=ROOT,
+                       env=env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert (f"checkpoint {str(ckpt / 'step00000004')!r} was written with zero_stage = 1, this run has 0"
+            in r.stderr), r.stderr[-2000:]
+    assert (ckpt / "latest").read_text() == "step00000004"

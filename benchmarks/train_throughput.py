@@ -25,8 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hgscale.config import load_config  # noqa: E402
 from hgscale.distributed.ds_config import deepspeed_config, lr_multiplier  # noqa: E402
-from hgscale.distributed.pipeline import lm_loss  # noqa: E402
-from hgscale.models import HourglassLM, flops_per_token  # noqa: E402
+from hgscale.models import HourglassLM, flops_per_token, lm_loss  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 

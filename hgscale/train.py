@@ -39,7 +39,7 @@ def main(argv=None) -> int:
         cfg.validate(world, source=args.config)
         ds_json = deepspeed_config(cfg, world)
         dataset = open_dataset(cfg.data)  # reads and checks the manifest: a bad URL fails here, on every rank
-        from hgscale.distributed.loop import preflight
+        from hgscale.distributed.preflight import preflight
         problems = preflight(cfg, dataset, world)
         if problems:
             raise ConfigError(problems, args.config)
@@ -48,9 +48,9 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return 2
     from hgscale.checkpoint import CheckpointError
-    from hgscale.distributed.loop import run
+    from hgscale.distributed.trainer import Trainer
     try:
-        return run(cfg, ds_json, dataset)
+        return Trainer(cfg, ds_json, dataset).run()
     # storage failed mid-run (after retries): the message names the URL, resume later; or the checkpoint
     # changed between preflight and loading
     except (DataError, CheckpointError) as e:

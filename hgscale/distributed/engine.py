@@ -12,7 +12,6 @@ same samples in the same order (``reads_data``, ``dp_rank``).
 from __future__ import annotations
 
 import os
-import socket
 import time
 from dataclasses import dataclass
 
@@ -21,8 +20,9 @@ from torch import nn
 
 from hgscale.config import Config
 from hgscale.distributed.ds_config import lr_multiplier
-from hgscale.distributed.pipeline import lm_loss, pipeline_module, stage_parts
-from hgscale.models import HourglassLM
+from hgscale.distributed.pipeline import pipeline_module, stage_parts
+from hgscale.models import HourglassLM, lm_loss
+from launchers.local import free_port
 
 
 @dataclass
@@ -34,17 +34,11 @@ class Runtime:
     backend: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def rendezvous_env() -> int:
     """World size from the launcher's env; a bare `python` run becomes rank 0 of a world of one."""
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+                          MASTER_PORT=str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0"))
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -94,7 +88,7 @@ class _Timed:
     """Wraps a batch iterator and adds the time spent waiting in next() to ``seconds``."""
 
     def __init__(self, it, device):
-        self.it, self.device, self.seconds, self.batches = it, device, 0.0, []
+        self.it, self.device, self.seconds = it, device, 0.0
 
     def __iter__(self):
         return self
@@ -103,7 +97,6 @@ class _Timed:
         t0 = time.perf_counter()
         x, y = next(self.it)
         self.seconds += time.perf_counter() - t0
-        self.batches.append((x, y))
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
 
@@ -140,7 +133,6 @@ class TrainEngine:
             self.is_first = self.is_last = True
         self.reads_data = self.is_first or self.is_last
         self.timings: dict[str, float] = {}
-        self.last_batches: list[tuple] = []  # this step's (inputs, labels) as read, for data-order checks
 
     # ------------------------------------------------------------------------------------ training
     def train_step(self, data_iter) -> float:
@@ -174,7 +166,6 @@ class TrainEngine:
             loss = float(acc)
             self.timings = {"data_s": it.seconds, "compute_s": t1 - t0 - it.seconds, "optimizer_s": t2 - t1,
                             "step_s": time.perf_counter() - t0}
-        self.last_batches = it.batches if it else []
         return loss
 
     def grad_norm(self) -> float | None:

@@ -23,11 +23,10 @@ import contextlib
 import sys
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hgscale.config import Config
-from hgscale.models import build_layer, layer_flops, layer_params, layer_plan, state_shapes
+from hgscale.models import build_layer, layer_flops, layer_params, layer_plan, lm_loss, state_shapes
 
 def layer_names(cfg: Config) -> list[str]:
     """'embed', 'block@1', 'down 1->3', 'up 3->1', 'head' in model order."""
@@ -102,13 +101,6 @@ def _keep_extras_on_grad_path(module: nn.Module, inputs: tuple, output: torch.Te
     if not extras:
         return output
     return output + 0.0 * sum(t.sum() for t in extras)
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats); strips the embedding layer's right padding."""
-    T = labels.shape[1]
-    logits = logits[:, :T]  # (B, T, V)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1))
 
 
 def pipeline_module(cfg: Config, parts: list[int], topology=None):

@@ -47,7 +47,7 @@ def run_name_for(cfg) -> str:
 
 
 class Tracker:
-    """One MLflow run per training job. See the module docstring; contract in COMMON.md."""
+    """One MLflow run per training job; see the module docstring for the calls and who makes them."""
 
     def __init__(self, cfg, rank: int, world_size: int, resume_run_id: str | None = None):
         self.cfg = cfg

@@ -82,10 +82,13 @@ def main():
             ds = open_dataset(cfg.data)
             it = iter(ds.stream(cfg.data.train_split, cfg.train.micro_batch_size, cfg.data.seq_len, eng.dp_rank,
                                 eng.dp_size, seed=cfg.data.seed))
-    losses, hashes = [], []
+    losses, hashes, seen = [], [], []
+    if it is not None:  # record what the engine reads, as read, for data-order checks
+        it = (seen.append(b) or b for b in it)
     for _ in range(args.steps):
         losses.append(eng.train_step(it))
-        hashes.append([digest(x, y) for x, y in eng.last_batches])
+        hashes.append([digest(x, y) for x, y in seen])
+        seen.clear()
 
     if args.checkpoint:
         from hgscale.checkpoint import CheckpointManager

@@ -1,12 +1,13 @@
 """Shared pieces of the trainer's integration tests: the demo corpus, tiny configs, real launches."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from launchers.local import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "integration" / "ds_worker.py"
@@ -35,12 +36,6 @@ def tiny_config(tmp: Path, data_url: Path, name: str = "c.json", **sections) -> 
     path = tmp / name
     path.write_text(json.dumps(cfg))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def env() -> dict:

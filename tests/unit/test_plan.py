@@ -11,9 +11,9 @@ from torch.testing import assert_close
 
 from hgscale.config import load_config
 from hgscale.distributed.pipeline import (_keep_extras_on_grad_path, layer_costs, layer_names, layer_param_counts,
-                                          lm_loss, stage_parts)
+                                          stage_parts)
 from hgscale.distributed.plan import format_plan, stage_plan
-from hgscale.models import HourglassLM
+from hgscale.models import HourglassLM, lm_loss
 
 ROOT = Path(__file__).resolve().parents[2]
 XL = ROOT / "configs" / "enwik8_xl.json"

@@ -1,0 +1,51 @@
+"""Checks between the config, the opened dataset and the checkpoint to resume from, made before any
+process group starts (``hgscale/train.py`` turns the problems into one error message)."""
+from __future__ import annotations
+
+from hgscale.checkpoint import CheckpointError, layout_problem, resume_point
+from hgscale.config import Config
+from hgscale.distributed.ds_config import batch_layout
+
+
+def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
+    from hgscale.data import DataError
+
+    out, d, t = [], cfg.data, cfg.train
+    if dataset.vocab_size > cfg.model.vocab_size:
+        out.append(f"the dataset at {d.url} has vocab_size {dataset.vocab_size} > model.vocab_size = "
+                   f"{cfg.model.vocab_size}; set model.vocab_size={dataset.vocab_size}")
+    for field in ("train_split",) + (("valid_split",) if t.eval_interval else ()):
+        try:
+            dataset.num_tokens(getattr(d, field))
+        except DataError as e:
+            out.append(str(e))
+            continue
+        if field == "valid_split":
+            dp = batch_layout(cfg, world_size)["data_parallel_size"]
+            have = dataset.eval_windows(d.valid_split, d.seq_len)
+            if have < t.micro_batch_size * dp:
+                out.append(f"split {d.valid_split!r} of {d.url} holds {have} windows of data.seq_len = {d.seq_len} "
+                           f"tokens, fewer than one validation batch (micro_batch_size {t.micro_batch_size} x "
+                           f"data-parallel size {dp}); lower them or set train.eval_interval=0")
+    return out
+
+
+def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
+    try:
+        where = resume_point(cfg)
+    except CheckpointError as e:
+        return [str(e)]
+    if not where:
+        return []
+    from hgscale.distributed.pipeline import stage_parts
+
+    p = cfg.parallel  # the layout TrainEngine.topology() will report, known without starting it
+    want = {"world_size": world_size, "pipeline_stages": p.pipeline_stages, "zero_stage": p.zero_stage,
+            "stage_boundaries": stage_parts(cfg, p.pipeline_stages) if p.pipeline_stages > 1 else None}
+    problem = layout_problem(where[0] / where[1], want)
+    return [problem] if problem else []
+
+
+def preflight(cfg: Config, dataset, world_size: int) -> list[str]:
+    """Every problem found, as one sentence each; empty when the run can start."""
+    return _data_problems(cfg, dataset, world_size) + _checkpoint_problems(cfg, world_size)

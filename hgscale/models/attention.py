@@ -69,9 +69,10 @@ class Geometry:
     def k_step(self) -> int:
         return self.P * (self.f if self.kind == "up" else 1)
 
-    def offsets(self, device=None):
-        """(n_q, n_k) integer distance pos_k - pos_q in units of P, and the visibility mask."""
-        i = torch.arange(self.n_q, device=device)[:, None]
+    def offsets(self, device=None, first_query: int = 0):
+        """(n_q - first_query, n_k) integer distance pos_k - pos_q in units of P, and the visibility mask, for
+        queries first_query .. n_q-1 (incremental decoding asks for its new queries only)."""
+        i = torch.arange(first_query, self.n_q, device=device)[:, None]
         j = torch.arange(self.n_k, device=device)[None, :]
         if self.kind == "self":
             return j - i, j <= i

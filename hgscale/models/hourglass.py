@@ -36,6 +36,7 @@ from torch import nn
 
 from hgscale.config import ConfigError, ModelConfig
 from hgscale.models.blocks import Block, layer_norm
+from hgscale.models.decode import DecodeCache, decode
 from hgscale.models.dropout import dropout
 from hgscale.models.resampling import Shorten, Upsample, shift_right
 
@@ -227,3 +228,12 @@ class HourglassLM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def init_cache(self, batch_size: int, max_len: int | None = None) -> DecodeCache:
+        """An empty incremental-decoding cache for ``batch_size`` sequences (hgscale/models/decode.py);
+        ``max_len`` (default model.max_seq_len) only sizes its first buffers."""
+        return DecodeCache(self, batch_size, max_len)
+
+    def decode(self, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+        """tokens (B, n) after the cached ones -> (B, n, V): the full forward's logits at those positions."""
+        return decode(self, tokens, cache)

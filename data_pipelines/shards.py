@@ -18,8 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from hgscale.data.shards import DTYPE_EXT, FORMAT, MODALITIES, VERSION, check_manifest, dtype_for_vocab, \
-    encode_sample, sha256
+from hgscale.data.shards import (
+    DTYPE_EXT,
+    FORMAT,
+    MODALITIES,
+    VERSION,
+    check_manifest,
+    dtype_for_vocab,
+    encode_sample,
+    sha256,
+)
 from hgscale.data.storage import DataError, filesystem, join, storage_options, with_retries
 
 log = logging.getLogger("data_pipelines")
@@ -31,7 +39,7 @@ DEFAULT_SAMPLE_TOKENS = 1 << 16   # text chunk per tar sample (windows span chun
 class DatasetWriter:
     def __init__(self, url: str, name: str, modality: str, vocab_size: int, shard_bytes: int = DEFAULT_SHARD_BYTES,
                  opts: dict | None = None, tokenizer: str | None = None, extra: dict | None = None,
-                 overwrite: bool = True):
+                 overwrite: bool = True, shard_prefix: str = "", claim: bool = True):
         if modality not in MODALITIES:
             raise ValueError(f"modality {modality!r} is not one of {', '.join(MODALITIES)}")
         self.url = url.rstrip("/")
@@ -41,20 +49,25 @@ class DatasetWriter:
         self.dtype = dtype_for_vocab(self.vocab_size)
         self.shard_bytes = int(shard_bytes)
         self.tokenizer = tokenizer
+        self.shard_prefix = shard_prefix  # parallel writers of one dataset: each names its shards apart
         self.extra = dict(extra or {})
         self.splits: dict[str, dict] = {}
         self._open: dict[str, tuple[io.BytesIO, tarfile.TarFile, dict]] = {}
         self._keys: dict[str, int] = {}
         self._finished = False
-        self._prepare(overwrite)
+        self._prepare(overwrite, claim)
 
-    def _prepare(self, overwrite: bool) -> None:
+    def _prepare(self, overwrite: bool, claim: bool) -> None:
+        """``claim``: this writer owns the dataset root (the parallel pipeline's workers leave that to their task)."""
         manifest = join(self.base, "manifest.json")
-        if self.fs.exists(manifest):
+        if claim and self.fs.exists(manifest):
             if not overwrite:
                 raise DataError(f"{join(self.url, 'manifest.json')} exists; choose another --out or leave out "
                                 f"--no-overwrite to replace it")
-            self.fs.rm(manifest)  # first: a dataset being rewritten must never look complete
+            try:
+                self.fs.rm(manifest)  # first: a dataset being rewritten must never look complete
+            except FileNotFoundError:  # another task of the same preparation was first
+                pass
         if self._local:
             self.fs.makedirs(self.base, exist_ok=True)
 
@@ -110,7 +123,7 @@ class DatasetWriter:
         buf = io.BytesIO()
         tar = tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT)
         index = len(self._split(split)["shards"])
-        meta = {"path": f"{split}/shard-{index:06d}.tar", "num_samples": 0, "num_tokens": 0}
+        meta = {"path": f"{split}/shard-{self.shard_prefix}{index:06d}.tar", "num_samples": 0, "num_tokens": 0}
         self._open[split] = (buf, tar, meta)
 
     def _flush(self, split: str) -> None:
@@ -130,24 +143,23 @@ class DatasetWriter:
 
     # --------------------------------------------------------------------------------- finishing
     def manifest(self) -> dict:
-        tokens = sum(s["num_tokens"] for s in self.splits.values())
-        nbytes = sum(s["num_bytes"] for s in self.splits.values())
-        m: dict[str, Any] = {
-            "format": FORMAT, "version": VERSION, "name": self.name, "modality": self.modality,
-            "vocab_size": self.vocab_size, "dtype": self.dtype, "tokenizer": self.tokenizer,
-            "bytes_per_token": (nbytes / tokens) if tokens and nbytes else 1.0,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": self.splits,
-        }
-        m.update(self.extra)
-        return m
+        return build_manifest(self.name, self.modality, self.vocab_size, self.tokenizer, self.splits, self.extra)
+
+    def close_shards(self) -> dict:
+        """Flush open shards without writing a manifest (one task of a parallel preparation). Returns the splits."""
+        for split in list(self._open):
+            self._flush(split)
+        return self.splits
+
+    def write_manifest(self, m: dict) -> None:
+        check_manifest(m, join(self.url, "manifest.json"))
+        self._write("manifest.json", json.dumps(m, indent=1).encode())
 
     def finish(self) -> dict:
         """Flush open shards, then write manifest.json (last). Returns the manifest."""
-        for split in list(self._open):
-            self._flush(split)
+        self.close_shards()
         m = self.manifest()
-        check_manifest(m, join(self.url, "manifest.json"))
-        self._write("manifest.json", json.dumps(m, indent=1).encode())
+        self.write_manifest(m)
         self._finished = True
         return m
 
@@ -157,6 +169,21 @@ class DatasetWriter:
     def __exit__(self, exc_type, *_) -> None:
         if exc_type is None and not self._finished:
             self.finish()
+
+
+def build_manifest(name: str, modality: str, vocab_size: int, tokenizer: str | None, splits: dict,
+                   extra: dict | None = None) -> dict:
+    """The manifest of a dataset whose shards are ``splits`` (see hgscale/data/shards.py)."""
+    tokens = sum(s["num_tokens"] for s in splits.values())
+    nbytes = sum(s["num_bytes"] for s in splits.values())
+    m: dict[str, Any] = {
+        "format": FORMAT, "version": VERSION, "name": name, "modality": modality,
+        "vocab_size": int(vocab_size), "dtype": dtype_for_vocab(int(vocab_size)), "tokenizer": tokenizer,
+        "bytes_per_token": (nbytes / tokens) if tokens and nbytes else 1.0,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "splits": splits,
+    }
+    m.update(extra or {})
+    return m
 
 
 def summary(m: dict, url: str) -> str:
@@ -181,4 +208,4 @@ def opts_from_args(args) -> dict:
     return storage_options(endpoint_url=args.s3_endpoint_url, region=args.s3_region)
 
 
-__all__ = ["DatasetWriter", "DTYPE_EXT", "summary", "add_storage_args", "opts_from_args"]
+__all__ = ["DatasetWriter", "build_manifest", "DTYPE_EXT", "summary", "add_storage_args", "opts_from_args"]

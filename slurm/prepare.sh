@@ -1,0 +1,64 @@
+#!/bin/bash
+# Prepare a text corpus on many machines: one array task per machine, each its own share of the inputs.
+#
+#   sbatch --array=0-63 slurm/prepare.sh --input 's3://bucket/crawl/*.jsonl.zst' --out s3://bucket/crawl-bytes
+#   sbatch --array=0-63 --cpus-per-task=16 slurm/prepare.sh --input ... --out URL --tokenizer sentencepiece \
+#       --tokenizer-model URL/tokenizer.model
+#
+# Arguments are those of `python -m data_pipelines.text`. Task I of N (N = the array's size, I counted from
+# its first index) passes --num-tasks N --task-index I and --workers $SLURM_CPUS_PER_TASK; the inputs are cut
+# into N contiguous ranges of about equal bytes, the same in every task, and each task writes its own shards
+# and tasks/task-I-of-N.json. When a task finishes it tries `python -m data_pipelines.merge URL`: the merge
+# refuses while any task is missing, so the last task to finish writes manifest.json. A failed task can be
+# re-run alone (sbatch --array=I ... with the same arguments and the same --array size given as
+# HGSCALE_NUM_TASKS=N); run the merge by hand afterwards. SentencePiece across tasks needs one shared model:
+# train it first (`python -m data_pipelines.text ... --tokenizer sentencepiece --tokenizer-only`).
+# Submit from the repository root with the Python environment active; HGSCALE_PYTHON names another one.
+#
+#SBATCH --job-name=hgscale-prepare
+#SBATCH --nodes=1
+#SBATCH --ntasks=1
+#SBATCH --cpus-per-task=8
+#SBATCH --time=12:00:00
+#SBATCH --output=%x-%A_%a.log
+
+set -uo pipefail
+
+say() { echo "hgscale-prepare: $*"; }
+die() { echo "hgscale-prepare: error: $*" >&2; exit 2; }
+
+[ -n "${SLURM_ARRAY_TASK_ID:-}" ] || die "submit this script as an array job: sbatch --array=0-63 slurm/prepare.sh ..."
+[ $# -ge 1 ] || die "no arguments; usage: sbatch --array=0-N slurm/prepare.sh --input URL_OR_GLOB... --out URL [...]"
+cd "${SLURM_SUBMIT_DIR:-$PWD}" || die "cannot enter the submit directory ${SLURM_SUBMIT_DIR:-}"
+PY=${HGSCALE_PYTHON:-python}
+
+FIRST=${SLURM_ARRAY_TASK_MIN:-0}
+NUM_TASKS=${HGSCALE_NUM_TASKS:-${SLURM_ARRAY_TASK_COUNT:-$(( ${SLURM_ARRAY_TASK_MAX:-0} - FIRST + 1 ))}}
+[ -n "${HGSCALE_NUM_TASKS:-}" ] && FIRST=0   # a re-run of single tasks: indices are absolute
+TASK=$(( SLURM_ARRAY_TASK_ID - FIRST ))
+WORKERS=${SLURM_CPUS_PER_TASK:-1}
+
+OUT=""
+MERGE_ARGS=()
+prev=""
+for a in "$@"; do
+    [ "$prev" = "--out" ] && OUT=$a
+    case $prev in --s3-endpoint-url|--s3-region) MERGE_ARGS+=("$prev" "$a") ;; esac
+    case $a in --out=*) OUT=${a#--out=} ;; --s3-endpoint-url=*|--s3-region=*) MERGE_ARGS+=("$a") ;; esac
+    prev=$a
+done
+[ -n "$OUT" ] || die "no --out given"
+
+say "task $TASK of $NUM_TASKS on $(hostname -s), $WORKERS worker(s), out $OUT"
+"$PY" -m data_pipelines.text "$@" --num-tasks "$NUM_TASKS" --task-index "$TASK" --workers "$WORKERS"
+rc=$?
+[ $rc -eq 0 ] || die "task $TASK failed (exit $rc); re-run it alone with HGSCALE_NUM_TASKS=$NUM_TASKS sbatch --array=$TASK ..."
+
+# the last task to finish writes the manifest; the others are told some are still missing
+if msg=$("$PY" -m data_pipelines.merge "$OUT" "${MERGE_ARGS[@]}" 2>&1); then
+    say "all $NUM_TASKS tasks finished; manifest written"
+    echo "$msg"
+else
+    say "not merged yet: $(echo "$msg" | tail -n 1)"
+fi
+exit 0

@@ -25,7 +25,9 @@ import re
 import shutil
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .runinfo import mask_value
 
@@ -37,6 +39,57 @@ MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 8000
 MAX_KEY_LEN = 250
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")
+
+
+# ------------------------------------------------------------------------------ the records of the queue
+
+@dataclass(frozen=True)
+class Metrics:
+    step: int
+    timestamp_ms: int   # when it was logged: a retried batch is stored once
+    values: dict
+
+
+@dataclass(frozen=True)
+class Params:
+    values: dict
+
+
+@dataclass(frozen=True)
+class Tags:
+    values: dict
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: str
+    artifact_path: str | None = None
+    staged: bool = False   # ``path`` is a copy in a directory of its own, deleted once uploaded
+
+
+@dataclass(frozen=True)
+class Status:
+    status: str          # FINISHED / KILLED / FAILED
+    end_time_ms: int     # when the run ended, not when the record got through
+
+
+@dataclass(frozen=True)
+class Call:
+    fn: Callable = field(repr=False)   # fn(client, run_id), e.g. the end-of-run plot
+
+
+@dataclass(frozen=True)
+class _End:
+    pass
+
+
+Record = Metrics | Params | Tags | Artifact | Status | Call
+_BATCHED = (Metrics, Params, Tags)
+_SPOOLED = {cls.__name__: cls for cls in (Metrics, Params, Tags, Artifact)}  # Status and Call are not replayed
+
+
+def _with_values(rec, values: dict):
+    return type(rec)(**{**asdict(rec), "values": values})
 
 
 def clean_key(key) -> str:
@@ -106,9 +159,9 @@ class MlflowSink:
 
     # ------------------------------------------------------------------ training-thread side (never blocks)
 
-    def put(self, kind: str, *payload) -> None:
+    def put(self, record: Record) -> None:
         if not self._closing.is_set() and not self.dead:
-            self._q.put((kind, *payload))
+            self._q.put(record)
 
     def wait_ready(self, timeout: float) -> bool:
         return self._ready.wait(timeout)
@@ -118,7 +171,7 @@ class MlflowSink:
 
     def close(self, timeout: float) -> bool:
         """Stop accepting records, deliver what is queued within ``timeout`` s; spool the rest. True if all sent."""
-        self._q.put(("_end",))
+        self._q.put(_End())
         self._deadline = time.monotonic() + max(timeout, 0.0)
         self._closing.set()
         self._thread.join(max(timeout, 0.0) + 2.0)
@@ -172,7 +225,7 @@ class MlflowSink:
                     item = self._q.get(timeout=0.5)
                 except queue.Empty:
                     continue
-                if item[0] == "_end":
+                if isinstance(item, _End):
                     ended = True
                 else:
                     self._pending.append(item)
@@ -203,7 +256,7 @@ class MlflowSink:
                 item = self._q.get_nowait()
             except queue.Empty:
                 return ended
-            if item[0] == "_end":
+            if isinstance(item, _End):
                 ended = True
             else:
                 self._pending.append(item)
@@ -263,18 +316,16 @@ class MlflowSink:
 
     def _make_batch(self, pending):
         """(number of leading items of ``pending`` covered, a callable that sends them)."""
-        kind = pending[0][0]
-        if kind in ("metrics", "params", "tags"):
+        if isinstance(pending[0], _BATCHED):
             from mlflow.entities import Metric, Param, RunTag
 
             metrics, params, tags = [], [], []
             n = 0
             for item in pending:
-                if item[0] not in ("metrics", "params", "tags"):
+                if not isinstance(item, _BATCHED):
                     break
-                if item[0] == "metrics":
-                    _, step, ts, values = item
-                    new = [Metric(k, v, ts, step) for k, v in values.items()]
+                if isinstance(item, Metrics):
+                    new = [Metric(k, v, item.timestamp_ms, item.step) for k, v in item.values.items()]
                     if len(metrics) + len(new) > MAX_METRICS_PER_BATCH and n:
                         break
                     metrics += new
@@ -303,34 +354,31 @@ class MlflowSink:
                 self.delivered += len(metrics) + len(params) + len(tags)
             return n, send
         item = pending[0]
-        if kind == "artifact":  # ("artifact", path, artifact_path[, staged copy to delete once uploaded])
-            _, path, artifact_path, *rest = item
-
+        if isinstance(item, Artifact):
             def send():
-                if Path(path).is_dir():
-                    self.client.log_artifacts(self.run_id, path, artifact_path)
-                elif Path(path).exists():
-                    self.client.log_artifact(self.run_id, path, artifact_path)
+                if Path(item.path).is_dir():
+                    self.client.log_artifacts(self.run_id, item.path, item.artifact_path)
+                elif Path(item.path).exists():
+                    self.client.log_artifact(self.run_id, item.path, item.artifact_path)
                 else:
-                    log.warning("artifact %s no longer exists; not logged", path)
-                if rest and rest[0]:
-                    shutil.rmtree(Path(path).parent, ignore_errors=True)
+                    log.warning("artifact %s no longer exists; not logged", item.path)
+                if item.staged:
+                    shutil.rmtree(Path(item.path).parent, ignore_errors=True)
                 self.delivered += 1
             return 1, send
-        if kind == "status":  # ("status", status, end time in ms: when the run ended, not when it got through)
-            return 1, lambda: self.client.set_terminated(self.run_id, status=item[1], end_time=item[2])
-        if kind == "call":
-            return 1, lambda: item[1](self.client, self.run_id)
-        log.warning("unknown tracking record %r dropped", kind)
+        if isinstance(item, Status):
+            return 1, lambda: self.client.set_terminated(self.run_id, status=item.status, end_time=item.end_time_ms)
+        if isinstance(item, Call):
+            return 1, lambda: item.fn(self.client, self.run_id)
+        log.warning("unknown tracking record %r dropped", item)
         return 1, lambda: None
 
     def _params_or_tags(self, item) -> dict:
         """Params go to MLflow once; on a resumed run a changed value is recorded as a tag instead of failing."""
-        kind, values = item
-        if kind == "tags":
-            return {"tags": {clean_key(k): str(v)[:MAX_TAG_LEN] for k, v in values.items()}}
+        if isinstance(item, Tags):
+            return {"tags": {clean_key(k): str(v)[:MAX_TAG_LEN] for k, v in item.values.items()}}
         params, tags = {}, {}
-        for k, v in values.items():
+        for k, v in item.values.items():
             k, v = clean_key(k), str(v)[:MAX_PARAM_LEN]
             old = self._existing_params.get(k)
             if old is None:
@@ -344,8 +392,8 @@ class MlflowSink:
         singles = []
         for _ in range(n):
             item = self._pending.popleft()
-            if item[0] in ("metrics", "params", "tags") and len(item[-1]) > 1:
-                singles += [(*item[:-1], {k: v}) for k, v in item[-1].items()]
+            if isinstance(item, _BATCHED) and len(item.values) > 1:
+                singles += [_with_values(item, {k: v}) for k, v in item.values.items()]
             else:
                 singles.append(item)
         for i, single in enumerate(singles):
@@ -357,14 +405,14 @@ class MlflowSink:
                     return
                 self.dropped += 1
                 if self.dropped <= 5 or self.dropped % 1000 == 0:   # a deleted run rejects everything: no flood
-                    log.warning("MLflow rejected %s %s (%d rejected so far): %s", single[0], str(single[1:])[:200],
-                                self.dropped, _said(e)[:300])
+                    log.warning("MLflow rejected %s (%d rejected so far): %s", str(single)[:200], self.dropped,
+                                _said(e)[:300])
 
     # ---------------------------------------------------------------------------------------- spool
 
     def _spool(self) -> None:
         """Write undelivered metrics/params/tags/artifacts as JSON lines for a resumed run to replay."""
-        items = [i for i in self._pending if i[0] in ("metrics", "params", "tags", "artifact")]
+        items = [i for i in self._pending if type(i).__name__ in _SPOOLED]
         if not items:
             return
         if self.spool_path is None:
@@ -374,7 +422,7 @@ class MlflowSink:
             self.spool_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.spool_path, "a") as f:
                 for item in items:
-                    f.write(json.dumps({"run_id": self.run_id, "item": list(item)}) + "\n")
+                    f.write(json.dumps({"run_id": self.run_id, "kind": type(item).__name__, **asdict(item)}) + "\n")
             log.warning("%d tracking records could not be delivered to %s; kept in %s and sent when the run "
                         "resumes", len(items), self.shown_uri, self.spool_path)
         except OSError as e:
@@ -390,8 +438,9 @@ class MlflowSink:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if rec.get("run_id") in (None, self.resume_run_id):
-                replay.append(tuple(rec["item"]))
+            if rec.get("run_id") in (None, self.resume_run_id) and rec.get("kind") in _SPOOLED:
+                rec.pop("run_id", None)
+                replay.append(_SPOOLED[rec.pop("kind")](**rec))
             else:
                 keep.append(line)
         for item in replay:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import names, runinfo, system
 from .gather import aggregate, gather_to_rank0
-from .mlflow_sink import MlflowSink, clean_key
+from .mlflow_sink import Artifact, Call, Metrics, MlflowSink, Params, Status, clean_key
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,13 @@ class Tracker:
                     docs[artifact] = doc
             except Exception as e:  # noqa: BLE001 - tracking trouble must not stop training
                 log.warning("could not record %s (%s: %s)", artifact or prefix, type(e).__name__, e)
-        self._sink.put("params", params)
+        self._sink.put(Params(params))
         try:
             info_dir = self.stage_dir / "run_info"
             info_dir.mkdir(parents=True, exist_ok=True)
             for name, doc in docs.items():
                 (info_dir / name).write_text(json.dumps(doc, indent=2, default=str))
-            self._sink.put("artifact", str(info_dir), "run_info")
+            self._sink.put(Artifact(str(info_dir), "run_info"))
         except OSError as e:
             log.warning("could not write the run information to %s (%s)", self.stage_dir, e)
 
@@ -168,7 +168,7 @@ class Tracker:
             for k, v in values.items():
                 if _plotted(k):
                     self._history[k].append((step, v))
-            self._sink.put("metrics", step, int(time.time() * 1000), values)
+            self._sink.put(Metrics(step, int(time.time() * 1000), values))
         except Exception as e:  # noqa: BLE001
             log.warning("metrics for step %s not logged (%s)", step, e)
 
@@ -186,7 +186,7 @@ class Tracker:
             elif not path.exists():
                 log.warning("artifact %s does not exist; not logged", path)
                 return
-            self._sink.put("artifact", str(path), artifact_path, staged)
+            self._sink.put(Artifact(str(path), artifact_path, staged))
         except Exception as e:  # noqa: BLE001
             log.warning("artifact %s not logged (%s)", path, e)
 
@@ -216,8 +216,8 @@ class Tracker:
         try:
             history = {k: list(v) for k, v in self._history.items()}
             out_png = self.stage_dir / "plots" / "loss_vs_flops.png"
-            self._sink.put("call", lambda client, run_id: _final_plot(client, run_id, history, out_png))
-            self._sink.put("status", status, int(time.time() * 1000))
+            self._sink.put(Call(lambda client, run_id: _final_plot(client, run_id, history, out_png)))
+            self._sink.put(Status(status, int(time.time() * 1000)))
             ok = self._sink.close(self.cfg.tracking.close_timeout_s if timeout is None else timeout)
             if not ok:
                 log.warning("tracking: %d records not delivered to %s before the close timeout; they are kept in %s",

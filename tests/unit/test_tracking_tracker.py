@@ -175,8 +175,8 @@ def test_unwell_server_never_blocks_training_and_nothing_is_lost(tmp_path, mode,
     finally:
         srv.shutdown()
     spool = tmp_path / "run" / "tracking_spool.jsonl"
-    spooled = [json.loads(line)["item"] for line in spool.read_text().splitlines()]
-    assert sorted(i[1] for i in spooled if i[0] == "metrics") == list(range(1, 201))
+    spooled = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert sorted(i["step"] for i in spooled if i["kind"] == "Metrics") == list(range(1, 201))
     # The next attempt of the run (here with the embedded store) replays the spool: all 200 steps arrive.
     cfg.tracking.uri = ""
     again = Tracker(cfg, 0, 1)

@@ -1,83 +1,355 @@
-"""Sample text (or pixels) from a trained model, on one device.
+"""Sample text or images from a trained model, on one device, with the incremental decoding cache.
 
     python -m hgscale.sample --checkpoint runs/demo/checkpoints --prompt "The with statement" --tokens 200
+    python -m hgscale.sample --checkpoint runs/demo/checkpoints --samples 4 --top-p 0.9 --out samples.txt
+    python -m hgscale.sample --checkpoint runs/cifar10/checkpoints --images 16 --out grid.png
+    python -m hgscale.sample --checkpoint runs/cifar10/checkpoints --complete 8 --out completions.png
 
-Byte-level models only take a text prompt (bytes in, bytes out); other vocabularies take token ids
-(``--prompt-ids 1,2,3``). The model has no incremental decoding cache: each new token re-reads the
-context window (the last ``model.max_seq_len`` tokens), which costs a full forward per token — fine for
-looking at a model, not a serving path.
+Text: byte-level models take a text prompt (bytes in, bytes out); other vocabularies take token ids
+(``--prompt-ids 1,2,3``). One sample streams to stdout as it is produced; ``--out FILE`` also writes every
+sample there. Images (the checkpoint's dataset, or ``--data-url``, must be an image dataset): ``--images N``
+samples N images, each from the first sub-pixel of a test image (training windows start at image
+boundaries, so the model never predicts a first sub-pixel); ``--complete N`` gives the model the top half of
+N test images and samples the bottom half, each completion beside its original. When the checkpoint belongs
+to an MLflow run, the file written by ``--out`` is logged to that run under ``samples/``.
+
+A context longer than model.max_seq_len is handled by a sliding re-prefill: when the sequence outgrows the
+window, the cache restarts from its last ``max_seq_len // 2`` tokens (``use_cache=False`` recomputes with the
+same windows, a full forward per token).
 """
 from __future__ import annotations
 
 import argparse
+import codecs
+import json
+import math
 import sys
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 
 from hgscale.config import ConfigError
 
+# ----------------------------------------------------------------------------------------- sampling
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """(B, V) -> the same with -inf outside the k most likely tokens and outside the nucleus: the smallest
+    set of most likely tokens whose probability reaches top_p (the most likely token is always kept)."""
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        srt, idx = logits.sort(dim=-1, descending=True)
+        p = srt.softmax(-1)
+        drop_sorted = (p.cumsum(-1) - p) >= top_p  # the mass before this token already reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B, 1) token ids; temperature 0 is greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(-1, keepdim=True)
+    probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def _check_args(model, prompt, n_tokens, temperature, top_k, top_p, stop) -> None:
+    V = model.cfg.vocab_size
+    if prompt.dim() != 2 or prompt.shape[1] < 1 or prompt.dtype != torch.long:
+        raise ValueError(f"prompt must be a LongTensor (batch, length >= 1); got {prompt.dtype} {tuple(prompt.shape)}")
+    if int(prompt.min()) < 0 or int(prompt.max()) >= V:
+        raise ValueError(f"prompt ids must lie in [0, {V}) (model.vocab_size)")
+    problems = [f"n_tokens = {n_tokens} must be >= 0" if n_tokens < 0 else "",
+                f"temperature = {temperature} must be >= 0 (0 = greedy)" if temperature < 0 else "",
+                f"top_k = {top_k} must be >= 0 (0 = all tokens)" if top_k < 0 else "",
+                f"top_p = {top_p} must be in (0, 1]" if not 0 < top_p <= 1 else "",
+                f"stop = {stop} must lie in [0, {V})" if stop is not None and not 0 <= stop < V else ""]
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError("; ".join(problems))
+
 
 @torch.no_grad()
 def generate(model, prompt: torch.Tensor, n_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """prompt (B, T0) long -> (B, T0 + n_tokens); temperature 0 is greedy (argmax)."""
+             generator: torch.Generator | None = None, *, top_p: float = 1.0, stop: int | None = None,
+             use_cache: bool = True, on_token: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+    """prompt (B, T0) long -> (B, T0 + n), n <= n_tokens: fewer once every row has produced ``stop`` (a row
+    that stopped earlier is padded with ``stop``). ``on_token((B,) ids)`` is called after each step.
+
+    use_cache: model.decode with one cache per window (one token of work per step); False: a full forward
+    over the window per step (the reference). Both use the same windows: the last <= max_seq_len tokens,
+    restarted from the last max_seq_len // 2 tokens whenever the sequence outgrows the window."""
+    _check_args(model, prompt, n_tokens, temperature, top_k, top_p, stop)
     model.eval()
-    max_len = model.cfg.max_seq_len
-    out = prompt
-    for _ in range(n_tokens):
-        logits = model(out[:, -max_len:])[:, -1].float()  # (B, V): the next token's distribution
-        if temperature <= 0:
-            nxt = logits.argmax(-1, keepdim=True)
+    L = model.cfg.max_seq_len
+    B, T0 = prompt.shape
+    start = max(0, T0 - L)  # first token of the window
+    out, cache = prompt, None
+    done = torch.zeros(B, dtype=torch.bool, device=prompt.device)
+    for step in range(n_tokens):
+        if out.shape[1] - start > L:
+            start, cache = out.shape[1] - max(1, L // 2), None  # slide: re-prefill the newer half
+        if not use_cache:
+            logits = model(out[:, start:])[:, -1]
+        elif cache is None:
+            cache = model.init_cache(B, max_len=min(L, out.shape[1] - start + n_tokens - step))
+            logits = model.decode(out[:, start:], cache)[:, -1]
         else:
-            logits = logits / temperature
-            if top_k:
-                kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(logits.softmax(-1), 1, generator=generator)  # (B, 1)
+            logits = model.decode(out[:, -1:], cache)[:, -1]
+        nxt = next_token(logits.float(), temperature, top_k, top_p, generator)  # (B, 1)
+        if stop is not None:
+            nxt = nxt.masked_fill(done[:, None], stop)
+            done |= nxt[:, 0] == stop
         out = torch.cat([out, nxt], dim=1)
+        if on_token is not None:
+            on_token(nxt[:, 0])
+        if stop is not None and bool(done.all()):
+            break
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+# ------------------------------------------------------------------------------------------ images
+
+def image_spec(ds) -> tuple[int, int, int]:
+    """(H, W, C) of an image dataset's samples."""
+    if ds.manifest.get("image_shape"):
+        return tuple(int(v) for v in ds.manifest["image_shape"])
+    side = math.isqrt(int(ds.manifest["sample_tokens"]) // 3)
+    return side, side, 3
+
+
+def first_images(ds, split: str, n: int, tokens_per_image: int) -> np.ndarray:
+    """The first n images of ``split`` (cycled when it has fewer): (n, tokens_per_image) int64."""
+    parts, have = [], 0
+    for part in ds.iter_split(split):
+        parts.append(part)
+        have += len(part)
+        if have >= n * tokens_per_image:
+            break
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    imgs = flat[: len(flat) // tokens_per_image * tokens_per_image].reshape(-1, tokens_per_image).astype(np.int64)
+    if not len(imgs):
+        raise ValueError(f"split {split!r} of {ds.root} holds no whole image of {tokens_per_image} tokens")
+    return imgs[np.arange(n) % len(imgs)]
+
+
+def sample_images(model, originals: np.ndarray, given: int, generator=None, **kw) -> np.ndarray:
+    """Complete each original (N, T) after its first ``given`` tokens -> (N, T) sampled images."""
+    prompt = torch.from_numpy(originals[:, :given]).to(next(model.parameters()).device)
+    out = generate(model, prompt, originals.shape[1] - given, generator=generator, **kw)
+    return out.cpu().numpy()
+
+
+def images_grid(samples: np.ndarray, shape, originals: np.ndarray | None = None) -> np.ndarray:
+    """Samples alone (ceil(sqrt(N)) columns) or each beside its original (pairs side by side)."""
+    from hgscale.grid import image_grid, tokens_to_images
+
+    imgs = tokens_to_images(samples, shape)
+    if originals is None:
+        return image_grid(imgs)
+    pairs = np.stack([imgs, tokens_to_images(originals, shape)], axis=1).reshape(-1, *imgs.shape[1:])
+    return image_grid(pairs, cols=2 * max(1, math.ceil(math.sqrt(len(imgs)))))
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+class UsageError(ValueError):
+    """Bad command-line input; the message names the value and the fix."""
+
+
+def _prompt_ids(args, V: int) -> list[int]:
+    if args.prompt_ids:
+        try:
+            ids = [int(t) for t in args.prompt_ids.split(",")]
+        except ValueError:
+            raise UsageError(f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of integers; "
+                             f"pass e.g. --prompt-ids 1,2,3") from None
+    elif V == 256:
+        ids = list(args.prompt.encode("utf-8")) or [10]  # an empty prompt starts after a newline
+    else:
+        raise UsageError("this model's vocabulary is not bytes; pass --prompt-ids")
+    if any(not 0 <= t < V for t in ids):
+        raise UsageError(f"prompt ids must lie in [0, {V})")
+    return ids
+
+
+def _stop_id(args, V: int) -> int | None:
+    if args.stop_id is not None:
+        if not 0 <= args.stop_id < V:
+            raise UsageError(f"--stop-id {args.stop_id} is outside the vocabulary [0, {V})")
+        return args.stop_id
+    if args.stop is None:
+        return None
+    raw = codecs.decode(args.stop, "unicode_escape").encode("utf-8")  # "\\n" on a command line -> b"\n"
+    if V != 256 or len(raw) != 1:
+        raise UsageError(f"--stop {args.stop!r} must be one byte for a byte-level model (e.g. --stop '\\n'); "
+                         f"for other vocabularies pass --stop-id")
+    return raw[0]
+
+
+class _Streamer:
+    """Writes the new tokens of row 0 to a text stream as they come (UTF-8 decoded incrementally)."""
+
+    def __init__(self, stream, as_bytes: bool):
+        self.stream, self.as_bytes, self.first = stream, as_bytes, True
+        self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def __call__(self, ids: torch.Tensor) -> None:
+        t = int(ids[0])
+        text = self.dec.decode(bytes([t])) if self.as_bytes else ("" if self.first else ",") + str(t)
+        self.first = False
+        if text:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write((self.dec.decode(b"", final=True) if self.as_bytes else "") + "\n")
+        self.stream.flush()
+
+
+def _text(args, model, cfg, gen, dev) -> Path | None:
+    V = cfg.model.vocab_size
+    ids, stop = _prompt_ids(args, V), _stop_id(args, V)
+    prompt = torch.tensor([ids] * args.samples, device=dev)
+    streamer = _Streamer(sys.stdout, V == 256) if args.samples == 1 else None
+    if streamer and V == 256:
+        sys.stdout.write(args.prompt)
+    out = generate(model, prompt, args.tokens, args.temperature, args.top_k, gen, top_p=args.top_p, stop=stop,
+                   use_cache=not args.no_cache, on_token=streamer)
+    if streamer:
+        streamer.close()
+    texts = []
+    for row in out.tolist():
+        new = row[len(ids):]
+        if stop is not None and stop in new:
+            new = new[: new.index(stop) + 1]  # up to and including the stop token
+        texts.append(args.prompt + bytes(new).decode("utf-8", errors="replace") if V == 256
+                     else ",".join(map(str, new)))
+    if not streamer:
+        sys.stdout.write("".join(f"--- sample {i} ---\n{t}\n" for i, t in enumerate(texts)))
+    if not args.out:
+        return None
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"--- sample {i} ---\n{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    return path
+
+
+def _open_image_dataset(args, cfg):
+    from hgscale.data import open_dataset
+    from hgscale.data.storage import DataError
+
+    flag = f"--images {args.images}" if args.images else f"--complete {args.complete}"
+    if args.data_url:
+        cfg.data.url = args.data_url
+    try:
+        ds = open_dataset(cfg.data)
+    except DataError as e:
+        raise UsageError(f"{flag} needs the model's image dataset to tell the image size and take test images, and "
+                         f"{cfg.data.url!r} cannot be opened ({e}); pass --data-url DIR of the prepared dataset") from None
+    if ds.modality != "image":
+        raise UsageError(f"{flag}: this model was trained on {ds.modality} data ({cfg.data.url}), not images; "
+                         f"sample text with --prompt (and --out samples.txt) instead")
+    return ds
+
+
+def _images(args, model, cfg, gen) -> Path:
+    from hgscale.grid import write_png
+
+    ds = _open_image_dataset(args, cfg)
+    shape = image_spec(ds)
+    T = int(np.prod(shape))
+    if T > cfg.model.max_seq_len:
+        raise UsageError(f"an image is {T} tokens but model.max_seq_len = {cfg.model.max_seq_len}: this model cannot "
+                         f"hold a whole image")
+    n = args.images or args.complete
+    originals = first_images(ds, cfg.data.test_split, n, T)
+    given = 1 if args.images else (shape[0] // 2) * shape[1] * shape[2]  # first sub-pixel, or the top half rows
+    samples = sample_images(model, originals, given, gen, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, use_cache=not args.no_cache)
+    grid = images_grid(samples, shape, originals if args.complete else None)
+    path = write_png(args.out or "grid.png", grid)
+    print(f"wrote {path}: {n} {'completions beside their originals' if args.complete else 'samples'}, "
+          f"{shape[0]}x{shape[1]}, grid {grid.shape[1]}x{grid.shape[0]}")
+    return path
+
+
+def log_to_run(path: Path, checkpoint: str, cfg) -> str | None:
+    """Log ``path`` to the checkpoint's MLflow run under samples/; the run id, or None without a run."""
+    from hgscale.checkpoint import META, CheckpointError, resolve
+
+    try:
+        root, tag = resolve(checkpoint)
+    except CheckpointError:
+        return None  # an exported model: no run
+    run_id = json.loads((root / tag / META).read_text()).get("run_id")
+    if not run_id:
+        return None
+    from mlflow.tracking import MlflowClient
+
+    from hgscale.tracking.tracker import resolve_uri
+
+    MlflowClient(tracking_uri=resolve_uri(cfg)).log_artifact(run_id, str(path), artifact_path="samples")
+    return run_id
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m hgscale.sample", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="training checkpoint directory or exported directory")
     ap.add_argument("--prompt", default="", help="text prompt (byte-level models)")
     ap.add_argument("--prompt-ids", default="", help="comma-separated token ids (any vocabulary)")
     ap.add_argument("--tokens", type=int, default=200, help="tokens to generate")
+    ap.add_argument("--samples", type=int, default=1, help="text samples of the prompt, generated as one batch")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     ap.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the most likely tokens of this mass")
+    ap.add_argument("--stop", default=None, help="stop after this byte (byte-level models; escapes such as \\n)")
+    ap.add_argument("--stop-id", type=int, default=None, help="stop after this token id")
+    ap.add_argument("--images", type=int, default=0, help="image models: sample this many images into a PNG grid")
+    ap.add_argument("--complete", type=int, default=0, help="image models: complete the lower half of this many "
+                                                            "test images, each beside its original")
+    ap.add_argument("--data-url", default="", help="the image dataset (default: the checkpoint's data.url)")
+    ap.add_argument("--out", default="", help="write the samples here (.txt for text, .png grid for images)")
+    ap.add_argument("--no-cache", action="store_true", help="recompute a full forward per token (reference)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     from hgscale.checkpoint import CheckpointError, load_any
 
     try:
+        for name in ("samples", "images", "complete", "tokens"):
+            if getattr(args, name) < (1 if name == "samples" else 0):
+                raise UsageError(f"--{name} {getattr(args, name)} must be >= {1 if name == 'samples' else 0}")
+        if args.images and args.complete:
+            raise UsageError("pass --images N or --complete N, not both")
         model, cfg = load_any(args.checkpoint, args.device)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        gen = torch.Generator(device=args.device).manual_seed(args.seed)
+        if args.images or args.complete:
+            path = _images(args, model, cfg, gen)
+        else:
+            path = _text(args, model, cfg, gen, args.device)
+    except (UsageError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:  # ValueError: generate's checks
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.prompt_ids:
+    if path is not None:
         try:
-            ids = [int(t) for t in args.prompt_ids.split(",")]
-        except ValueError:
-            print(f"error: --prompt-ids {args.prompt_ids!r} is not a comma-separated list of integers; "
-                  f"pass e.g. --prompt-ids 1,2,3", file=sys.stderr)
-            return 2
-    elif cfg.model.vocab_size == 256:
-        ids = list(args.prompt.encode("utf-8")) or [10]  # an empty prompt starts after a newline
-    else:
-        print("error: this model's vocabulary is not bytes; pass --prompt-ids", file=sys.stderr)
-        return 2
-    if any(not 0 <= t < cfg.model.vocab_size for t in ids):
-        print(f"error: prompt ids must lie in [0, {cfg.model.vocab_size})", file=sys.stderr)
-        return 2
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    out = generate(model, torch.tensor([ids], device=args.device), args.tokens, args.temperature, args.top_k, gen)
-    new = out[0, len(ids):].tolist()
-    if cfg.model.vocab_size == 256:
-        sys.stdout.write(args.prompt + bytes(new).decode("utf-8", errors="replace") + "\n")
-    else:
-        print(",".join(map(str, new)))
+            run_id = log_to_run(path, args.checkpoint, cfg)
+        except Exception as e:  # noqa: BLE001 - the samples are written; tracking being away must not lose them
+            from hgscale.tracking.runinfo import mask_value
+            print(f"warning: {path} not logged to the checkpoint's MLflow run: {type(e).__name__}: "
+                  f"{mask_value(str(e))}", file=sys.stderr)
+        else:
+            if run_id:
+                print(f"logged {path} to MLflow run {run_id} under samples/", file=sys.stderr)
     return 0
 
 

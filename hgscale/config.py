@@ -2,7 +2,7 @@
 
     cfg = load_config("configs/demo.json", overrides=["train.lr=3e-4", "model.dropout=0.1"])
 
-Rules (DESIGN.md §3):
+Rules:
 - every field carries a one-line doc (``fld(default, "doc")``), shown by ``python -m hgscale.config --help-keys``;
 - unknown keys are errors naming ``section.key`` with the closest valid key;
 - wrong types name the field and the expected type;
@@ -46,6 +46,45 @@ DOWNSAMPLE = ("avg", "linear", "attention_avg", "attention_linear")
 UPSAMPLE = ("repeat", "linear", "attention_repeat", "attention_linear")
 ATTENTION = ("relative", "rotary")
 ATTN_IMPL = ("auto", "sdpa", "blocked", "naive")
+VANILLA_ATTENTION = ("full", "lsh")
+INIT = ("trax", "normal")
+
+# trax lr_schedules.multifactor factors: those hgscale implements, and the others trax knows (named in errors).
+LR_FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "cosine_decay")
+_TRAX_ONLY_FACTORS = ("rsqrt_normalized_decay", "decay_every", "two_constants")
+LR_SCHEDULES = ("cosine", "rsqrt", "constant")
+
+
+def lr_factors(schedule: str) -> list[str]:
+    """The trax factors of a multifactor schedule string ("constant * linear_warmup * rsqrt_decay"), or []
+    for hgscale's own schedule names. A string with '*' is a trax multifactor string."""
+    return [f.strip() for f in schedule.split("*")] if "*" in schedule else []
+
+
+def lr_schedule_problems(t: "TrainConfig") -> list[str]:
+    """Problems of train.lr_schedule: a trax factor we do not implement is an error, never a silent default."""
+    factors = lr_factors(t.lr_schedule)
+    if not factors:
+        if t.lr_schedule not in LR_SCHEDULES:
+            return [f"train.lr_schedule = {t.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}, or a trax "
+                    f"multifactor string of {', '.join(LR_FACTORS)} such as 'constant * linear_warmup * rsqrt_decay'"]
+        return []
+    out = []
+    for f in factors:
+        if f in _TRAX_ONLY_FACTORS:
+            out.append(f"train.lr_schedule = {t.lr_schedule!r}: the trax factor {f!r} is not implemented by hgscale "
+                       f"(implemented: {', '.join(LR_FACTORS)})")
+        elif f not in LR_FACTORS:
+            out.append(f"train.lr_schedule = {t.lr_schedule!r}: {f!r} is not a trax multifactor factor "
+                       f"(implemented: {', '.join(LR_FACTORS)})")
+    if "constant" not in factors:
+        out.append(f"train.lr_schedule = {t.lr_schedule!r} has no 'constant' factor, so train.lr would be ignored: "
+                   f"add 'constant *'")
+    if "linear_warmup" in factors and t.warmup_steps < 1:
+        out.append(f"train.lr_schedule = {t.lr_schedule!r} has 'linear_warmup', which divides by "
+                   f"train.warmup_steps = {t.warmup_steps}: set it >= 1")
+    return out
+
 
 _LEVEL_RE = re.compile(r"^(\d+)@(\d+)$")
 
@@ -103,7 +142,15 @@ class ModelConfig:
     dropout: float = fld(0.2, "Dropout on embeddings, residual branches and feed-forward hidden units.")
     attn_dropout: float = fld(0.0, "Dropout on attention probabilities.")
     max_seq_len: int = fld(8192, "Longest sequence (tokens) the model is built for (evaluation context included).")
-    init_std: float = fld(0.02, "Standard deviation of the normal initialisation of weights.")
+    init: str = fld("trax", "Weight initialisation: 'trax' (Glorot-uniform dense layers, embedding U(+-sqrt(3/d_model)), "
+                            "as trax) or 'normal' (N(0, init_std) weights, zero biases).")
+    init_std: float = fld(0.02, "Standard deviation of the normal initialisation of weights (model.init = 'normal').")
+    vanilla_attention: str = fld("full", "Attention of the full-resolution (factor 1) blocks: 'full' (model.attention) "
+                                         "or 'lsh' (trax PureLSHSelfAttention: shared QK, rotary, causal).")
+    lsh_chunk_len: int = fld(256, "LSH: sorted positions per chunk (trax chunk_len).")
+    lsh_n_hashes: int = fld(2, "LSH: hashing rounds (trax n_hashes).")
+    lsh_chunks_before: int = fld(1, "LSH: earlier chunks each chunk also attends to (trax n_chunks_before).")
+    lsh_n_buckets: int = fld(0, "LSH: buckets per round, even; 0 = trax's 2 * max(1, T // lsh_chunk_len).")
     attn_impl: str = fld("auto", "Relative attention kernel: 'auto' (sdpa on GPU, blocked on CPU), 'sdpa', 'blocked' or 'naive'.")
 
     def levels(self) -> list[tuple[int, int]]:
@@ -123,7 +170,7 @@ class ModelConfig:
         except ValueError as e:
             out.append(str(e))
         for name, choices in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("attention", ATTENTION),
-                              ("attn_impl", ATTN_IMPL)):
+                              ("attn_impl", ATTN_IMPL), ("vanilla_attention", VANILLA_ATTENTION), ("init", INIT)):
             val = getattr(self, name)
             if val not in choices:
                 out.append(f"model.{name} = {val!r} is not one of {', '.join(choices)}")
@@ -131,6 +178,8 @@ class ModelConfig:
             out.append(f"model.d_model = {self.d_model} is not divisible by model.n_heads = {self.n_heads}")
         elif self.attention == "rotary" and (self.d_model // self.n_heads) % 2:
             out.append(f"model.attention = 'rotary' needs an even head width; d_model/n_heads = {self.d_model // self.n_heads}")
+        if self.vanilla_attention == "lsh":
+            out += self._lsh_problems()
         for name in ("vocab_size", "d_model", "d_ff", "max_seq_len"):
             if getattr(self, name) < 1:
                 out.append(f"model.{name} = {getattr(self, name)} must be >= 1")
@@ -139,8 +188,27 @@ class ModelConfig:
                 out.append(f"model.{name} = {getattr(self, name)} must be in [0, 1)")
         return out
 
+    def _lsh_problems(self) -> list[str]:
+        out = [f"model.{n} = {getattr(self, n)} must be >= 1" for n in ("lsh_chunk_len", "lsh_n_hashes")
+               if getattr(self, n) < 1]
+        if self.lsh_chunks_before < 0:
+            out.append(f"model.lsh_chunks_before = {self.lsh_chunks_before} must be >= 0")
+        if self.lsh_n_buckets < 0 or self.lsh_n_buckets % 2:
+            out.append(f"model.lsh_n_buckets = {self.lsh_n_buckets} must be 0 (automatic) or a positive even number")
+        if self.d_model % 2:
+            out.append(f"model.vanilla_attention = 'lsh' rotates queries/keys over d_model, which must be even; "
+                       f"model.d_model = {self.d_model}")
+        try:
+            if self.attention == "relative" and len(self.levels()) == 1:
+                out.append(f"model.vanilla_attention = 'lsh' makes every block of {self.hierarchy!r} LSH, so the "
+                           f"relative-attention biases would get no gradient: set model.attention = 'rotary'")
+        except ValueError:
+            pass  # the hierarchy's own problem is reported once, above
+        return out
 
-# Named sizes. `debug` is what CPU tests and the demo build on.
+
+# Named sizes. `debug` is what CPU tests and the demo build on. The paper's sizes follow google/trax
+# trax/supervised/configs/hourglass_<name>.gin (HourglassLM.*; trax passes `dropout` to attention too).
 MODEL_SIZES: dict[str, dict[str, Any]] = {
     "debug": dict(vocab_size=256, d_model=32, n_heads=2, d_ff=64, hierarchy="1@1 2@2 1@1",
                   dropout=0.0, max_seq_len=512),
@@ -154,9 +222,13 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
                        downsample="attention_linear", upsample="attention_linear", dropout=0.01,
                        attn_dropout=0.01, max_seq_len=3072),
     "imagenet64": dict(vocab_size=256, d_model=768, n_heads=8, d_ff=3072, hierarchy="3@1 12@3 3@1",
-                       downsample="linear", upsample="linear", dropout=0.0, max_seq_len=12288),
+                       downsample="linear", upsample="linear", dropout=0.0, max_seq_len=12288,
+                       vanilla_attention="lsh", lsh_chunk_len=256, lsh_n_hashes=2, lsh_chunks_before=1),
     "cifar10": dict(vocab_size=256, d_model=512, n_heads=8, d_ff=2048, hierarchy="1@1 8@3 1@1",
-                    downsample="linear", upsample="linear", dropout=0.0, max_seq_len=3072),
+                    downsample="attention_linear", upsample="attention_linear", dropout=0.0, max_seq_len=3072),
+    "wiki40b": dict(vocab_size=32000, d_model=512, n_heads=8, d_ff=2048, hierarchy="4@1 8@4 4@1",
+                    downsample="attention_avg", upsample="attention_linear", attention="relative",
+                    dropout=0.0, attn_dropout=0.0, max_seq_len=2048),
 }
 
 
@@ -167,6 +239,8 @@ class DataConfig:
     """Where shards live and how they stream (hgscale.data)."""
 
     url: str = fld("", "Dataset root holding manifest.json and shards: a path, file:// or s3:// URL.")
+    mixture: list = fld([], "Instead of url: weighted sources [{\"name\", \"url\", \"weight\"}, ...]; windows drawn "
+                            "from each with probability proportional to its weight (hgscale/data/mixture.py).")
     train_split: str = fld("train", "Split name used for training.")
     valid_split: str = fld("valid", "Split name used for periodic validation.")
     test_split: str = fld("test", "Split name used for the final test score.")
@@ -197,11 +271,12 @@ class TrainConfig:
     grad_accum_steps: int = fld(1, "Micro-batches accumulated per optimizer step.")
     global_batch_size: int = fld(0, "Sequences per optimizer step; 0 derives micro x accum x data-parallel size.")
     steps: int = fld(1000, "Optimizer steps to train.")
-    lr: float = fld(4.1e-4, "Peak learning rate.")
-    min_lr: float = fld(0.0, "Learning rate at the end of the cosine decay.")
+    lr: float = fld(4.1e-4, "Peak learning rate (trax multifactor schedules: multifactor.constant).")
+    min_lr: float = fld(0.0, "Learning rate at the end of the cosine decay (trax multifactor: its minimum).")
     warmup_steps: int = fld(4000, "Linear warm-up steps.")
-    lr_schedule: str = fld("cosine", "After warm-up: 'cosine', 'rsqrt' or 'constant'.")
-    decay_steps: int = fld(0, "Steps of the cosine decay (0 = train.steps).")
+    lr_schedule: str = fld("cosine", "After warm-up: 'cosine', 'rsqrt', 'constant', or a trax multifactor string "
+                                     "('constant * linear_warmup * rsqrt_decay'; train.lr is then its constant).")
+    decay_steps: int = fld(0, "Steps of the cosine decay (0 = train.steps); trax cosine_decay: steps_per_cycle.")
     betas: list = fld([0.9, 0.98], "Adam betas.")
     eps: float = fld(1e-9, "Adam epsilon.")
     weight_decay: float = fld(0.0, "Decoupled weight decay (AdamW); the paper uses none.")
@@ -212,7 +287,8 @@ class TrainConfig:
     log_interval: int = fld(10, "Steps between progress lines and logged metrics.")
     eval_interval: int = fld(500, "Steps between validation runs (0 disables).")
     eval_batches: int = fld(20, "Micro-batches scored per validation run.")
-    nan_policy: str = fld("stop", "A NaN/Inf loss outside fp16: 'stop' keeps the last good checkpoint and stops.")
+    hang_timeout_s: float = fld(-1.0, "Seconds without progress before the job counts as hung and stops (exit "
+                                      "status 4); -1 derives max(300, 20 x median step time), 0 disables.")
 
 
 # ------------------------------------------------------------------------------------------ parallel
@@ -226,6 +302,7 @@ class ParallelConfig:
     partition: str = fld("flops", "Pipeline split: 'flops' (balanced by compute), 'parameters' or 'uniform'.")
     activation_checkpointing: bool = fld(False, "Recompute block activations in the backward pass.")
     backend: str = fld("auto", "Process-group backend: 'auto' (nccl on GPU, gloo on CPU), 'nccl' or 'gloo'.")
+    timeout_s: float = fld(600.0, "Process-group timeout: a collective waiting longer raises an error.")
 
 
 # ------------------------------------------------------------------------------------------ tracking
@@ -266,10 +343,13 @@ class TrackingConfig:
 class CheckpointConfig:
     """Checkpoints and automatic resume."""
 
-    dir: str = fld("runs/checkpoints", "Checkpoint directory (shared by all nodes).")
+    dir: str = fld("runs/checkpoints", "Checkpoint directory shared by all nodes: a path, file:// or s3:// URL "
+                                       "(S3 settings and credentials as for data.url).")
     interval: int = fld(1000, "Steps between checkpoints (0 = only at the end and on preemption).")
     keep_last: int = fld(3, "Checkpoints kept; older ones are deleted after a successful save.")
     resume: str = fld("auto", "'auto' resumes from the latest checkpoint if any, 'never', or a checkpoint path.")
+    staging_dir: str = fld("", "Node-local directory for checkpoints of a remote checkpoint.dir (s3://...) before "
+                               "upload; empty: hgscale-staging under the system temp dir.")
 
 
 # ------------------------------------------------------------------------------------------------ top
@@ -299,12 +379,9 @@ class Config:
         """Every problem that can be seen without knowing the world size."""
         out = self.model.problems()
         t, p, d = self.train, self.parallel, self.data
-        if t.lr_schedule not in ("cosine", "rsqrt", "constant"):
-            out.append(f"train.lr_schedule = {t.lr_schedule!r} is not one of cosine, rsqrt, constant")
+        out += lr_schedule_problems(t)
         if t.precision not in ("fp32", "bf16", "fp16"):
             out.append(f"train.precision = {t.precision!r} is not one of fp32, bf16, fp16")
-        if t.nan_policy not in ("stop",):
-            out.append(f"train.nan_policy = {t.nan_policy!r} is not one of stop")
         if len(t.betas) != 2:
             out.append(f"train.betas = {t.betas} must hold two numbers")
         for name in ("micro_batch_size", "grad_accum_steps", "steps", "log_interval"):
@@ -323,9 +400,15 @@ class Config:
             out.append(f"parallel.backend = {p.backend!r} is not one of auto, nccl, gloo")
         if d.on_corrupt not in ("error", "skip"):
             out.append(f"data.on_corrupt = {d.on_corrupt!r} is not one of error, skip")
-        if not d.url:
+        if d.mixture:
+            from hgscale.data.mixture import entry_problems
+            out += entry_problems(d.mixture)
+            if d.url:
+                out.append(f"data.mixture and data.url = {d.url!r} are both set: use data.url for one dataset or "
+                           f"data.mixture for several, not both")
+        elif not d.url:
             out.append("data.url is empty: set it to the dataset root holding manifest.json "
-                       "(e.g. data.url=s3://bucket/enwik8 or a local path)")
+                       "(e.g. data.url=s3://bucket/enwik8 or a local path), or list sources in data.mixture")
         if d.seq_len < 1:
             out.append(f"data.seq_len = {d.seq_len} must be >= 1")
         elif not out and d.seq_len > self.model.max_seq_len:
@@ -335,6 +418,14 @@ class Config:
         out += self.tracking.problems(os.environ.get("MLFLOW_TRACKING_URI", ""))
         if self.checkpoint.resume not in ("auto", "never") and not self.checkpoint.resume:
             out.append("checkpoint.resume is empty: use 'auto', 'never' or a checkpoint path")
+        if t.hang_timeout_s < 0 and t.hang_timeout_s != -1:
+            out.append(f"train.hang_timeout_s = {t.hang_timeout_s}: use seconds > 0, -1 (derived) or 0 (off)")
+        if p.timeout_s <= 0:
+            out.append(f"parallel.timeout_s = {p.timeout_s} must be > 0 seconds")
+        scheme = self.checkpoint.dir.split("://", 1)[0].lower() if "://" in self.checkpoint.dir else "file"
+        if scheme not in ("file", "s3", "s3a"):
+            out.append(f"checkpoint.dir = {self.checkpoint.dir!r} has an unknown scheme {scheme!r}: use a path, "
+                       f"file:///path or s3://bucket/prefix")
         return out
 
     def check_world(self, world_size: int) -> list[str]:
@@ -500,13 +591,21 @@ def field_docs(cls=Config, prefix: str = "") -> list[tuple[str, str, Any]]:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m hgscale.config [CONFIG] [key=value ...]`` prints the resolved config, or ``--help-keys``."""
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] == "--help-keys":
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m hgscale.config",
+                                 description="Print the resolved config of CONFIG with overrides applied, or every "
+                                             "config key with its default and doc.")
+    ap.add_argument("config", nargs="?", help="JSON config file (see configs/)")
+    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
+    ap.add_argument("--help-keys", action="store_true", help="list every config key, its default and its doc")
+    args = ap.parse_args(argv)
+    if args.help_keys or args.config is None:
         for key, doc, default in field_docs():
             print(f"{key:36s} {json.dumps(default):>22s}  {doc}")
         return 0
     try:
-        cfg = load_config(argv[0], argv[1:])
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -164,7 +164,11 @@ class Dataset:
 def open_dataset(data_cfg: Any, verify_checksums: bool | None = None) -> Dataset:
     """Open the dataset at ``data_cfg.url``: read and check the manifest; check that every shard exists
     with its recorded size (``data.verify_manifest``) and, optionally, every checksum and count
-    (``data.verify_checksums``). Problems raise DataError naming the URL, before training starts."""
+    (``data.verify_checksums``). Problems raise DataError naming the URL, before training starts.
+    ``data.mixture`` (and no url) opens every source and returns a :class:`~hgscale.data.mixture.Mixture`."""
+    if getattr(data_cfg, "mixture", None) and not data_cfg.url:
+        from .mixture import open_mixture
+        return open_mixture(data_cfg, lambda sub: open_dataset(sub, verify_checksums))
     root = (data_cfg.url or "").rstrip("/")
     check_start_method(getattr(data_cfg, "worker_start_method", "forkserver"))  # before any download
     opts = storage_options(data_cfg)

@@ -234,6 +234,9 @@ def export(root: str | Path, out: str | Path, tag: str | None = None) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "hgscale": "HourglassLM"})
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    from hgscale.tracking.checkpoint_run import checkpoint_run, save_run_file
+
+    save_run_file(checkpoint_run(Path(root) / tag if tag else root), out)  # later scores go to the training run
     return out
 
 

@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-chunks", type=int, default=None, help="score only the first N chunks/batches (quick look)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default=None, help="also write the result to this JSON file")
+    ap.add_argument("--no-track", action="store_true",
+                    help="do not log the result into the checkpoint's MLflow run")
     args = ap.parse_args(argv)
     try:
         r = evaluate(args.checkpoint, args.split, args.data_url, args.protocol, args.chunk, args.context_chunks,
@@ -128,7 +130,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=1)
+    if not args.no_track:
+        _log_to_training_run(args.checkpoint, r)
     return 0
+
+
+def _log_to_training_run(checkpoint: str, r: dict) -> None:
+    """``<split>/<metric>`` and ``<split>/loss`` into the run that trained the checkpoint (the report's test
+    column reads ``test/<metric>``)."""
+    from hgscale.tracking.checkpoint_run import checkpoint_run, log_to_run
+
+    run = checkpoint_run(checkpoint)
+    metrics = {f"{r['split']}/{r['metric']}": r["value"], f"{r['split']}/loss": r["loss_nats"]}
+    if log_to_run(run, metrics=metrics):
+        print(f"logged {', '.join(metrics)} to MLflow run {run.run_id} at step {run.step}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ MAX_PARAMS_TAGS_PER_BATCH = 100
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 8000
 MAX_KEY_LEN = 250
+# MLflow 3's UI opens an experiment with this tag as model training, not as GenAI evaluations
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 _BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")
 
 
@@ -310,6 +312,8 @@ class MlflowSink:
                 exp_id = exp.experiment_id
         else:
             exp_id = exp.experiment_id
+        if exp is None or EXPERIMENT_KIND[0] not in exp.tags:
+            c.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         tags = {clean_key(k): str(v)[:MAX_TAG_LEN] for k, v in self.tags.items()}
         run = c.create_run(exp_id, run_name=self.run_name or None, tags=tags)
         self.run_id = run.info.run_id

@@ -47,7 +47,7 @@ def test_sliding_protocol_scores_every_token_once_with_its_context():
 
 
 def test_evaluate_cli_on_a_training_checkpoint(tmp_path, demo_data):  # noqa: F811
-    cfg = tiny_config(tmp_path, demo_data, "ev.json")
+    cfg = tiny_config(tmp_path, demo_data, "ev.json", tracking={"enabled": True})
     launch(1, TRAIN, ["--config", str(cfg)])
     out = tmp_path / "result.json"
     r = subprocess.run([sys.executable, "-m", "hgscale.evaluate", "--checkpoint", str(tmp_path / "ev_ckpt"),
@@ -66,6 +66,22 @@ def test_evaluate_cli_on_a_training_checkpoint(tmp_path, demo_data):  # noqa: F8
     assert n == 12 * 32
     assert res["value"] == pytest.approx(nll / n / math.log(2), rel=1e-5)  # bytes: bpc = nats / ln 2
     assert 4.0 < res["value"] < 8.5  # 4 steps from a uniform 8 bits
+
+    # the score went into the training run, at the checkpoint's step, where the report's test column reads it
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'ev_run' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("hgscale")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (run,) = client.search_runs([exp.experiment_id])
+    hist = client.get_metric_history(run.info.run_id, "test/bpc")
+    assert [(m.step, m.value) for m in hist] == [(4, pytest.approx(res["value"]))]
+    assert f"logged test/bpc, test/loss to MLflow run {run.info.run_id} at step 4" in r.stdout
+
+    # an exported model keeps the link to its run
+    from hgscale.checkpoint import export
+    from hgscale.tracking.checkpoint_run import checkpoint_run
+    exported = checkpoint_run(export(tmp_path / "ev_ckpt", tmp_path / "export"))
+    assert (exported.run_id, exported.step) == (run.info.run_id, 4)
 
 
 def test_evaluate_cli_names_a_missing_checkpoint(tmp_path):

@@ -127,6 +127,8 @@ class TrainEngine:
             self.stage_id, self.num_stages = self.engine.stage_id, self.engine.num_stages
             self.dp_rank, self.dp_size = grid.data_parallel_id, grid.data_parallel_size
             self.is_first, self.is_last = self.engine.is_first_stage(), self.engine.is_last_stage()
+            from hgscale.distributed.pipe_timing import CommTimer
+            self.comm = CommTimer(self.engine)
         else:
             self.stage_id, self.num_stages = 0, 1
             self.dp_rank, self.dp_size = rt.rank, rt.world_size
@@ -137,15 +139,18 @@ class TrainEngine:
     # ------------------------------------------------------------------------------------ training
     def train_step(self, data_iter) -> float:
         """One optimizer step over the global batch; returns the mean loss (nats/token) on every rank.
-        ``timings`` gets data_s (waiting for batches), compute_s (fwd+bwd) and optimizer_s."""
+        ``timings`` gets data_s (waiting for batches), compute_s (fwd+bwd), optimizer_s and, in a pipeline,
+        wait_s (waiting on the neighbouring stages)."""
         it = _Timed(data_iter, self.rt.device) if data_iter is not None else None
         t0 = time.perf_counter()
         if self.pipeline:
             loss = float(self.engine.train_batch(it))
             total = time.perf_counter() - t0
-            data_s = it.seconds if it else 0.0
-            # forward, backward and the optimizer step all run inside train_batch: compute_s holds the three
-            self.timings = {"data_s": data_s, "compute_s": total - data_s, "optimizer_s": 0.0, "step_s": total}
+            data_s, wait_s = (it.seconds if it else 0.0), self.comm.take()
+            # forward, backward and the optimizer step all run inside train_batch: compute_s holds the three;
+            # wait_s is the time spent in sends/receives, waiting on the neighbouring stages (the bubble)
+            self.timings = {"data_s": data_s, "wait_s": wait_s, "compute_s": total - data_s - wait_s,
+                            "optimizer_s": 0.0, "step_s": total}
         else:
             self.engine.train()
             acc = torch.zeros((), device=self.rt.device)

@@ -105,7 +105,8 @@ class Window:
     loss: float = 0.0
     n: int = 0
     t0: float = field(default_factory=time.perf_counter)
-    parts: dict = field(default_factory=lambda: dict.fromkeys(("data_s", "compute_s", "optimizer_s", "step_s"), 0.0))
+    parts: dict = field(default_factory=lambda: dict.fromkeys(("data_s", "wait_s", "compute_s", "optimizer_s",
+                                                               "step_s"), 0.0))
 
     def add(self, r: StepResult) -> None:
         for k in self.parts:
@@ -160,7 +161,7 @@ class ProgressLog(Part):
                              perf.get(names.MFU), (t.steps - step) * dt / n)
         self.bar.write(line) if self.bar is not None else tr.say(line)
         metrics = {names.TRAIN_LOSS: loss, f"train/{tr.metric}": loss * tr.bits, names.LR: lr, **perf,
-                   **win.shares(), "time/bubble_share": tr.bubble,
+                   **win.shares(), "pipeline/bubble_share_ideal": tr.bubble,
                    "train/skipped_steps": tr.eng.skipped_steps() - self.skipped0,
                    names.PEAK_MEMORY_GB: peak_memory_gb(),
                    names.GRAD_NORM: tr.eng.grad_norm(), names.LOSS_SCALE: tr.eng.loss_scale()}

@@ -15,8 +15,8 @@ from pathlib import Path
 from hgscale.checkpoint import CheckpointManager, resume_point
 from hgscale.config import Config
 from hgscale.distributed.ds_config import batch_layout
-from hgscale.distributed.parts import (Checkpointing, Halt, NanGuard, Part, Preemption, ProgressLog, StepResult,
-                                       Validation)
+from hgscale.distributed.mixture_parts import data_parts
+from hgscale.distributed.parts import Checkpointing, Halt, NanGuard, Part, Preemption, ProgressLog, StepResult
 
 
 class Trainer:
@@ -36,7 +36,7 @@ class Trainer:
         self._open_stream(state)
         self._start_meter(state)
         self.progress = ProgressLog(self)
-        self.parts: list[Part] = [NanGuard(), self.progress, Validation(self), preemption, Checkpointing(),
+        self.parts: list[Part] = [NanGuard(), self.progress, *data_parts(self), preemption, Checkpointing(),
                                   *(extra_parts or [])]
 
     # ------------------------------------------------------------------------------------------ set-up

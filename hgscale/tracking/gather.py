@@ -29,8 +29,8 @@ def aggregate(records: list[dict]) -> dict[str, float]:
 
     - ``time/<name>``: the slowest rank (a synchronous step waits for it); ``time/stage<s>/<name>``: mean over the
       data-parallel ranks of stage s.
-    - ``pipeline/bubble_share``: share of the step a stage sits idle, 1 - compute_s / step_s, averaged over
-      stages (needs both timings; with one stage it is the time spent outside forward/backward/optimizer).
+    - ``pipeline/bubble_share``: share of the step a stage waits on its neighbouring stages, wait_s / step_s,
+      averaged over stages (pipelines only: their ranks report wait_s).
     - ``system/<node>/...``: node CPU and memory from the node's first rank, RSS summed over its ranks, GPU peak
       memory the largest on the node.
     - ``memory/max_rank_peak_gb``: the largest per-rank peak (GPU memory, else RSS) of the job.
@@ -50,11 +50,11 @@ def aggregate(records: list[dict]) -> dict[str, float]:
                     out[f"time/stage{s}/{clean_key(name)}"] = mean(sv)
     idle = []
     for recs in by_stage.values():
-        per = [1.0 - t["compute_s"] / t["step_s"] for t in recs if t.get("step_s") and "compute_s" in t]
+        per = [t["wait_s"] / t["step_s"] for t in recs if t.get("step_s") and "wait_s" in t]
         if per:
             idle.append(mean(per))
     if idle:
-        out["pipeline/bubble_share"] = max(0.0, mean(idle))
+        out["pipeline/bubble_share"] = mean(idle)
 
     by_node: dict[str, list[dict]] = defaultdict(list)
     for r in records:

@@ -82,13 +82,14 @@ def main():
             ds = open_dataset(cfg.data)
             it = iter(ds.stream(cfg.data.train_split, cfg.train.micro_batch_size, cfg.data.seq_len, eng.dp_rank,
                                 eng.dp_size, seed=cfg.data.seed))
-    losses, hashes, seen = [], [], []
+    losses, hashes, seen, timings = [], [], [], []
     if it is not None:  # record what the engine reads, as read, for data-order checks
         it = (seen.append(b) or b for b in it)
     for _ in range(args.steps):
         losses.append(eng.train_step(it))
         hashes.append([digest(x, y) for x, y in seen])
         seen.clear()
+        timings.append(eng.timings)
 
     if args.checkpoint:
         from hgscale.checkpoint import CheckpointManager
@@ -110,7 +111,8 @@ def main():
     torch.save(named_params(eng), out / f"params_rank{rt.rank}.pt")
     (out / f"rank{rt.rank}.json").write_text(json.dumps(
         {"rank": rt.rank, "stage": eng.stage_id, "dp_rank": eng.dp_rank, "reads_data": eng.reads_data,
-         "is_first": eng.is_first, "is_last": eng.is_last, "losses": losses, "hashes": hashes}))
+         "is_first": eng.is_first, "is_last": eng.is_last, "losses": losses, "hashes": hashes,
+         "timings": timings}))
     eng.barrier()
 
 

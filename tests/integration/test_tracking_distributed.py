@@ -43,8 +43,8 @@ def test_two_ranks_one_run(tmp_path, mlflow_server):
         assert sorted(m.step for m in hist) == [5, 10, 15, 20]
         assert {round(m.value, 6) for m in hist} == {step_s}
     assert run.data.metrics["time/step_s"] == pytest.approx(0.11)     # the slower stage sets the pace
-    # idle shares 1 - 0.05/0.1 = 0.5 and 1 - 0.07/0.11
-    assert run.data.metrics["pipeline/bubble_share"] == pytest.approx((0.5 + (1 - 0.07 / 0.11)) / 2)
+    # waiting shares 0.05/0.1 = 0.5 and 0.04/0.11
+    assert run.data.metrics["pipeline/bubble_share"] == pytest.approx((0.5 + 0.04 / 0.11) / 2)
     node_keys = [k for k in run.data.metrics if k.startswith("system/") and k.endswith("/rss_gb")]
     assert len(node_keys) == 1                                       # both ranks on one node
     assert run.data.metrics[node_keys[0]] > 0.1                      # two Python+torch processes

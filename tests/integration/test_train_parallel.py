@@ -83,6 +83,17 @@ def test_pipeline_first_and_last_stage_read_the_same_samples(pipeline, reference
     assert len(flat) == STEPS * 2 and len(set(flat)) == len(flat)  # and they are distinct batches
 
 
+def test_pipeline_stages_time_their_wait_on_each_other(pipeline):
+    """Each stage's step splits into data, waiting on the other stage (sends/receives) and compute; the last
+    stage cannot start a micro-batch before the first has sent it, so it waits a real share of its step."""
+    for r in pipeline["ranks"]:
+        for t in r["timings"]:
+            assert t["data_s"] + t["wait_s"] + t["compute_s"] == pytest.approx(t["step_s"], rel=1e-6)
+            assert 0.0 < t["wait_s"] < t["step_s"] and t["compute_s"] > 0.0
+    last = pipeline["ranks"][1]
+    assert sum(t["wait_s"] for t in last["timings"]) > 0.05 * sum(t["step_s"] for t in last["timings"])
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_data_parallel_matches_single_process(stage, work, demo_data, reference_synthetic, zero3):  # noqa: F811
     job = zero3 if stage == 3 else zero_job(work, demo_data, stage)

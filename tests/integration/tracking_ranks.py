@@ -30,7 +30,8 @@ def main():
         dist.all_reduce(loss)
         tr.log_metrics({names.TRAIN_LOSS: loss.item(), names.FLOPS: 1e9 * step}, step)
         if step % 5 == 0:   # every rank, same steps: a collective
-            tr.gather_and_log(step, {"step_s": 0.1 + 0.01 * rank, "compute_s": 0.05 + 0.02 * rank}, stage=rank)
+            tr.gather_and_log(step, {"step_s": 0.1 + 0.01 * rank, "compute_s": 0.05 + 0.02 * rank,
+                                     "wait_s": 0.05 - 0.01 * rank}, stage=rank)
     ok = tr.close()
     dist.barrier()
     print("RESULT " + json.dumps({"rank": rank, "run_id": tr.run_id, "closed": ok}), flush=True)

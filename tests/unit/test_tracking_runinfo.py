@@ -79,20 +79,21 @@ def test_gather_without_process_group_is_local():
 
 def test_aggregate_stages_and_nodes():
     recs = [
-        {"rank": 0, "stage": 0, "timings": {"step_s": 1.0, "compute_s": 0.8, "data_s": 0.1},
+        {"rank": 0, "stage": 0, "timings": {"step_s": 1.0, "compute_s": 0.8, "data_s": 0.1, "wait_s": 0.1},
          "system": {"node": "n1", "cpu_percent": 50.0, "mem_used_gb": 10.0, "mem_percent": 40.0, "rss_gb": 2.0,
                     "gpu_peak_gb": 30.0}},
-        {"rank": 1, "stage": 0, "timings": {"step_s": 1.2, "compute_s": 0.6, "data_s": 0.3},
+        {"rank": 1, "stage": 0, "timings": {"step_s": 1.2, "compute_s": 0.6, "data_s": 0.3, "wait_s": 0.3},
          "system": {"node": "n1", "cpu_percent": 55.0, "mem_used_gb": 11.0, "mem_percent": 41.0, "rss_gb": 3.0,
                     "gpu_peak_gb": 35.0}},
-        {"rank": 2, "stage": 1, "timings": {"step_s": 1.0, "compute_s": 0.5},
+        {"rank": 2, "stage": 1, "timings": {"step_s": 1.0, "compute_s": 0.5, "wait_s": 0.5},
          "system": {"node": "n2.cluster", "cpu_percent": 20.0, "mem_used_gb": 5.0, "mem_percent": 20.0, "rss_gb": 1.0}},
     ]
     m = aggregate(recs)
     assert m["time/step_s"] == 1.2 and m["time/data_s"] == 0.3          # slowest rank
     assert m["time/stage0/compute_s"] == 0.7 and m["time/stage1/compute_s"] == 0.5
-    # stage 0 idles (0.2 + 0.5)/2 = 0.35, stage 1 idles 0.5
-    assert abs(m["pipeline/bubble_share"] - (0.35 + 0.5) / 2) < 1e-9
+    # stage 0 waits on its neighbour (0.1 + 0.25)/2 = 0.175 of its steps, stage 1 waits 0.5
+    assert abs(m["pipeline/bubble_share"] - (0.175 + 0.5) / 2) < 1e-9
+    assert "pipeline/bubble_share" not in aggregate([{"rank": 0, "timings": {"step_s": 1.0, "compute_s": 0.9}}])
     assert m["system/n1/cpu_percent"] == 50.0 and m["system/n1/rss_gb"] == 5.0
     assert m["system/n1/gpu_peak_gb"] == 35.0 and "system/n2.cluster/gpu_peak_gb" not in m
     assert m["system/n2.cluster/mem_used_gb"] == 5.0

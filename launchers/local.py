@@ -7,7 +7,8 @@ maps through), so a program that runs here runs unchanged under ``slurm/train_mu
 SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 sent to the launcher reach every rank once (the ranks live in
 their own session, so a terminal's Ctrl-C is not delivered twice); a SIGUSR1 that arrives while a rank
 is still starting is held until it can catch it (launchers.signals, as under srun). When a rank fails
-the others are stopped, and the launcher exits with the failed rank's status.
+the others are stopped (at once after a hang, exit status 4), and the launcher exits with the failed rank's
+status.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import sys
 import time
 
 from launchers.env import rendezvous_env
-from launchers.signals import SignalRelay, child_setup, exit_status
+from launchers.signals import EXIT_HANG, SignalRelay, child_setup, exit_status
 
 
 def free_port(addr: str = "127.0.0.1") -> int:
@@ -64,8 +65,12 @@ def launch_local(cmd: list[str], nproc: int, master_addr: str = "127.0.0.1", mas
             codes = [p.poll() for p in procs]
             bad = [c for c in codes if c not in (None, 0)]
             if bad and failed is None:
+                rank = next(r for r, c in enumerate(codes) if c not in (None, 0))
                 failed = exit_status(bad[0])
-                deadline = time.monotonic() + grace_s
+                why = "hung (see its error line)" if failed == EXIT_HANG else f"exited with status {failed}"
+                print(f"launchers.local: rank {rank} {why}; stopping the other ranks", file=sys.stderr, flush=True)
+                # after a hang the others are stuck in a collective and have dumped their stacks: no grace
+                deadline = time.monotonic() + (min(grace_s, 2.0) if failed == EXIT_HANG else grace_s)
                 interrupt(signal.SIGTERM, None)
             if all(c is not None for c in codes):
                 return failed if failed is not None else 0

@@ -54,7 +54,9 @@ def init_distributed(cfg: Config) -> Runtime:
     if cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        from datetime import timedelta  # a lost rank ends a collective after parallel.timeout_s, not 30 min
+        deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                                   timeout=timedelta(seconds=cfg.parallel.timeout_s))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if not cuda:
         # peaked softmax tails underflow into denormal floats, which halve CPU GEMM speed

@@ -17,6 +17,7 @@ from hgscale.config import Config
 from hgscale.distributed.ds_config import batch_layout
 from hgscale.distributed.mixture_parts import data_parts
 from hgscale.distributed.parts import Checkpointing, Halt, NanGuard, Part, Preemption, ProgressLog, StepResult
+from hgscale.distributed.watchdog import Watchdog
 
 
 class Trainer:
@@ -36,8 +37,10 @@ class Trainer:
         self._open_stream(state)
         self._start_meter(state)
         self.progress = ProgressLog(self)
+        self.mark("started")
+        watchdog = [Watchdog(self)] if cfg.train.hang_timeout_s != 0 else []
         self.parts: list[Part] = [NanGuard(), self.progress, *data_parts(self), preemption, Checkpointing(),
-                                  *(extra_parts or [])]
+                                  *(extra_parts or []), *watchdog]  # the watchdog closes last
 
     # ------------------------------------------------------------------------------------------ set-up
     def _resume(self) -> dict:
@@ -108,6 +111,10 @@ class Trainer:
         self.ckpt.save(step, rank_state, self.tracker.run_id)
         self.last_saved = step
 
+    def mark(self, phase: str) -> None:
+        """Progress the watchdog sees: what the main thread does now, and since when."""
+        self.phase, self.phase_t = phase, time.monotonic()
+
     def stop(self) -> None:
         """End the run after the current step's parts (exit status 0)."""
         self._stopped = True
@@ -134,10 +141,12 @@ class Trainer:
     def _one_step(self) -> None:
         for p in self.parts:
             p.before_step(self, self.step + 1)
+        self.mark(f"step {self.step + 1}")
         loss = self.eng.train_step(self.it)
         self.step += 1
         r = StepResult(self.step, loss, dict(self.eng.timings))
         for p in self.parts:
+            self.mark(f"{type(p).__name__} after step {self.step}")
             t0 = time.perf_counter()
             p.after_step(self, r)
             if p.pauses_clock:  # validation and saving do not count as training time
@@ -145,6 +154,7 @@ class Trainer:
 
     def _finish(self, status: int) -> int:
         for p in self.parts:
+            self.mark(f"closing {type(p).__name__}")
             p.close(self)
         finished = status == 0 and self.step >= self.cfg.train.steps
         if finished:

@@ -1,0 +1,207 @@
+"""Hang detection: a watchdog thread on every rank, heartbeats through the rendezvous store.
+
+    wd = Watchdog(tr)      # a trainer part; its thread starts at once, it arms after the first completed step
+
+Every rank's thread publishes a heartbeat ``{step, phase, host, pid, time}`` to the TCPStore rank 0 serves for the
+process group (MASTER_ADDR:MASTER_PORT; our own client connection with short timeouts, so a frozen store cannot
+block the thread for long). Progress is what the main thread marks: a step started or done, a part at work
+(``tr.phase``). When a rank sees no progress for ``train.hang_timeout_s`` seconds (or another rank declared a
+hang in the store) it
+
+    1. reads every heartbeat and names the culprits: ranks whose heartbeat stopped (frozen, dead) or, if every
+       rank still beats, the ranks behind the others (the rest wait for them in a collective);
+    2. dumps the Python stacks of all its threads (faulthandler) to ``run_dir/hang/rank00003.txt``;
+    3. rank 0 (or the lowest rank still alive when rank 0 is the culprit) logs ONE line naming the culprit
+       rank(s), host(s) and the last step every rank completed, and writes ``run_dir/hang/report.json`` (and a
+       copy into ``$HGSCALE_EVENTS_DIR`` for the Slurm script, which excludes that node);
+    4. ends the process with exit status EXIT_HANG (4): the main thread is stuck in C++, so ``os._exit``.
+
+The launchers stop the other ranks once one exits non-zero. train.hang_timeout_s = -1 derives the timeout:
+max(300 s, 20 x the median step time); 0 switches the watchdog off.
+"""
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import socket
+import statistics
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from hgscale.distributed.parts import Part, StepResult
+from launchers.signals import EXIT_HANG  # the launchers know the status too
+
+__all__ = ["EXIT_HANG", "Watchdog", "culprits", "derived_timeout"]
+
+HANG_KEY = "hgscale/hang"
+ACK_KEY = "hgscale/hang_ack"
+DERIVED_MIN_S, DERIVED_FACTOR = 300.0, 20.0
+
+
+def beat_key(rank: int) -> str:
+    return f"hgscale/beat/{rank}"
+
+
+def derived_timeout(step_times: list[float]) -> float:
+    """max(300 s, 20 x the median step time)."""
+    return max(DERIVED_MIN_S, DERIVED_FACTOR * statistics.median(step_times)) if step_times else DERIVED_MIN_S
+
+
+def culprits(beats: dict[int, dict | None], now: float, stale_s: float) -> tuple[list[int], str]:
+    """(culprit ranks, why) from every rank's last heartbeat (None: never seen or store unreachable).
+    A heartbeat older than ``stale_s`` means a frozen or dead rank; if all still beat, the ranks with the
+    fewest completed steps hold the others up."""
+    stale = sorted(r for r, b in beats.items() if b is None or now - b["time"] > stale_s)
+    if stale:
+        return stale, "heartbeat stopped"
+    steps = {r: b["step"] for r, b in beats.items()}
+    low = min(steps.values())
+    behind = sorted(r for r, s in steps.items() if s == low)
+    if len(behind) < len(steps):
+        return behind, "behind the other ranks"
+    return sorted(steps), "every rank waiting (no rank behind)"
+
+
+def hang_line(report: dict) -> str:
+    def one(r: int) -> str:
+        age = report["ages"].get(str(r))
+        seen = f"last heartbeat {age} s ago in phase {report['phases'][str(r)]!r}" if age is not None else "no heartbeat"
+        return f"rank {r} ({report['hosts'][str(r)]}; {seen})"
+
+    who = ", ".join(one(r) for r in report["ranks"])
+    return (f"error: hang: no progress for {report['timeout_s']:.0f} s (train.hang_timeout_s); {who}: "
+            f"{report['why']}; last step completed by every rank: {report['step']}; stack dumps in "
+            f"{report['dumps']}; exiting with status {EXIT_HANG}")
+
+
+class Watchdog(Part):
+    def __init__(self, tr, period_s: float | None = None):
+        self.tr, self.rank, self.world = tr, tr.rt.rank, tr.rt.world_size
+        self.fixed = tr.cfg.train.hang_timeout_s if tr.cfg.train.hang_timeout_s > 0 else None
+        # one heartbeat (a single store write) and one look for a declared hang per period
+        self.period = period_s or min(2.0, (self.fixed or DERIVED_MIN_S) / 10)
+        self.stale_s = max(3 * self.period, 10.0)
+        self.dump_dir = Path(tr.cfg.run_dir) / "hang"
+        self.host = socket.gethostname()
+        self.step_times: list[float] = []
+        self.first_step = tr.step
+        self._stop = threading.Event()
+        self.store = self._connect()
+        self.thread = threading.Thread(target=self._loop, name="hgscale-watchdog", daemon=True)
+        self.thread.start()
+
+    def _connect(self):
+        import torch.distributed as dist
+
+        # a client of the store the process group rendezvoused through; its own timeout bounds every call
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                             timeout=timedelta(seconds=max(2 * self.period, 5.0)), wait_for_workers=False)
+
+    # ------------------------------------------------------------------------------ main-thread side
+    def after_step(self, tr, r: StepResult) -> None:
+        self.step_times = (self.step_times + [r.timings.get("step_s", 0.0)])[-101:]
+
+    def close(self, tr) -> None:
+        self._stop.set()
+
+    def timeout(self) -> float:
+        return self.fixed if self.fixed else derived_timeout(self.step_times)
+
+    # ------------------------------------------------------------------------------ the thread
+    def _beat(self) -> dict:
+        return {"step": self.tr.step, "phase": self.tr.phase, "host": self.host, "pid": os.getpid(),
+                "time": time.time()}
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.store.set(beat_key(self.rank), json.dumps(self._beat()))
+                declared = self.store.check([HANG_KEY])
+            except Exception:  # noqa: BLE001 - the store's host is frozen or gone: judged below by progress
+                declared = False
+            armed = self.tr.step > self.first_step  # the first step (compile, warm-up) is never a hang
+            stalled = time.monotonic() - self.tr.phase_t > self.timeout()
+            if declared or (armed and stalled):
+                self._on_hang(declared)
+                return
+            if self._stop.wait(self.period):
+                return
+
+    def _read_beats(self) -> dict[int, dict | None]:
+        keys = [beat_key(r) for r in range(self.world)]
+        try:
+            return {r: json.loads(v) for r, v in enumerate(self.store.multi_get(keys))}
+        except Exception:  # noqa: BLE001 - some rank never beat, or the store is unreachable: one at a time
+            out: dict[int, dict | None] = {}
+            for r, k in enumerate(keys):
+                try:
+                    out[r] = json.loads(self.store.get(k)) if self.store.check([k]) else None
+                except Exception:  # noqa: BLE001
+                    out[r] = {**self._beat(), "time": time.time()} if r == self.rank else None
+            return out
+
+    def _report(self) -> dict:
+        beats = self._read_beats()
+        beats[self.rank] = self._beat()  # this thread is alive, whatever the store says
+        ranks, why = culprits(beats, time.time(), self.stale_s)
+        return {"ranks": ranks, "why": why, "timeout_s": self.timeout(), "dumps": str(self.dump_dir),
+                # live ranks finished it; a step finishes only with every rank's part in its collectives
+                "step": min(b["step"] for r, b in beats.items() if b is not None and (r not in ranks or
+                                                                                       why != "heartbeat stopped")),
+                "ages": {str(r): round(time.time() - b["time"]) for r, b in beats.items() if b is not None},
+                "hosts": {str(r): (beats[r] or {}).get("host", "unknown host") for r in range(self.world)},
+                "phases": {str(r): (beats[r] or {}).get("phase", "unknown") for r in range(self.world)},
+                "time": time.time()}
+
+    def _on_hang(self, declared: bool) -> None:
+        report = None
+        try:
+            if declared:
+                report = json.loads(self.store.get(HANG_KEY))
+            else:  # first to notice: tell the others, so that every live rank dumps its stacks
+                report = self._report()
+                self.store.compare_set(HANG_KEY, "", json.dumps(report))
+                report = json.loads(self.store.get(HANG_KEY))
+        except Exception:  # noqa: BLE001 - no store (rank 0 frozen or gone): judge alone
+            report = report or self._report()
+        self._dump(report)
+        alive = [r for r in range(self.world) if r not in report["ranks"] or report["why"] != "heartbeat stopped"]
+        if self.rank == min(alive, default=0):
+            self._publish(report)
+        self._linger(report, alive)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_HANG)
+
+    def _dump(self, report: dict) -> None:
+        self.dump_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dump_dir / f"rank{self.rank:05d}.txt", "w") as f:
+            f.write(f"rank {self.rank} on {self.host} (pid {os.getpid()}) at step {self.tr.step}, phase "
+                    f"{self.tr.phase!r}; hang report: {json.dumps(report)}\n\n")
+            f.flush()
+            faulthandler.dump_traceback(file=f, all_threads=True)
+
+    def _publish(self, report: dict) -> None:
+        print(hang_line(report), file=sys.stderr, flush=True)
+        hosts = sorted({report["hosts"][str(r)] for r in report["ranks"]})
+        record = json.dumps({"kind": "hang", **report, "culprit_hosts": hosts})
+        (self.dump_dir / "report.json").write_text(record)
+        events = os.environ.get("HGSCALE_EVENTS_DIR")
+        if events:
+            Path(events).mkdir(parents=True, exist_ok=True)
+            (Path(events) / "hang.json").write_text(record)
+
+    def _linger(self, report: dict, alive: list[int]) -> None:
+        """Rank 0 serves the store: it waits (a few periods at most) until every live rank has dumped."""
+        try:
+            n = self.store.add(ACK_KEY, 1)
+            deadline = time.monotonic() + 3 * self.period
+            while self.rank == 0 and n < len(alive) and time.monotonic() < deadline:
+                time.sleep(0.2)
+                n = self.store.add(ACK_KEY, 0)
+        except Exception:  # noqa: BLE001
+            pass

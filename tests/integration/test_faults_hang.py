@@ -1,0 +1,91 @@
+"""A frozen rank under `python -m launchers.local`: the watchdog ends the job fast, names the rank, dumps stacks.
+
+Rank 1 of 2 gets SIGSTOP mid-run (what a hung GPU driver or a swapped-out node looks like to its peers: the
+process exists, its sockets stay open, it answers nothing). With train.hang_timeout_s = 30 the job must exit
+with the hang status within timeout + 60 s, rank 0's one error line must name rank 1, its host and the last
+completed step, stack dumps must lie in run_dir/hang/, and the very same command must then resume from the
+last checkpoint and finish.
+"""
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+
+from hgscale.distributed.watchdog import EXIT_HANG
+from tests.integration.train_helpers import ROOT, TRAIN, demo_data, env, metrics, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.integration
+STEPS = 60
+TIMEOUT_S = 30
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for p in psutil.Process(launcher.pid).children():
+            try:
+                if p.environ().get("RANK") == str(rank):
+                    return p.pid
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"rank {rank} not found")
+
+
+def test_frozen_rank_is_named_and_the_job_ends_then_resumes(tmp_path, demo_data):  # noqa: F811
+    cfg = tiny_config(tmp_path, demo_data, "hang.json", train={"steps": STEPS, "log_interval": 1,
+                                                               "hang_timeout_s": TIMEOUT_S},
+                      checkpoint={"interval": 5})
+    cmd = [sys.executable, "-m", "launchers.local", "--nproc", "2", sys.executable, str(TRAIN), "--config", str(cfg)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    at_step = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.match(rf"step\s+12/{STEPS}", line):
+                at_step.set()
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        rank1 = _rank_pid(proc, 1)
+        assert at_step.wait(180), "".join(lines[-30:])
+        psutil.Process(rank1).send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        rc = proc.wait(TIMEOUT_S + 60)
+        took = time.monotonic() - frozen_at
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    out = "".join(lines)
+    assert rc == EXIT_HANG, out[-3000:]
+    assert TIMEOUT_S <= took <= TIMEOUT_S + 60, took
+    hang = [ln for ln in out.splitlines() if "error: hang:" in ln]
+    assert len(hang) == 1, out[-3000:]  # one line, from rank 0
+    m = re.search(r"rank 1 \(([^;]+); last heartbeat \d+ s ago in phase '[^']*'\): heartbeat stopped; last step "
+                  r"completed by every rank: (\d+);", hang[0])
+    assert m and m.group(1) == socket.gethostname(), hang[0]
+    last = int(m.group(2))
+    logged = [int(s) for s in re.findall(rf"^step\s+(\d+)/{STEPS}", out, re.M)]
+    assert last >= 12 and max(logged) in (last, last + 1), (hang[0], logged)
+    dumps = tmp_path / "hang_run" / "hang"
+    report = json.loads((dumps / "report.json").read_text())
+    assert report["ranks"] == [1] and report["step"] == last
+    stack = (dumps / "rank00000.txt").read_text()  # rank 0 was waiting for rank 1 inside a collective
+    assert "hgscale-watchdog" in stack or "Thread 0x" in stack
+    assert "all_reduce" in stack and "_one_step" in stack, stack[-2000:]
+
+    saved = int((tmp_path / "hang_ckpt" / "latest").read_text()[4:])
+    assert saved >= 10 and saved % 5 == 0
+    again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    assert f"at step {saved}" in again.stdout and f"finished {STEPS} steps" in again.stdout
+    steps = [m["step"] for m in metrics(tmp_path / "hang_run") if "train/loss" in m]
+    assert steps[-1] == STEPS and sorted(set(steps)) == list(range(1, STEPS + 1))

@@ -1,0 +1,50 @@
+"""Who the watchdog blames, its derived timeout, and the config keys that drive it."""
+import pytest
+
+from hgscale.config import ConfigError, config_from_dict
+from hgscale.distributed.watchdog import culprits, derived_timeout, hang_line
+
+
+def beat(step, t, host="h"):
+    return {"step": step, "phase": f"step {step + 1}", "host": host, "pid": 1, "time": t}
+
+
+def test_a_stopped_heartbeat_is_the_culprit():
+    beats = {0: beat(12, 100.0), 1: beat(12, 60.0, "n2"), 2: beat(12, 99.0), 3: None}
+    assert culprits(beats, now=100.0, stale_s=10.0) == ([1, 3], "heartbeat stopped")
+
+
+def test_with_every_rank_beating_the_ones_behind_are_named():
+    beats = {0: beat(12, 100.0), 1: beat(11, 100.0), 2: beat(12, 100.0)}
+    assert culprits(beats, now=101.0, stale_s=10.0) == ([1], "behind the other ranks")
+    level = {0: beat(12, 100.0), 1: beat(12, 100.0)}
+    assert culprits(level, now=101.0, stale_s=10.0) == ([0, 1], "every rank waiting (no rank behind)")
+
+
+def test_derived_timeout_is_twenty_median_steps_at_least_300_s():
+    assert derived_timeout([]) == 300.0
+    assert derived_timeout([1.0, 2.0, 100.0]) == 300.0
+    assert derived_timeout([30.0, 20.0, 25.0]) == 500.0
+
+
+def test_hang_line_names_rank_host_step_and_dumps():
+    report = {"ranks": [1], "why": "heartbeat stopped", "timeout_s": 30.0, "dumps": "runs/x/hang", "step": 12,
+              "hosts": {"0": "a", "1": "node7"}, "phases": {"0": "step 13", "1": "step 13"}, "ages": {"1": 41}}
+    line = hang_line(report)
+    assert line.count("\n") == 0
+    assert ("rank 1 (node7; last heartbeat 41 s ago in phase 'step 13'): heartbeat stopped; last step completed "
+            "by every rank: 12; stack dumps in runs/x/hang; exiting with status 4") in line
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.hang_timeout_s=-5", "train.hang_timeout_s = -5.0: use seconds > 0, -1 (derived) or 0 (off)"),
+    ("parallel.timeout_s=0", "parallel.timeout_s = 0.0 must be > 0 seconds"),
+    ("checkpoint.dir=gs://b/x", "checkpoint.dir = 'gs://b/x' has an unknown scheme 'gs'"),
+])
+def test_bad_fault_settings_are_config_errors(override, message):
+    base = {"data": {"url": "/data"}}
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(base, [override])
+    assert message in str(e.value)
+    ok = config_from_dict(base, ["train.hang_timeout_s=0", "checkpoint.dir=s3://b/run"])
+    assert ok.parallel.timeout_s == 600.0 and ok.train.hang_timeout_s == 0

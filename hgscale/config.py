@@ -45,7 +45,7 @@ def fld(default: Any, doc: str, **kw):
 DOWNSAMPLE = ("avg", "linear", "attention_avg", "attention_linear")
 UPSAMPLE = ("repeat", "linear", "attention_repeat", "attention_linear")
 ATTENTION = ("relative", "rotary")
-ATTN_IMPL = ("auto", "sdpa", "blocked", "naive")
+ATTN_IMPL = ("auto", "sdpa", "blocked", "naive", "fused")
 VANILLA_ATTENTION = ("full", "lsh")
 INIT = ("trax", "normal")
 
@@ -151,7 +151,7 @@ class ModelConfig:
     lsh_n_hashes: int = fld(2, "LSH: hashing rounds (trax n_hashes).")
     lsh_chunks_before: int = fld(1, "LSH: earlier chunks each chunk also attends to (trax n_chunks_before).")
     lsh_n_buckets: int = fld(0, "LSH: buckets per round, even; 0 = trax's 2 * max(1, T // lsh_chunk_len).")
-    attn_impl: str = fld("auto", "Relative attention kernel: 'auto' (sdpa on GPU, blocked on CPU), 'sdpa', 'blocked' or 'naive'.")
+    attn_impl: str = fld("auto", "Relative attention kernel: 'auto' (fused on GPU, blocked on CPU), 'fused', 'sdpa', 'blocked' or 'naive'.")
 
     def levels(self) -> list[tuple[int, int]]:
         return parse_hierarchy(self.hierarchy)

@@ -22,8 +22,12 @@ Kernels for the relative score (chosen by ``ModelConfig.attn_impl``):
              scaled_dot_product_attention as an additive float mask (fused kernels on GPU).
     blocked  CPU path (blocked_attention.py): blocks of 128 queries against only the keys they may
              see (the masked upper half is never computed), position term by a strided view of
-             one matmul per block, hand-written backward. ~4-8x faster than naive at T = 2048.
-'auto' takes sdpa on GPU and blocked on CPU.
+             one matmul per block, hand-written backward that recomputes the probabilities it did
+             not keep (O(T * block) memory beyond a fixed budget). ~2.5x faster than naive at T = 2048.
+    fused    GPU path (fused_attention.py): the position term factorised into a dot product of
+             query and key features, so FlexAttention (CUDA) or SDPA's fused kernels never
+             materialise T x T; the score GEMM is (d_head + D) / d_head times wider.
+'auto' takes fused on GPU and blocked on CPU.
 """
 from __future__ import annotations
 
@@ -35,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hgscale.models.blocked_attention import blocked_rel_attention
+from hgscale.models.blocked_attention import KEEP_BYTES, blocked_rel_attention
+from hgscale.models.fused_attention import rel_attention_fused
 
 BLOCK = 128  # query rows per block of the CPU path (64-128 measured fastest at T=2048, d_head=64)
 
@@ -154,7 +159,8 @@ def _rel_table(Wr, H, lo, hi, step, shift, P, device, dtype):
     return F.linear(E, Wr).view(hi - lo + 1, H, -1).transpose(0, 1)
 
 
-def rel_attention_blocked(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=False, block=BLOCK):
+def rel_attention_blocked(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=False, block=BLOCK,
+                          keep_bytes: int | None = None):
     """CPU kernel (blocked_attention.py): query blocks see only the keys they may see.
 
     self: as is; down: pooled queries every f keys (qs = f); up: full-resolution query i = a*f + r sees
@@ -162,28 +168,32 @@ def rel_attention_blocked(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, traini
     its own with the distance table shifted by r."""
     B, H, n, dh = qu.shape
     p = dropout_p if training else 0.0
+    keep = KEEP_BYTES if keep_bytes is None else keep_bytes  # probabilities kept per layer (blocked_attention.py)
     if geo.kind == "up":
         m, f = k.shape[2], geo.f
         block = min(block, m)
         outs = [blocked_rel_attention(qu[:, :, r::f], qv[:, :, r::f], k, v,
                                       _rel_table(Wr, H, -(m - 1), block - 1, f, r, geo.P, qu.device, Wr.dtype),
-                                      block, p_drop=p)
+                                      block, p_drop=p, keep_bytes=keep // f)
                 for r in range(f)]  # f x (B, H, m, dh)
         return torch.stack(outs, dim=3).view(B, H, n, dh)  # query a*f + r
     block = min(block, n)
     qs = geo.f if geo.kind == "down" else 1  # down: query i at key position f*i
     # distances -qs(n-1) .. qs*block - 1 (the largest only feed masked entries of diagonal blocks)
     R = _rel_table(Wr, H, -qs * (n - 1), qs * block - 1, 1, 0, geo.P, qu.device, Wr.dtype)
-    return blocked_rel_attention(qu, qv, k, v, R, block, qs=qs, p_drop=p)
+    return blocked_rel_attention(qu, qv, k, v, R, block, qs=qs, p_drop=p, keep_bytes=keep)
 
 
-REL_KERNELS = {"naive": rel_attention_naive, "sdpa": rel_attention_sdpa, "blocked": rel_attention_blocked}
+REL_KERNELS = {"naive": rel_attention_naive, "sdpa": rel_attention_sdpa, "blocked": rel_attention_blocked,
+               "fused": rel_attention_fused}
 
 
 def pick_kernel(impl: str, device: torch.device) -> str:
+    """model.attn_impl -> kernel name: 'auto' is blocked on CPU (fused kernels cost more FLOPs than CPUs
+    can spare) and fused elsewhere (O(T) memory; FlexAttention where it compiles, else SDPA)."""
     if impl != "auto":
         return impl
-    return "blocked" if device.type == "cpu" else "sdpa"
+    return "blocked" if device.type == "cpu" else "fused"
 
 
 # ------------------------------------------------------------------------------------------- rotary

@@ -9,9 +9,16 @@ followed by a strided view (the Transformer-XL shift without a copy):
     raw[r, c] = (q_{i0+r} + v) . R[c]        c <-> distance c - qs(L-1)          (b, W), W = qs(L+b-1)
     bd[r, j]  = raw[r, j - qs*r + qs(b-1)]   = (q_i + v) . R[j - qs*i]          strides (W - qs, 1)
 
-The backward is written out (flash-attention style, keeping the probabilities of each block) so that
-gradients of the key, value and position slices accumulate in place into one buffer each, instead of
-autograd materialising a zero-padded full-size gradient for every slice of every block.
+Memory (flash-attention style): the forward keeps the probabilities of its first query blocks while
+they fit in ``keep_bytes`` per call (KEEP_BYTES, sized to hold all of them for a d 256 / 4-head layer at
+T = 2,048), and nothing of the others; the backward recomputes the scores and probabilities of those
+blocks from q, k and the position table. Above that budget the memory of one call is O(n * block) per
+head instead of O(n^2): at T = 8,192 a layer keeps 64 MiB, not 570 MB. Recomputation costs two GEMMs
+and a softmax per block in the backward, which is why small calls keep what they have.
+
+The backward is written out so that gradients of the key, value and position slices accumulate in place
+into one buffer each, instead of autograd materialising a zero-padded full-size gradient for every slice
+of every block. The blocks of one call share a few workspaces.
 Inputs come pre-scaled by 1/sqrt(d_head). Attention dropout masks are regenerated in the backward from
 a seed instead of being stored.
 """
@@ -22,6 +29,8 @@ from functools import lru_cache
 import torch
 
 from hgscale.models.dropout import keep_mask, keep_scale
+
+KEEP_BYTES = 64 << 20  # probabilities kept per call for the backward; the rest are recomputed
 
 
 @lru_cache(maxsize=16)
@@ -41,18 +50,29 @@ def _blocks(n: int, block: int, qs: int):
         yield i0, b, L, qs * (L + b - 1), qs * (n - L)
 
 
+def _take(buf: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A contiguous ``shape`` view of the front of a flat workspace. The blocks of one call reuse a few
+    workspaces of the largest block's size: fresh multi-MB tensors per block would each be page-faulted
+    in by the OS (glibc hands large blocks back), which cost as much as the softmax itself here."""
+    n = 1
+    for d in shape:
+        n *= d
+    return buf[:n].view(shape)
+
+
 def _diag(raw: torch.Tensor, b: int, L: int, W: int, qs: int) -> torch.Tensor:
     """(BH, b, W) contiguous -> (BH, b, qs*L) view: element (r, j) is raw[r, j - qs*r + qs*(b-1)]."""
     return raw.as_strided((raw.shape[0], b, qs * L), (b * W, W - qs, 1), raw.storage_offset() + qs * (b - 1))
 
 
-def _scatter_diag(ds: torch.Tensor, b: int, L: int, W: int, qs: int) -> torch.Tensor:
-    """Inverse of _diag: (BH, b, qs*L) -> (BH, b, W) with zeros where no (r, j) lands.
+def _scatter_diag(ds: torch.Tensor, b: int, L: int, W: int, qs: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Inverse of _diag: (BH, b, qs*L) -> (BH, b, W) with zeros where no (r, j) lands, written into
+    ``out`` (a workspace of at least BH*b*W elements) when given.
 
     Flattened, the covered entries are b runs of qs*L separated by gaps of qs*(b-2), after a head and
     before a tail of qs*(b-1) each: only those are zeroed, not the whole buffer."""
     BH = ds.shape[0]
-    draw = torch.empty(BH, b, W, dtype=ds.dtype, device=ds.device)
+    draw = torch.empty(BH, b, W, dtype=ds.dtype, device=ds.device) if out is None else _take(out, BH, b, W)
     _diag(draw, b, L, W, qs).copy_(ds)  # each (r, j) owns a distinct raw entry
     flat = draw.view(BH, b * W)
     edge = qs * (b - 1)
@@ -65,21 +85,48 @@ def _scatter_diag(ds: torch.Tensor, b: int, L: int, W: int, qs: int) -> torch.Te
 
 
 def _masks(p_drop: float, seed: int, shapes, dtype, device):
-    """Attention-dropout masks of the blocks, regenerated identically in the backward from the seed
-    (nothing stored)."""
+    """Attention-dropout masks of the blocks, one at a time in block order (a generator: only the current
+    block's mask is alive); the backward walks the blocks in the same order, so it regenerates the very
+    same masks from the seed (nothing stored)."""
     if p_drop == 0.0:
-        return [None] * len(shapes)
+        yield from (None for _ in shapes)
+        return
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    return [keep_mask(shape, p_drop, dtype, device, gen, scaled=False) for shape in shapes]  # 0/1
+    for shape in shapes:
+        yield keep_mask(shape, p_drop, dtype, device, gen, scaled=False)  # 0/1
+
+
+def _probs(qu, qv, k, R, blk, qs: int, ws, fresh: bool = False) -> torch.Tensor:
+    """Softmax probabilities of query block [i0, L) over its visible keys: (BH, b, qs*L), computed in
+    the workspaces ``ws`` (raw position term in ws[0], scores in ws[1], returned as a view of ws[1]), or
+    in a tensor of its own with ``fresh`` (kept for the backward)."""
+    i0, b, L, W, c0 = blk
+    BH = qu.shape[0]
+    raw = torch.bmm(qv[:, i0:L], R[:, c0: c0 + W].transpose(1, 2), out=_take(ws[0], BH, b, W))  # (BH, b, W)
+    s = torch.baddbmm(_diag(raw, b, L, W, qs), qu[:, i0:L], k[:, : qs * L].transpose(1, 2),
+                      out=None if fresh else _take(ws[1], BH, b, qs * L))  # (BH, b, qs*L)
+    s[:, :, qs * i0:] += _diag_mask(b, qs, qu.device, qu.dtype)
+    return torch.softmax(s, dim=-1, out=s)
+
+
+def _workspaces(like: torch.Tensor, plan, count: int) -> list[torch.Tensor]:
+    """``count`` flat buffers, each big enough for the largest (BH, b, W) of the plan (W >= qs*L)."""
+    size = like.shape[0] * max(b * W for _, b, _, W, _ in plan)
+    return [torch.empty(size, dtype=like.dtype, device=like.device) for _ in range(count)]
+
+
+def _dropped(p: torch.Tensor, mask: torch.Tensor | None, buf: torch.Tensor) -> torch.Tensor:
+    """p * mask (unscaled 0/1 mask) in the workspace ``buf``; p itself when there is no dropout."""
+    return p if mask is None else torch.mul(p, mask, out=_take(buf, *p.shape))
 
 
 class BlockedRelAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, qu, qv, k, v, R, block: int, qs: int, p_drop: float, seed: int):
+    def forward(ctx, qu, qv, k, v, R, block: int, qs: int, p_drop: float, seed: int, keep_bytes: int):
         """qu, qv: (BH, n, dh); k, v: (BH, qs*n, dh), last dimension contiguous;
         R: (BH, qs*(n + block - 1), dh), row c <-> distance c - qs*(n-1). Attention dropout p_drop
-        with masks drawn from ``seed``."""
+        with masks drawn from ``seed``. Keeps probabilities of the first blocks up to ``keep_bytes``."""
         BH, n, dh = qu.shape
         if R.shape[1] != qs * (n + block - 1) or k.shape[1] != qs * n:
             raise ValueError(f"blocked attention: R has {R.shape[1]} rows and k {k.shape[1]}; "
@@ -87,24 +134,28 @@ class BlockedRelAttention(torch.autograd.Function):
         plan = list(_blocks(n, block, qs))
         masks = _masks(p_drop, seed, [(BH, b, qs * L) for _, b, L, _, _ in plan], qu.dtype, qu.device)
         o = torch.empty_like(qu)
-        probs = []
-        for (i0, b, L, W, c0), mask in zip(plan, masks):
-            raw = torch.bmm(qv[:, i0:L], R[:, c0: c0 + W].transpose(1, 2))  # (BH, b, W)
-            s = torch.baddbmm(_diag(raw, b, L, W, qs), qu[:, i0:L], k[:, : qs * L].transpose(1, 2))  # (BH, b, qs*L)
-            s[:, :, qs * i0:] += _diag_mask(b, qs, qu.device, qu.dtype)
-            p = torch.softmax(s, dim=-1)
-            if mask is None:
-                o[:, i0:L] = torch.bmm(p, v[:, : qs * L])  # (BH, b, dh)
-            else:  # the 1/keep scale on the (b, dh) result, not the (b, qs*L) mask
-                o[:, i0:L] = torch.bmm(p * mask, v[:, : qs * L]).mul_(keep_scale(p_drop))
-            probs.append(p)
-        ctx.save_for_backward(qu, qv, k, v, R, o, *probs)
+        ws = _workspaces(qu, plan, 2)
+        room = keep_bytes if any(ctx.needs_input_grad[:5]) else 0
+        kept = []
+        for idx, (blk, mask) in enumerate(zip(plan, masks)):
+            i0, b, L = blk[:3]
+            size = BH * b * qs * L * qu.element_size()
+            keep = len(kept) == idx and size <= room  # a prefix of the blocks: the backward indexes them
+            p = _probs(qu, qv, k, R, blk, qs, ws, fresh=keep)
+            if keep:
+                kept.append(p)
+                room -= size
+            pm = _dropped(p, mask, ws[0])  # the raw position term in ws[0] is dead by now
+            o[:, i0:L] = torch.bmm(pm, v[:, : qs * L])  # (BH, b, dh)
+            if mask is not None:  # the 1/keep scale on the (b, dh) result, not the (b, qs*L) mask
+                o[:, i0:L] *= keep_scale(p_drop)
+        ctx.save_for_backward(qu, qv, k, v, R, o, *kept)
         ctx.block, ctx.qs, ctx.p_drop, ctx.seed = block, qs, p_drop, seed
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qu, qv, k, v, R, o, *probs = ctx.saved_tensors
+        qu, qv, k, v, R, o, *kept = ctx.saved_tensors
         BH, n, dh = qu.shape
         qs = ctx.qs
         plan = list(_blocks(n, ctx.block, qs))
@@ -114,31 +165,36 @@ class BlockedRelAttention(torch.autograd.Function):
         delta = (do * o).sum(-1, keepdim=True)  # (BH, n, 1)
         dqu, dqv = torch.empty_like(qu), torch.empty_like(qv)
         dk, dv, dR = torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(R)
-        for (i0, b, L, W, c0), p, mask in zip(plan, probs, masks):
+        ws = _workspaces(qu, plan, 3)  # raw term, then p * mask, then the position gradient / p / ds
+        for idx, (blk, mask) in enumerate(zip(plan, masks)):
+            i0, b, L, W, c0 = blk
+            p = kept[idx] if idx < len(kept) else _probs(qu, qv, k, R, blk, qs, ws)  # recomputed if not kept
             do_b, Lk = do[:, i0:L], qs * L
             if mask is not None:
                 do_b = do_b * keep_scale(ctx.p_drop)  # (BH, b, dh)
-            dv[:, :Lk].baddbmm_((p if mask is None else p * mask).transpose(1, 2), do_b)
-            ds = torch.bmm(do_b, v[:, :Lk].transpose(1, 2))  # g, then in place: ds = p * (g - delta)
-            if mask is not None:
+            dv[:, :Lk].baddbmm_(_dropped(p, mask, ws[0]).transpose(1, 2), do_b)
+            ds = torch.bmm(do_b, v[:, :Lk].transpose(1, 2), out=_take(ws[2], BH, b, Lk))  # g, then in place:
+            if mask is not None:  # ds = p * (g * mask - delta)
                 ds.mul_(mask)
             ds.sub_(delta[:, i0:L]).mul_(p)
             dqu[:, i0:L] = torch.bmm(ds, k[:, :Lk])
             dk[:, :Lk].baddbmm_(ds.transpose(1, 2), qu[:, i0:L])
-            draw = _scatter_diag(ds, b, L, W, qs)  # (BH, b, W)
+            draw = _scatter_diag(ds, b, L, W, qs, out=ws[0])  # (BH, b, W); p * mask is dead by now
             dqv[:, i0:L] = torch.bmm(draw, R[:, c0: c0 + W])
             dR[:, c0: c0 + W].baddbmm_(draw.transpose(1, 2), qv[:, i0:L])
-        return dqu, dqv, dk, dv, dR, None, None, None, None
+        return dqu, dqv, dk, dv, dR, None, None, None, None, None
 
 
 def blocked_rel_attention(qu, qv, k, v, R, block: int, qs: int = 1, p_drop: float = 0.0,
-                          seed: int | None = None) -> torch.Tensor:
+                          seed: int | None = None, keep_bytes: int | None = None) -> torch.Tensor:
     """qu, qv: (B, H, n, dh); k, v: (B, H, qs*n, dh); R: (H, qs*(n + block - 1), dh) -> (B, H, n, dh).
-    With p_drop > 0 the dropout masks come from ``seed`` (default: drawn from torch's generator)."""
+    With p_drop > 0 the dropout masks come from ``seed`` (default: drawn from torch's generator).
+    ``keep_bytes`` (default KEEP_BYTES): probabilities kept for the backward; 0 recomputes every block."""
     B, H, n, dh = qu.shape
     if p_drop > 0.0 and seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
     # q, k, v: strided views, not copies, when B = 1 (bmm takes any row stride); R (small) contiguous
     flat = [t.reshape(B * H, -1, dh) for t in (qu, qv, k, v)]
     Rf = R.to(qu.dtype).expand(B, *R.shape).reshape(B * H, *R.shape[1:]).contiguous()
-    return BlockedRelAttention.apply(*flat, Rf, block, qs, p_drop, seed or 0).reshape(B, H, n, dh)
+    keep = KEEP_BYTES if keep_bytes is None else keep_bytes
+    return BlockedRelAttention.apply(*flat, Rf, block, qs, p_drop, seed or 0, keep).reshape(B, H, n, dh)

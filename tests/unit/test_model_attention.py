@@ -10,6 +10,7 @@ from torch.testing import assert_close
 
 from hgscale.models.attention import Attention, Geometry, rel_attention_blocked, rel_attention_naive, \
     rel_attention_sdpa, rotary_attention, rotary_attention_naive
+from hgscale.models.fused_attention import rel_attention_fused
 
 
 @pytest.fixture(autouse=True)
@@ -90,7 +91,7 @@ GEOMETRIES = [Geometry("self", 7, 7, 1, 1), Geometry("self", 5, 5, 1, 3), Geomet
 
 
 @pytest.mark.parametrize("attention", ["relative", "rotary"])
-@pytest.mark.parametrize("kernel", ["naive", "sdpa", "blocked"])
+@pytest.mark.parametrize("kernel", ["naive", "sdpa", "blocked", "fused"])
 @pytest.mark.parametrize("geo", GEOMETRIES, ids=[f"{g.kind}{g.n_q}x{g.n_k}f{g.f}P{g.P}" for g in GEOMETRIES])
 def test_attention_matches_loop_reference(geo, kernel, attention):
     torch.manual_seed(0)
@@ -110,8 +111,9 @@ KERNEL_CASES = [("self", 23, 1, 1, 5), ("self", 16, 1, 3, 4), ("self", 9, 1, 2, 
 
 @pytest.mark.parametrize("kind,m,f,P,block", KERNEL_CASES)
 def test_relative_fast_kernels_match_naive_with_grads(kind, m, f, P, block):
-    """Blocked (several blocks, a ragged last one, every geometry) and sdpa paths: outputs and gradients.
-    m is the number of queries (self, down) or keys (up)."""
+    """Blocked (several blocks, a ragged last one, every geometry; probabilities all kept, none kept, and
+    some kept with the rest recomputed in the backward), sdpa and fused (SDPA executor) paths: outputs and
+    gradients. m is the number of queries (self, down) or keys (up)."""
     torch.set_default_dtype(torch.float32)  # the fixture restores it
     torch.manual_seed(0)
     B, H, dh, D = 2, 2, 8, 16
@@ -122,7 +124,10 @@ def test_relative_fast_kernels_match_naive_with_grads(kind, m, f, P, block):
              [torch.randn(D, D, requires_grad=True)]
     grad_out = torch.randn(B, H, n_q, dh)
     results = []
-    for fn in (rel_attention_naive, rel_attention_sdpa, lambda *a: rel_attention_blocked(*a, block=block)):
+    some = 4 * B * H * block * block * (f if kind == "down" else 1)  # about the first block or two
+    for fn in (rel_attention_naive, rel_attention_sdpa, rel_attention_fused,
+               *(lambda *a, keep=keep: rel_attention_blocked(*a, block=block, keep_bytes=keep)
+                 for keep in (None, 0, some))):
         out = fn(*leaves, geo)
         results.append((out, torch.autograd.grad(out, leaves, grad_out)))
     for out, grads in results[1:]:
@@ -141,8 +146,10 @@ def test_blocked_kernel_attention_dropout_backward_is_exact(qs):
     qu, qv = (torch.randn(2, 1, n, 3, requires_grad=True) for _ in range(2))
     k, v = (torch.randn(2, 1, qs * n, 3, requires_grad=True) for _ in range(2))
     R = torch.randn(1, qs * (n + block - 1), 3, requires_grad=True)
-    run = lambda *a: blocked_rel_attention(*a, block, qs=qs, p_drop=0.3, seed=11)  # noqa: E731
-    assert torch.autograd.gradcheck(run, (qu, qv, k, v, R))
+    for keep in (0, 8 * 2 * 3 * 3 * qs):  # none kept, the first block only (float64 bytes)
+        run = lambda *a, keep=keep: blocked_rel_attention(*a, block, qs=qs, p_drop=0.3, seed=11,  # noqa: E731
+                                                          keep_bytes=keep)
+        assert torch.autograd.gradcheck(run, (qu, qv, k, v, R))
     plain = blocked_rel_attention(qu, qv, k, v, R, block, qs=qs)
     assert not torch.allclose(run(qu, qv, k, v, R), plain)
     assert torch.equal(run(qu, qv, k, v, R), run(qu, qv, k, v, R))  # same seed, same masks

@@ -4,15 +4,16 @@
 
 Pure: imports neither torch nor deepspeed, so it runs (and fails with a clear message) before any
 process group starts. The learning-rate schedule is not a DeepSpeed scheduler block: DeepSpeed has no
-rsqrt schedule and its WarmupCosineLR cannot express a zero-step warm-up, so :func:`lr_at` is the one
-formula, handed to DeepSpeed as a client scheduler (``lr_scheduler=``) and used for progress lines.
+rsqrt schedule, none of trax's multifactor ones, and its WarmupCosineLR cannot express a zero-step warm-up,
+so :func:`lr_at` is the one formula, handed to DeepSpeed as a client scheduler (``lr_scheduler=``) and used
+for progress lines.
 """
 from __future__ import annotations
 
 import json
 import math
 
-from hgscale.config import Config, ConfigError
+from hgscale.config import Config, ConfigError, lr_factors
 
 # DeepSpeed prints its own step lines every `steps_per_print`; ours are the progress lines.
 _QUIET_STEPS = 2**31 - 1
@@ -132,10 +133,35 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return _merge(ds, cfg.deepspeed)
 
 
+def _multifactor(t, factors: list[str], step: int) -> float:
+    """trax ``lr_schedules.multifactor`` at trax's 1-based ``step``: the product of the named factors,
+    floored at train.min_lr (trax's ``minimum``). cosine_decay counts its cycle (train.decay_steps or
+    train.steps) from the end of warm-up and restarts after it, as trax's ``progress % 1``."""
+    lr, warm = 1.0, t.warmup_steps
+    for name in factors:
+        if name == "constant":
+            lr *= t.lr
+        elif name == "linear_warmup":
+            lr *= min(1.0, step / warm)
+        elif name == "rsqrt_decay":
+            lr /= math.sqrt(max(step, warm))
+        elif name == "cosine_decay":
+            progress = max(0.0, (step - warm) / float(t.decay_steps or t.steps))
+            lr *= 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0)))
+        else:  # validation names every factor we do not implement before any process starts
+            raise ValueError(f"trax lr factor {name!r} is not implemented")
+    return max(lr, t.min_lr)
+
+
 def lr_at(cfg: Config, step: int) -> float:
     """Learning rate for optimizer step ``step`` (0-based): linear warm-up to train.lr, then
-    cosine to train.min_lr over train.decay_steps (default train.steps), rsqrt decay, or constant."""
+    cosine to train.min_lr over train.decay_steps (default train.steps), rsqrt decay, or constant.
+    A trax multifactor string (``"constant * linear_warmup * rsqrt_decay"``) is trax's formula at
+    trax's step number, which starts at 1 for the first optimizer step."""
     t = cfg.train
+    factors = lr_factors(t.lr_schedule)
+    if factors:
+        return _multifactor(t, factors, step + 1)
     peak, warm = t.lr, t.warmup_steps
     if warm and step < warm:
         return peak * (step + 1) / warm

@@ -15,6 +15,7 @@ from torch import nn
 from hgscale.config import ModelConfig
 from hgscale.models.attention import Attention, Geometry
 from hgscale.models.dropout import dropout
+from hgscale.models.lsh_attention import LSHSelfAttention
 
 LN_EPS = 1e-6
 
@@ -42,7 +43,10 @@ class Block(nn.Module):
         super().__init__()
         self.P = P
         self.ln1 = layer_norm(cfg.d_model)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention, cfg.attn_dropout, cfg.attn_impl)
+        if P == 1 and cfg.vanilla_attention == "lsh":  # trax vanilla_attn_type = PureLSHSelfAttentionWrapper
+            self.attn = LSHSelfAttention(cfg)
+        else:
+            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.attention, cfg.attn_dropout, cfg.attn_impl)
         self.ln2 = layer_norm(cfg.d_model)
         self.ff = FeedForward(cfg.d_model, cfg.d_ff, cfg.dropout)
         self.dropout = cfg.dropout

@@ -7,6 +7,11 @@ the Transformer-XL position term (q+v) R^T over the table of distances it needs,
 of the sinusoid table. Element-wise work (LayerNorm, softmax, GELU, pooling) is not counted.
 ``causal=True`` gives the useful work instead: attention only over the (query, key) pairs a query sees.
 
+LSH blocks (``model.vanilla_attention = "lsh"``, factor 1): three projections (qk, v, out), the hashing
+product (no gradient: forward only) and attention of n_hashes * L sorted slots over windows of
+(1 + lsh_chunks_before) * lsh_chunk_len keys, L being the length padded to a multiple of the chunk. Which
+pairs in a window are visible depends on the hashes, so ``causal=True`` counts the windows in full too.
+
 Training = forward + backward = 3 x forward, except the position projection: its input is a constant
 table, so its backward only computes the weight gradient (2 x forward in all).
 """
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 from hgscale.config import ModelConfig
 from hgscale.models.hourglass import _check, layer_plan
+from hgscale.models.lsh_attention import bucket_factors
 
 
 def _attention(cfg: ModelConfig, B: int, n_q: int, n_k: int, n_dist: int, visible: int, causal: bool) -> float:
@@ -31,6 +37,17 @@ def _attention(cfg: ModelConfig, B: int, n_q: int, n_k: int, n_dist: int, visibl
     return total
 
 
+def _lsh_attention(cfg: ModelConfig, B: int, n: int) -> float:
+    """Training FLOPs of one LSH attention layer over n tokens."""
+    D, C = cfg.d_model, cfg.lsh_chunk_len
+    L = n + (-n % C)
+    slots, window = cfg.lsh_n_hashes * L, (1 + cfg.lsh_chunks_before) * C
+    rot = sum(f // 2 for f in bucket_factors(L, C, cfg.lsh_n_buckets))
+    proj = 3 * 2 * B * n * D * D
+    hashing = 2 * B * L * D * cfg.lsh_n_hashes * rot
+    return 3 * (proj + 4 * B * slots * window * D) + hashing
+
+
 def _ff(cfg: ModelConfig, B: int, n: int) -> float:
     return 3 * 4 * B * n * cfg.d_model * cfg.d_ff
 
@@ -45,6 +62,8 @@ def _layer_total(cfg: ModelConfig, item: tuple, B: int, T: int, causal: bool = F
         return 3 * 2 * B * T * D * cfg.vocab_size
     if kind == "block":
         n = T // args[0]
+        if args[0] == 1 and cfg.vanilla_attention == "lsh":
+            return _lsh_attention(cfg, B, n) + _ff(cfg, B, n)
         return _attention(cfg, B, n, n, n, n * (n + 1) // 2, causal) + _ff(cfg, B, n)
     if kind == "down":
         outer, inner = args
@@ -101,7 +120,8 @@ def layer_params(cfg: ModelConfig) -> list[int]:
         elif kind == "head":
             out.append(ln + D * cfg.vocab_size + cfg.vocab_size)
         elif kind == "block":
-            out.append(2 * ln + _attn_params(cfg) + _ff_params(cfg))
+            lsh = args[0] == 1 and cfg.vanilla_attention == "lsh"  # qk, v, out with biases
+            out.append(2 * ln + (3 * D * D + 3 * D if lsh else _attn_params(cfg)) + _ff_params(cfg))
         else:
             f = max(args) // min(args)
             method = cfg.downsample if kind == "down" else cfg.upsample

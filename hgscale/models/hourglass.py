@@ -30,17 +30,21 @@ that follows the group (down, up or head), so a group may hold zero blocks.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hgscale.config import ConfigError, ModelConfig
+from hgscale.models.attention import Attention
 from hgscale.models.blocks import Block, layer_norm
 from hgscale.models.decode import DecodeCache, decode
 from hgscale.models.dropout import dropout
 from hgscale.models.resampling import Shorten, Upsample, shift_right
 
 UV_INIT_STD = 1e-6  # trax get_rel_att_inputs
+TRAX_BIAS_STD = 1e-6  # trax core.Dense bias_initializer = RandomNormalInitializer(1e-6)
 
 
 class EmbedLayer(nn.Module):
@@ -65,6 +69,13 @@ class EmbedLayer(nn.Module):
         return (x, self.uv.clone()) if hasattr(self, "uv") else (x,)
 
 
+def unpack(state: tuple, relative: bool) -> tuple:
+    """A layer state (x, [uv], *skips) as (x, uv or None, rest): rest is everything after x, uv included, in
+    order, so a layer returns (new_x, *rest), pushes a skip with (y, *rest, skip) or pops one from rest[-1]."""
+    x, *rest = state
+    return x, (rest[0] if relative else None), tuple(rest)
+
+
 class BlockLayer(nn.Module):
     kind = "block"
 
@@ -74,8 +85,8 @@ class BlockLayer(nn.Module):
         self.block = Block(cfg, P)
 
     def forward(self, state: tuple) -> tuple:
-        x, *rest = state  # x (B, T/factor, D); rest: [uv], then the skips of the enclosing valleys
-        return (self.block(x, rest[0] if self.relative else None), *rest)
+        x, uv, rest = unpack(state, self.relative)  # x (B, T/factor, D); rest: [uv], then the valleys' skips
+        return (self.block(x, uv), *rest)
 
 
 class DownLayer(nn.Module):
@@ -89,10 +100,10 @@ class DownLayer(nn.Module):
         self.shorten = Shorten(cfg, self.f, outer)
 
     def forward(self, state: tuple) -> tuple:
-        x, *rest = state
+        x, uv, rest = unpack(state, self.relative)
         skip = self.ln_in(x)  # (B, n, D): the residual of the way up
         xs = shift_right(skip, self.f - 1)  # causality: shortened token i sees inputs <= i*f
-        y = self.shorten(xs, rest[0] if self.relative else None)  # (B, n/f, D)
+        y = self.shorten(xs, uv)  # (B, n/f, D)
         return (y, *rest, skip)
 
 
@@ -108,9 +119,10 @@ class UpLayer(nn.Module):
         self.ln_out = layer_norm(cfg.d_model)
 
     def forward(self, state: tuple) -> tuple:
-        y, *rest, skip = state
-        up = self.upsample(self.ln_in(y), skip, rest[0] if self.relative else None)  # (B, n, D)
-        return (skip + self.ln_out(up), *rest)
+        y, uv, rest = unpack(state, self.relative)
+        skip = rest[-1]  # (B, n, D), pushed by the matching down layer
+        up = self.upsample(self.ln_in(y), skip, uv)  # (B, n, D)
+        return (skip + self.ln_out(up), *rest[:-1])
 
 
 class HeadLayer(nn.Module):
@@ -144,19 +156,50 @@ def layer_plan(cfg: ModelConfig) -> list[tuple]:
 _CLASSES = {"embed": EmbedLayer, "block": BlockLayer, "down": DownLayer, "up": UpLayer, "head": HeadLayer}
 
 
-def init_layer_(layer: nn.Module, init_std: float, generator: torch.Generator) -> nn.Module:
-    """Normal(0, init_std) weights, zero biases, unit LayerNorm gains; u, v ~ Normal(0, 1e-6)."""
-    with torch.no_grad():
-        for m in layer.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, init_std, generator=generator)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                m.weight.normal_(0.0, init_std, generator=generator)
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.fill_(1.0)
+def _init_normal_(layer: nn.Module, init_std: float, generator: torch.Generator) -> None:
+    """Normal(0, init_std) weights, zero biases, unit LayerNorm gains (model.init = 'normal')."""
+    for m in layer.modules():
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, init_std, generator=generator)
+            if m.bias is not None:
                 m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            m.weight.normal_(0.0, init_std, generator=generator)
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+
+
+def _init_trax_(layer: nn.Module, generator: torch.Generator) -> None:
+    """trax's initialisers (model.init = 'trax'):
+    Dense   kernel GlorotUniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)); bias Normal(0, 1e-6);
+    Embedding  ScaledInitializer(mode='fan_out', distribution='uniform'): U(-a, a), a = sqrt(3 / d_model);
+    LayerNorm  scale 1, bias 0.
+    trax projects q, k and v with three Dense(d_model) layers: our fused (3D, D) qkv weight takes each
+    (D, D) slice's fans, not those of one (D, 3D) layer."""
+    fused = {id(m.qkv) for m in layer.modules() if isinstance(m, Attention)}
+    for m in layer.modules():
+        if isinstance(m, nn.Linear):
+            fan_out = m.out_features // 3 if id(m) in fused else m.out_features
+            a = math.sqrt(6.0 / (m.in_features + fan_out))
+            m.weight.uniform_(-a, a, generator=generator)
+            if m.bias is not None:
+                m.bias.normal_(0.0, TRAX_BIAS_STD, generator=generator)
+        elif isinstance(m, nn.Embedding):
+            a = math.sqrt(3.0 / m.embedding_dim)
+            m.weight.uniform_(-a, a, generator=generator)
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+
+
+def init_layer_(layer: nn.Module, init_std: float, generator: torch.Generator, scheme: str = "normal") -> nn.Module:
+    """Initialise ``layer`` in place by ``scheme`` ('trax' or 'normal', see model.init); u, v ~ Normal(0, 1e-6)."""
+    with torch.no_grad():
+        if scheme == "trax":
+            _init_trax_(layer, generator)
+        else:
+            _init_normal_(layer, init_std, generator)
         if isinstance(layer, EmbedLayer) and hasattr(layer, "uv"):
             layer.uv.normal_(0.0, UV_INIT_STD, generator=generator)
     return layer
@@ -175,7 +218,7 @@ def build_layer(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:
     if any(p.device.type != "meta" for p in layer.parameters()):
         gen = torch.Generator(device=next(layer.parameters()).device)
         gen.manual_seed(seed * 1_000_003 + index)
-        init_layer_(layer, cfg.init_std, gen)
+        init_layer_(layer, cfg.init_std, gen, cfg.init)
     return layer
 
 

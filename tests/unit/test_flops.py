@@ -17,6 +17,7 @@ CONFIGS = {
                                   upsample="attention_repeat"),
     "2levels-avg-rotary": dict(hierarchy="2@1 1@2 1@4 0@2 1@1", downsample="avg", upsample="attention_linear",
                                attention="rotary"),
+    "1level-lsh-relative": dict(hierarchy="1@1 2@3 1@1", vanilla_attention="lsh", lsh_chunk_len=8),
 }
 
 

@@ -75,7 +75,7 @@ def test_state_dict_keys_and_pure_construction():
 
 
 def test_initialisation():
-    cfg = ModelConfig(**{**CFG, "d_model": 64, "d_ff": 256, "init_std": 0.05})
+    cfg = ModelConfig(**{**CFG, "d_model": 64, "d_ff": 256, "init": "normal", "init_std": 0.05})
     model = HourglassLM(cfg)
     w = model.layers[1].block.ff.fc1.weight
     assert w.std().item() == pytest.approx(0.05, rel=0.05)

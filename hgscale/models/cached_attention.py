@@ -59,16 +59,17 @@ class RelTable:
     """Projected relative embeddings W_r s(d P) of distances d = hi, hi-1, hi-2, ...: (H, rows, dh).
 
     Row r holds distance hi - r; hi is the largest visible distance (0 for self and up, f-1 for down).
-    Grown on demand by doubling, up to ``max_rows`` (the most any sequence of model.max_seq_len needs)."""
+    The first call builds ``rows`` (what the cache's max_len needs); longer sequences double it, up to
+    ``max_rows`` (what model.max_seq_len needs)."""
 
-    def __init__(self, hi: int, P: int, max_rows: int):
-        self.hi, self.P, self.max_rows = hi, P, max_rows
+    def __init__(self, hi: int, P: int, rows: int, max_rows: int):
+        self.hi, self.P, self.first_rows, self.max_rows = hi, P, rows, max_rows
         self.R: torch.Tensor | None = None
 
     def rows(self, n: int, Wr: torch.Tensor, H: int) -> torch.Tensor:
         have = 0 if self.R is None else self.R.shape[1]
         if n > have:
-            new = min(max(n, 2 * have), max(n, self.max_rows))
+            new = max(n, self.first_rows if self.R is None else min(2 * have, self.max_rows))
             d = self.hi - torch.arange(have, new, device=Wr.device)  # distances in units of P
             E = sinusoid(d * self.P, Wr.shape[1]).to(Wr.dtype)  # (new - have, D), as attention._sinusoid_table
             R = F.linear(E, Wr).view(new - have, H, -1).transpose(0, 1)  # (H, new - have, dh)

@@ -67,6 +67,10 @@ class DecodeCache:
         """Bytes held by the cache (buffers as allocated, tables, pending rows)."""
         return sum(s.nbytes() for s in self.states)
 
+    def kv_nbytes(self) -> int:
+        """Bytes of the key/value buffers alone."""
+        return sum(s.kv.nbytes() for s in self.states if s.kv is not None)
+
     def kv_rows(self) -> list[tuple[str, int]]:
         """(layer kind, cached key rows) for every layer with a K/V cache, in layer order."""
         return [(kind, s.kv.n) for kind, s in zip(self.kinds, self.states, strict=True) if s.kv is not None]
@@ -88,21 +92,25 @@ def _attention_of(layer) -> Attention | None:
     return mod
 
 
+def rows_needed(layer, n: int) -> tuple[int, int]:
+    """(K/V rows, distance-table rows) a layer's attention holds after n tokens at full resolution."""
+    if layer.kind == "block":  # keys: its own rows; distances -i .. 0
+        m = math.ceil(n / layer.factor)
+        return m, m
+    m = math.ceil(n / layer.outer)  # rows of the outer sequence
+    if layer.kind == "down":  # keys: the (f-1)-shifted outer rows; distances j - f i in [-(f i), f-1]
+        return m + layer.f - 1, layer.f * math.ceil(m / layer.f)
+    return math.ceil(m / layer.f), m  # up: keys: the inner rows; distances f j - i in [-i, 0]
+
+
 def _state_for(layer, cfg, max_len: int) -> _LayerState:
     attn = _attention_of(layer)
     if attn is None:
         return _LayerState()
-    if layer.kind == "block":  # keys: its own rows
-        P = layer.factor
-        rows, hi, table = math.ceil(max_len / P), 0, math.ceil(cfg.max_seq_len / P)
-    elif layer.kind == "down":  # keys: the shifted outer sequence; distances j - f i in [-(f i), f-1]
-        P, f = layer.outer, layer.f
-        rows, hi = math.ceil(max_len / P) + f - 1, f - 1
-        table = f * math.ceil(cfg.max_seq_len / P / f) + f
-    else:  # keys: the inner rows; distances f j - i in [-i, 0]
-        P, f = layer.outer, layer.f
-        rows, hi, table = math.ceil(max_len / P / f), 0, math.ceil(cfg.max_seq_len / P)
-    rel = RelTable(hi, P, table) if attn.relative else None
+    P = layer.factor if layer.kind == "block" else layer.outer
+    hi = layer.f - 1 if layer.kind == "down" else 0  # the largest visible distance
+    rows, table = rows_needed(layer, max_len)
+    rel = RelTable(hi, P, table, rows_needed(layer, cfg.max_seq_len)[1]) if attn.relative else None
     return _LayerState(KVCache(rows), rel)
 
 

@@ -76,7 +76,7 @@ def test_shortened_levels_advance_once_per_completed_group():
     shifted sequence's ceil(n/P) + f - 1, attention upsampling the ceil(n/(P f)) inner rows."""
     cfg = tiny(HIERARCHIES[2])  # factors 2 and 3: cumulative 1, 2, 6
     model = random_model(cfg, seed=3)
-    cache = model.init_cache(1)
+    cache = model.init_cache(1, max_len=19)
     plan = [(layer.kind, layer.factor, getattr(layer, "outer", 1), getattr(layer, "f", 1))
             for layer in model.layers if layer.kind in ("block", "down", "up")]
     for n in range(1, 20):
@@ -90,6 +90,8 @@ def test_shortened_levels_advance_once_per_completed_group():
             else:
                 want.append(("up", math.ceil(n / outer / f)))
         assert cache.kv_rows() == want, f"after {n} tokens"
+    # sized by max_len, the buffers were allocated once, to exactly the rows 19 tokens need (2 x (1, H, n, dh))
+    assert cache.kv_nbytes() == sum(2 * rows * cfg.d_model * 4 for _, rows in want)
 
 
 def test_rows_of_a_batch_are_independent_and_caches_do_not_share_state():

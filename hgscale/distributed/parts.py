@@ -167,7 +167,8 @@ class ProgressLog(Part):
                    names.GRAD_NORM: tr.eng.grad_norm(), names.LOSS_SCALE: tr.eng.loss_scale()}
         tr.record(step, metrics)
         tr.tracker.gather_and_log(step, timings={k: v / n for k, v in win.parts.items()},
-                                  stage=tr.eng.stage_id, device=tr.rt.device)
+                                  stage=tr.eng.stage_id, device=tr.rt.device,
+                                  counters=getattr(tr.stream, "stats", None) or {})
 
     def close(self, tr) -> None:
         if self.bar is not None:
@@ -244,3 +245,7 @@ class Checkpointing(Part):
         due = (every and r.step % every == 0) or r.step == tr.cfg.train.steps
         if due and tr.last_saved != r.step:
             tr.save(r.step)
+
+    def close(self, tr) -> None:
+        if tr.ckpt.remote is not None:  # s3://: the run ends once every rank's upload is done and latest moved
+            tr.ckpt.remote.wait()

@@ -34,6 +34,8 @@ def aggregate(records: list[dict]) -> dict[str, float]:
     - ``system/<node>/...``: node CPU and memory from the node's first rank, RSS summed over its ranks, GPU peak
       memory the largest on the node.
     - ``memory/max_rank_peak_gb``: the largest per-rank peak (GPU memory, else RSS) of the job.
+    - ``data/<counter>``: a counter (storage retries, skipped corrupt shards) summed over the ranks of the first
+      stage: each data-parallel rank's stream once (a pipeline's last stage reads the same stream again).
     """
     out: dict[str, float] = {}
     by_stage: dict[int, list[dict]] = defaultdict(list)
@@ -55,6 +57,13 @@ def aggregate(records: list[dict]) -> dict[str, float]:
             idle.append(mean(per))
     if idle:
         out["pipeline/bubble_share"] = mean(idle)
+
+    totals: dict[str, float] = defaultdict(float)
+    for r in records:
+        if int(r.get("stage", 0)) == 0:
+            for k, v in (r.get("counters") or {}).items():
+                totals[f"data/{clean_key(k)}"] += float(v)
+    out.update(totals)
 
     by_node: dict[str, list[dict]] = defaultdict(list)
     for r in records:

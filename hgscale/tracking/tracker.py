@@ -190,12 +190,15 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             log.warning("artifact %s not logged (%s)", path, e)
 
-    def gather_and_log(self, step: int, timings: dict | None = None, stage: int = 0, device=None, group=None) -> None:
+    def gather_and_log(self, step: int, timings: dict | None = None, stage: int = 0, device=None, group=None,
+                       counters: dict | None = None) -> None:
         """COLLECTIVE: every rank calls this at the same step. Sends this rank's timings (seconds, e.g. data_s,
-        compute_s, optimizer_s, step_s) and resource sample to rank 0, which logs per-stage and per-node metrics."""
+        compute_s, optimizer_s, step_s), counters (running totals, e.g. its data stream's retries) and resource
+        sample to rank 0, which logs per-stage, per-node and job-wide metrics."""
         if not self.collect:
             return
-        rec = {"rank": self.rank, "stage": int(stage), "timings": dict(timings or {})}
+        rec = {"rank": self.rank, "stage": int(stage), "timings": dict(timings or {}),
+               "counters": dict(counters or {})}
         if self.cfg.tracking.system_metrics:
             try:
                 rec["system"] = system.sample(device)

@@ -98,3 +98,14 @@ def test_aggregate_stages_and_nodes():
     assert m["system/n1/gpu_peak_gb"] == 35.0 and "system/n2.cluster/gpu_peak_gb" not in m
     assert m["system/n2.cluster/mem_used_gb"] == 5.0
     assert m["memory/max_rank_peak_gb"] == 35.0
+
+
+def test_aggregate_sums_data_counters_over_the_first_stage():
+    """Storage retries and skipped shards of every data-parallel rank's stream, each counted once: a pipeline's
+    last stage reads the same stream as its first and is left out."""
+    recs = [{"rank": 0, "stage": 0, "counters": {"retries": 2, "skipped_shards": 1}},
+            {"rank": 1, "stage": 0, "counters": {"retries": 3, "skipped_shards": 0}},
+            {"rank": 2, "stage": 1, "counters": {"retries": 2, "skipped_shards": 1}},
+            {"rank": 3, "stage": 1}]
+    m = aggregate(recs)
+    assert m["data/retries"] == 5.0 and m["data/skipped_shards"] == 1.0

@@ -7,7 +7,8 @@
 What a document is (README "Data"):
 - jsonl: one JSON object per line; the document is its ``--field`` (a string; ``a.b`` reaches into objects).
 - parquet: one row; the document is the ``--field`` column (a string).
-- txt: ``--txt-document blank-line`` (default): lines up to an empty line; ``line``: every line;
+- txt: ``--txt-document blank-line`` (default): lines up to an empty line (nothing but spaces, tabs, \\r, \\f,
+  \\v); ``line``: every line;
   ``file``: the whole file. The document is its lines joined by "\\n" (no trailing newline).
 Empty documents are dropped. Compression follows the name: ``.gz``, ``.bz2``, ``.zst`` (streamed, never
 unpacked to disk). Bad records (a record without the field or not a string, a line that is not UTF-8 or not
@@ -135,29 +136,68 @@ def _open_binary(url: str, opts: dict):
     return io.BufferedReader(raw, buffer_size=1 << 20) if not isinstance(raw, io.BufferedReader) else raw
 
 
-def _lines(url: str, opts: dict, bad: BadRecords) -> Iterator[tuple[int, str]]:
-    """(1-based line number, text without its newline) of every UTF-8 line; bad lines go to ``bad``."""
+BLOCK_BYTES = 1 << 20  # decompressed text decoded and split at once: per-line Python work only where needed
+_BLANK = " \t\r\f\v"  # a line of only these is empty (ends a blank-line document)
+
+
+def _line_blocks(url: str, opts: dict, bad: BadRecords) -> Iterator[tuple[int, list[str]]]:
+    """(1-based number of the first line, lines without their newline) of consecutive runs of complete
+    lines; a line that is not UTF-8 goes to ``bad`` and is left out (its run restarts after it)."""
     with _open_binary(url, opts) as f:
-        for no, raw in enumerate(f, 1):
-            try:
-                yield no, raw.decode("utf-8").removesuffix("\n")
-            except UnicodeDecodeError as e:
-                bad.add(f"{url} line {no}", f"not UTF-8 ({e.reason} at byte {e.start})")
+        carry, no = b"", 1
+        while True:
+            chunk = f.read(BLOCK_BYTES)
+            buf = carry + chunk
+            cut = buf.rfind(b"\n") + 1 if chunk else len(buf)
+            block, carry = buf[:cut], buf[cut:]
+            if block:
+                lines = block.split(b"\n")
+                if block.endswith(b"\n"):
+                    lines.pop()
+                yield from _decode_lines(url, no, block, lines, bad)
+                no += len(lines)
+            if not chunk:
+                return
+
+
+def _decode_lines(url: str, no: int, block: bytes, lines: list[bytes], bad: BadRecords):
+    try:
+        yield no, block.decode("utf-8").split("\n")[:len(lines)]
+        return
+    except UnicodeDecodeError:
+        pass
+    run: list[str] = []  # the slow path, line by line, for a block holding a bad line
+    start = no
+    for i, raw in enumerate(lines):
+        try:
+            run.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            if run:  # the lines before it first: bad records are reported in file order
+                yield start, run
+            bad.add(f"{url} line {no + i}", f"not UTF-8 ({e.reason} at byte {e.start})")
+            run, start = [], no + i + 1
+    if run:
+        yield start, run
 
 
 def _txt_documents(url: str, opts: dict, mode: str, bad: BadRecords) -> Iterator[str]:
     if mode not in TXT_DOCUMENTS:
         raise DataError(f"--txt-document {mode!r} is not one of {', '.join(TXT_DOCUMENTS)}")
-    cur: list[str] = []
-    for _, line in _lines(url, opts, bad):
+    cur: list[str] = []  # lines of the document being read (it may span blocks)
+    for _, lines in _line_blocks(url, opts, bad):
         if mode == "line":
-            yield line
-        elif mode == "blank-line" and not line.strip():
-            if cur:
-                yield "\n".join(cur)
-            cur = []
+            yield from lines
+        elif mode == "file":
+            cur += lines
         else:
-            cur.append(line)
+            ends = [i for i, ln in enumerate(lines) if not ln.strip(_BLANK)]
+            start = 0
+            for e in ends:
+                cur += lines[start:e]
+                if cur:
+                    yield "\n".join(cur)
+                cur, start = [], e + 1
+            cur += lines[start:]
     if cur:
         yield "\n".join(cur)
 
@@ -171,20 +211,21 @@ def _field(obj, field: str):
 
 
 def _jsonl_documents(url: str, opts: dict, field: str, bad: BadRecords) -> Iterator[str]:
-    for no, line in _lines(url, opts, bad):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            bad.add(f"{url} line {no}", f"not JSON ({e.msg})")
-            continue
-        text = _field(obj, field)
-        if not isinstance(text, str):
-            what = "has no field" if text is None else f"has a {type(text).__name__}, not a string, in field"
-            bad.add(f"{url} line {no}", f"the record {what} {field!r} (set --field)")
-            continue
-        yield text
+    for first, lines in _line_blocks(url, opts, bad):
+        for no, line in enumerate(lines, first):
+            if not line.strip(_BLANK):
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                bad.add(f"{url} line {no}", f"not JSON ({e.msg})")
+                continue
+            text = _field(obj, field)
+            if not isinstance(text, str):
+                what = "has no field" if text is None else f"has a {type(text).__name__}, not a string, in field"
+                bad.add(f"{url} line {no}", f"the record {what} {field!r} (set --field)")
+                continue
+            yield text
 
 
 def _parquet_documents(url: str, opts: dict, field: str, bad: BadRecords) -> Iterator[str]:

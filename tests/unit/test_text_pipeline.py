@@ -197,3 +197,24 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
                             "--shard-bytes", str(1 << 20)]) for n in ("x1", "x4")}
     assert rss["x4"] <= 1.5 * rss["x1"] + 16, rss
     assert json.loads((tmp_path / "ox4" / "manifest.json").read_text())["splits"]["train"]["num_bytes"] > 35e6
+
+
+def test_block_boundaries_change_neither_documents_nor_line_numbers(tmp_path, monkeypatch, docs):
+    from data_pipelines import sources
+    from hgscale.data.storage import storage_options
+    head = "\n\n".join(docs[:200]) + "\n  \n\n"
+    f = tmp_path / "c.txt"
+    f.write_bytes(head.encode() + b"\xff bad\nlast doc")
+    runs = {}
+    for size in (sources.BLOCK_BYTES, 100, 7):
+        monkeypatch.setattr(sources, "BLOCK_BYTES", size)
+        bad = sources.BadRecords("skip")
+        runs[size] = (list(sources.read_documents(str(f), storage_options(), "txt", "text", "blank-line", bad)),
+                      bad.examples, list(sources.read_documents(str(f), storage_options(), "txt", "", "line",
+                                                                sources.BadRecords("skip"))))
+    want_docs = docs[:200] + ["last doc"]
+    want_bad = [f"{f} line {head.count(chr(10)) + 1}: not UTF-8 (invalid start byte at byte 0)"]
+    want_lines = [ln for ln in head.split("\n") if ln] + ["last doc"]
+    for got_docs, got_bad, got_lines in runs.values():
+        assert got_docs == want_docs and got_bad == want_bad
+        assert [ln for ln in got_lines if ln] == want_lines

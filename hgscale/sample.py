@@ -11,7 +11,7 @@ sample there. Images (the checkpoint's dataset, or ``--data-url``, must be an im
 samples N images, each from the first sub-pixel of a test image (training windows start at image
 boundaries, so the model never predicts a first sub-pixel); ``--complete N`` gives the model the top half of
 N test images and samples the bottom half, each completion beside its original. When the checkpoint belongs
-to an MLflow run, the file written by ``--out`` is logged to that run under ``samples/``.
+to an MLflow run (hgscale.tracking.checkpoint_run), the file written by ``--out`` is logged to that run.
 
 A context longer than model.max_seq_len is handled by a sliding re-prefill: when the sequence outgrows the
 window, the cache restarts from its last ``max_seq_len // 2`` tokens (``use_cache=False`` recomputes with the
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import codecs
-import json
 import math
 import sys
 from pathlib import Path
@@ -250,8 +249,8 @@ def _open_image_dataset(args, cfg):
     try:
         ds = open_dataset(cfg.data)
     except DataError as e:
-        raise UsageError(f"{flag} needs the model's image dataset to tell the image size and take test images, and "
-                         f"{cfg.data.url!r} cannot be opened ({e}); pass --data-url DIR of the prepared dataset") from None
+        raise UsageError(f"{flag} needs the model's image dataset (image size, test images), and {cfg.data.url!r} "
+                         f"cannot be opened ({e}); pass --data-url DIR of the prepared dataset") from None
     if ds.modality != "image":
         raise UsageError(f"{flag}: this model was trained on {ds.modality} data ({cfg.data.url}), not images; "
                          f"sample text with --prompt (and --out samples.txt) instead")
@@ -279,25 +278,6 @@ def _images(args, model, cfg, gen) -> Path:
     return path
 
 
-def log_to_run(path: Path, checkpoint: str, cfg) -> str | None:
-    """Log ``path`` to the checkpoint's MLflow run under samples/; the run id, or None without a run."""
-    from hgscale.checkpoint import META, CheckpointError, resolve
-
-    try:
-        root, tag = resolve(checkpoint)
-    except CheckpointError:
-        return None  # an exported model: no run
-    run_id = json.loads((root / tag / META).read_text()).get("run_id")
-    if not run_id:
-        return None
-    from mlflow.tracking import MlflowClient
-
-    from hgscale.tracking.tracker import resolve_uri
-
-    MlflowClient(tracking_uri=resolve_uri(cfg)).log_artifact(run_id, str(path), artifact_path="samples")
-    return run_id
-
-
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m hgscale.sample", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="training checkpoint directory or exported directory")
@@ -316,6 +296,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-url", default="", help="the image dataset (default: the checkpoint's data.url)")
     ap.add_argument("--out", default="", help="write the samples here (.txt for text, .png grid for images)")
     ap.add_argument("--no-cache", action="store_true", help="recompute a full forward per token (reference)")
+    ap.add_argument("--no-track", action="store_true", help="do not log --out to the checkpoint's MLflow run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     return ap
@@ -337,19 +318,15 @@ def main(argv: list[str] | None = None) -> int:
             path = _images(args, model, cfg, gen)
         else:
             path = _text(args, model, cfg, gen, args.device)
-    except (UsageError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:  # ValueError: generate's checks
+    except (UsageError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:  # + generate's checks
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if path is not None:
-        try:
-            run_id = log_to_run(path, args.checkpoint, cfg)
-        except Exception as e:  # noqa: BLE001 - the samples are written; tracking being away must not lose them
-            from hgscale.tracking.runinfo import mask_value
-            print(f"warning: {path} not logged to the checkpoint's MLflow run: {type(e).__name__}: "
-                  f"{mask_value(str(e))}", file=sys.stderr)
-        else:
-            if run_id:
-                print(f"logged {path} to MLflow run {run_id} under samples/", file=sys.stderr)
+    if path is not None and not args.no_track:
+        from hgscale.tracking.checkpoint_run import checkpoint_run, log_to_run
+
+        run = checkpoint_run(args.checkpoint)  # the run that trained it; tracking trouble is one warning
+        if log_to_run(run, artifacts=[path]):
+            print(f"logged {path} to MLflow run {run.run_id}", file=sys.stderr)
     return 0
 
 

@@ -87,7 +87,8 @@ def test_stop_token_ends_each_row_and_pads_it():
 
 def test_generate_bad_input():
     model, _ = model_and_cfg()
-    with pytest.raises(ValueError, match=r"temperature = -1 must be >= 0 \(0 = greedy\); top_p = 0 must be in \(0, 1\]"):
+    msg = r"temperature = -1 must be >= 0 \(0 = greedy\); top_p = 0 must be in \(0, 1\]"
+    with pytest.raises(ValueError, match=msg):
         generate(model, torch.tensor([[1]]), 3, temperature=-1, top_p=0)
     with pytest.raises(ValueError, match=r"prompt ids must lie in \[0, 256\)"):
         generate(model, torch.tensor([[300]]), 3)
@@ -236,6 +237,6 @@ def test_samples_are_logged_to_the_checkpoints_mlflow_run(tmp_path, mlflow_serve
     out = tmp_path / "samples.txt"
     assert main(["--checkpoint", ckpt, "--prompt", "x", "--tokens", "4", "--out", str(out)]) == 0
     assert f"logged {out} to MLflow run {run_id}" in capsys.readouterr().err
-    assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/samples.txt"]
-    local = client.download_artifacts(run_id, "samples/samples.txt", str(tmp_path / "dl"))
+    assert [a.path for a in client.list_artifacts(run_id)] == ["samples.txt"]
+    local = client.download_artifacts(run_id, "samples.txt", str(tmp_path / "dl"))
     assert open(local).read() == out.read_text() and out.read_text().startswith("--- sample 0 ---\nx")

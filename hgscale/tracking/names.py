@@ -53,3 +53,13 @@ def find_val_key(available) -> str | None:
     """The validation bits metric of a run (val/bpc, val/bpd, ...), else its validation loss, else None."""
     bits = sorted(k for k in available if _VAL_RE.match(k))
     return bits[0] if bits else first_present(_VAL_LOSS, available)
+
+
+def loss_curve_keys(available) -> tuple[str | None, str | None, str]:
+    """(training key, validation key, unit) of a run's loss curves, both in one unit: ``train/bpc`` with
+    ``val/bpc`` (bpd, ...) when both were logged, else the losses in nats per token."""
+    val = find_val_key(available)
+    m = _VAL_RE.match(val or "")
+    if m and f"train/{m.group(2)}" in available:
+        return f"train/{m.group(2)}", val, m.group(2)
+    return first_present(LOSS_KEYS, available), first_present(_VAL_LOSS, available), "loss (nats/token)"

@@ -233,7 +233,7 @@ class Tracker:
 
 def _plotted(key: str) -> bool:
     return (key in names.LOSS_KEYS or key in names.FLOPS_KEYS or key in names.ELAPSED_KEYS
-            or key.split("/", 1)[0] in ("val", "valid", "validation", "eval"))
+            or key.split("/", 1)[0] in ("train", "val", "valid", "validation", "eval"))
 
 
 def _plan_summary(plan: dict, depth: int = 0) -> dict:
@@ -249,8 +249,8 @@ def _plan_summary(plan: dict, depth: int = 0) -> dict:
 
 
 def _final_plot(client, run_id: str, local: dict, out_png: Path) -> None:
-    """Training loss and validation metric against cumulative training FLOPs, from the run's full history in
-    MLflow (earlier attempts of a resumed run included), logged as ``plots/loss_vs_flops.png``."""
+    """Training and validation curves, in one unit (bpc/bpd when logged), against cumulative training FLOPs, from
+    the run's full history in MLflow (earlier attempts of a resumed run included), as ``plots/loss_vs_flops.png``."""
     from .plots import at_steps, plot_panels, series
 
     run = client.get_run(run_id)
@@ -266,20 +266,17 @@ def _final_plot(client, run_id: str, local: dict, out_png: Path) -> None:
         seen = {m.step for m in h}
         return series(list(h) + [(s, v) for s, v in local.get(key, []) if s not in seen])
 
-    loss_key = names.first_present(names.LOSS_KEYS, keys)
-    flops_key = names.first_present(names.FLOPS_KEYS, keys)
-    val_key = names.find_val_key(keys)
-    if loss_key is None and val_key is None:
+    train_key, val_key, unit = names.loss_curve_keys(keys)
+    if train_key is None and val_key is None:
         return
+    flops_key = names.first_present(names.FLOPS_KEYS, keys)
     fs, fv = hist(flops_key)
-    xlabel = "training FLOPs" if flops_key else "step (no FLOPs metric logged)"
-    panels = []
-    for key in (loss_key, val_key):
-        if key is None:
-            continue
-        s, v = hist(key)
-        xs = at_steps(fs, fv, s) if flops_key else s
-        panels.append({"curves": [(run.info.run_name or run_id, xs, v)], "xlabel": xlabel, "ylabel": key,
-                       "logx": bool(flops_key)})
-    plot_panels(panels, out_png, title=f"{run.info.run_name}: loss vs training compute")
+    curves = []
+    for label, key in (("train", train_key), ("validation", val_key)):
+        if key is not None:
+            s, v = hist(key)
+            curves.append((f"{label} ({key})", at_steps(fs, fv, s) if flops_key else s, v))
+    panel = {"curves": curves, "xlabel": "training FLOPs" if flops_key else "step (no FLOPs metric logged)",
+             "ylabel": unit, "logx": bool(flops_key)}
+    plot_panels([panel], out_png, title=f"{run.info.run_name}: loss vs training compute")
     client.log_artifact(run_id, str(out_png), "plots")

@@ -84,3 +84,12 @@ def test_cpu_peak_keeps_the_best_measurement(tmp_path, monkeypatch):
     assert efficiency._remember_peak("cpu|2|bf16", 10e9) == 10e9       # keys are separate
     import json
     assert json.loads((tmp_path / "cpu_peak.json").read_text()) == {"cpu|2|fp32": 150e9, "cpu|2|bf16": 10e9}
+
+
+def test_loss_curves_share_one_unit():
+    """The end-of-run plot puts training and validation on one axis: bits when both were logged in bits."""
+    assert names.loss_curve_keys({"train/loss", "train/bpc", "val/bpc", "val/loss"}) == ("train/bpc", "val/bpc", "bpc")
+    assert names.loss_curve_keys({"train/loss", "train/bpd", "val/bpd"}) == ("train/bpd", "val/bpd", "bpd")
+    # another tool's run without a training bits metric: both curves in nats
+    assert names.loss_curve_keys({"loss", "val/bpc", "val/loss"}) == ("loss", "val/loss", "loss (nats/token)")
+    assert names.loss_curve_keys({"train/loss"}) == ("train/loss", None, "loss (nats/token)")

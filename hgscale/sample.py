@@ -321,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:  # + generate's checks
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NotImplementedError as e:  # a model without an exact cache (LSH attention)
+        print(f"error: {e} (on this command line: --no-cache)", file=sys.stderr)
+        return 2
     if path is not None and not args.no_track:
         from hgscale.tracking.checkpoint_run import checkpoint_run, log_to_run
 

@@ -10,6 +10,7 @@ import torch
 
 from hgscale.config import DOWNSAMPLE, UPSAMPLE, ModelConfig
 from hgscale.models import HourglassLM
+from hgscale.sample import generate
 
 HIERARCHIES = {1: "1@1 1@3 1@1", 2: "1@1 1@2 1@6 1@2 1@1", 3: "1@1 1@2 0@4 1@8 1@4 1@2 1@1"}
 COMBOS = list(itertools.product(DOWNSAMPLE, UPSAMPLE, ("relative", "rotary")))
@@ -132,7 +133,11 @@ def test_bad_input_errors():
 
 
 def test_lsh_attention_is_refused_by_name():
-    model = random_model(tiny(HIERARCHIES[1]), seed=5)
-    model.cfg.vanilla_attention = "lsh"
+    """LSH outputs can depend on later tokens' hashes (README): no exact cache exists; the error says what to do."""
+    model = HourglassLM(tiny(HIERARCHIES[1], attention="rotary", vanilla_attention="lsh", lsh_chunk_len=8)).eval()
     with pytest.raises(NotImplementedError, match="model.vanilla_attention = 'lsh'.*use_cache=False"):
         model.init_cache(1)
+    prompt = torch.tensor([[1, 2, 3]])
+    with pytest.raises(NotImplementedError, match="vanilla_attention = 'lsh'"):
+        generate(model, prompt, 2, temperature=0)
+    assert generate(model, prompt, 2, temperature=0, use_cache=False).shape == (1, 5)

@@ -139,6 +139,15 @@ def test_cli_bad_input(tmp_path, capsys):
         assert msg in capsys.readouterr().err, argv
 
 
+def test_cli_names_no_cache_for_an_lsh_model(tmp_path, capsys):
+    lsh = {**CFG, "model": {**CFG["model"], "attention": "rotary", "vanilla_attention": "lsh", "lsh_chunk_len": 4}}
+    path = export(tmp_path, *model_and_cfg(lsh))
+    assert main(["--checkpoint", path, "--tokens", "2"]) == 2
+    assert "model.vanilla_attention = 'lsh'" in capsys.readouterr().err
+    assert main(["--checkpoint", path, "--tokens", "2", "--no-cache", "--prompt", "ab"]) == 0
+    assert capsys.readouterr().out.startswith("ab")
+
+
 def test_cli_stop_byte(tmp_path, capsys):
     model, cfg = model_and_cfg()
     path = export(tmp_path, model, cfg)

@@ -29,8 +29,9 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
+from launchers.faults import record_crash
 from launchers.hostlist import HostlistError, expand_hostlist, expand_tasks_per_node
-from launchers.signals import SignalRelay, child_setup, exit_status
+from launchers.signals import EXIT_HANG, SignalRelay, child_setup, exit_status
 
 # Ports below Linux's ephemeral range (32768-60999), above the common service ports and Slurm's own.
 PORT_BASE = 20000
@@ -162,9 +163,15 @@ def run_rank(cmd: list[str], env: dict[str, str]) -> int:
     relay.add(child)
     while True:
         try:
-            return exit_status(child.wait(timeout=0.1))
+            status = exit_status(child.wait(timeout=0.1))
         except subprocess.TimeoutExpired:
             relay.poll()
+            continue
+        # a rank that died while nobody asked it to stop: the Slurm script excludes its node on requeue
+        # (0 done, 2 config/data error, 3 NaN loss, 4 hang: the watchdog reports that one itself)
+        if status not in (0, 2, 3, EXIT_HANG) and not relay.seen:
+            record_crash(int(env.get("RANK", "0")), status)
+        return status
 
 
 if __name__ == "__main__":

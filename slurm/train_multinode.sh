@@ -35,6 +35,16 @@
 # ranks checkpoint, but does not requeue: a cancelled job stays cancelled. HGSCALE_MAX_REQUEUES
 # (default 50) caps the number of requeues. The log is appended to across requeues (--open-mode=append).
 #
+# Crashes and hangs: a rank that dies (any exit status but 0, 2 = config/data error, 3 = NaN loss) or a hang
+# found by the trainer's watchdog (exit status 4, one line naming the stalled rank and host) ends the step
+# (--kill-on-bad-exit), and the script requeues the job, which resumes from the last complete checkpoint,
+# up to HGSCALE_MAX_RESTARTS times per job (default 3; preemptions do not count), after a back-off of
+# HGSCALE_RESTART_BACKOFF_S seconds (default 30), doubled on every further restart. The node named by the hang
+# report, or the node of the rank that died first, is excluded from the requeued job (scontrol update
+# ExcNodeList), unless too few nodes would remain in the partition. Each rank's wrapper records its
+# failure under HGSCALE_STATE_DIR (default .hgscale/ in the submit dir, a shared filesystem), where the
+# restart count lives too. Everything the script decides is logged with a "hgscale:" prefix.
+#
 #SBATCH --job-name=hgscale
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
@@ -62,6 +72,11 @@ PYTHON=${HGSCALE_PYTHON:-python3}
 command -v "$PYTHON" >/dev/null ||
     die "Python interpreter '$PYTHON' not found; activate the environment or set HGSCALE_PYTHON"
 
+STATE=${HGSCALE_STATE_DIR:-$PWD/.hgscale}/job-$SLURM_JOB_ID
+export HGSCALE_EVENTS_DIR=$STATE/attempt-${SLURM_RESTART_COUNT:-0}  # ranks record crashes/hangs here
+rm -rf "$HGSCALE_EVENTS_DIR"
+mkdir -p "$HGSCALE_EVENTS_DIR" || die "cannot create the job state directory $STATE (set HGSCALE_STATE_DIR)"
+
 PREEMPTED=0
 TERMINATED=0
 SRUN_PID=
@@ -84,6 +99,47 @@ on_term() {
 }
 trap on_usr1 USR1
 trap on_term TERM
+
+failed_node() {  # the node to blame: the hang report's, else that of the rank that died first
+    "$PYTHON" -m launchers.faults culprit "$HGSCALE_EVENTS_DIR"
+}
+exclude_node() {  # keep the requeued job off NODE, unless too few nodes would be left in the partition
+    local node=$1 old list total
+    old=$(scontrol show job "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
+    case "$old" in ""|"(null)") list=$node ;; *) list="$old,$node" ;; esac
+    total=$(sinfo -h -N -o %N ${SLURM_JOB_PARTITION:+-p "$SLURM_JOB_PARTITION"} | sort -u | wc -l)
+    if [ $((total - $(echo "$list" | tr ',' '\n' | sort -u | wc -l))) -lt "${SLURM_JOB_NUM_NODES:-1}" ]; then
+        say "not excluding node $node: the partition has $total node(s) and the job needs ${SLURM_JOB_NUM_NODES:-1}"
+    elif scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$list"; then
+        say "excluded node $node from the requeued job (ExcNodeList=$list)"
+    else
+        say "could not exclude node $node (scontrol update ExcNodeList=$list failed)"
+    fi
+}
+requeue_after_failure() {  # a crash or a hang: requeue with back-off, up to HGSCALE_MAX_RESTARTS per job
+    local rc=$1 count max delay node
+    count=$(cat "$STATE/failures" 2>/dev/null || echo 0)
+    max=${HGSCALE_MAX_RESTARTS:-3}
+    if [ "$rc" -eq 4 ]; then
+        say "the ranks hung (exit status 4; the watchdog's error line above names the rank and host)"
+    else
+        say "the ranks failed (srun exit status $rc)"
+    fi
+    if [ "$count" -ge "$max" ]; then
+        echo "hgscale: error: restarted $count time(s) after failures already (HGSCALE_MAX_RESTARTS=$max); not" \
+            "requeueing; the first error above names the cause" >&2
+        exit "$rc"
+    fi
+    echo $((count + 1)) > "$STATE/failures"
+    node=$(failed_node)
+    [ -n "$node" ] && exclude_node "$node"
+    delay=$(( ${HGSCALE_RESTART_BACKOFF_S:-30} * (1 << count) ))
+    [ "$delay" -gt 600 ] && delay=600
+    say "requeueing job $SLURM_JOB_ID after the failure (restart $((count + 1))/$max after failures) in $delay s"
+    sleep "$delay"
+    scontrol requeue "$SLURM_JOB_ID" || { echo "hgscale: error: scontrol requeue $SLURM_JOB_ID failed" >&2; exit "$rc"; }
+    exit 0
+}
 
 say "started $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) in $PWD with $(command -v "$PYTHON")"
 "$PYTHON" -m launchers.preflight "$CONFIG" "$@"
@@ -117,6 +173,9 @@ if [ $PREEMPTED -eq 1 ]; then
     say "checkpoint saved; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
     scontrol requeue "$SLURM_JOB_ID" || { echo "hgscale: error: scontrol requeue $SLURM_JOB_ID failed" >&2; exit 1; }
     exit 0
+fi
+if [ $rc -ne 0 ] && [ $TERMINATED -eq 0 ] && [ $rc -ne 2 ] && [ $rc -ne 3 ]; then
+    requeue_after_failure "$rc"  # exits
 fi
 if [ $rc -ne 0 ]; then
     echo "hgscale: error: the ranks failed (srun exit status $rc); the first error above names the cause" >&2

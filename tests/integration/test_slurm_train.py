@@ -139,3 +139,78 @@ def test_preempted_job_checkpoints_requeues_and_resumes_same_run(slurm_cluster, 
     _, _, ref = _mlflow(reference_run[0])
     torch.testing.assert_close(torch.tensor([losses[s] for s in steps]), torch.tensor([ref[s] for s in steps]),
                                rtol=1e-5, atol=1e-6)  # resumed exactly: same data position, same weights
+
+
+# ------------------------------------------------------------------------------------------ crashes
+
+def _trainer_pid(cfg: Path, rank: int, timeout: float) -> int:
+    """The trainer process (not its launchers.env wrapper) of ``rank`` running ``cfg``."""
+    import psutil
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = p.info["cmdline"] or []
+            try:
+                if cmd[1:3] == ["-m", "hgscale.train"] and str(cfg) in cmd and p.environ().get("RANK") == str(rank):
+                    return p.pid
+            except psutil.Error:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"no trainer process of rank {rank} for {cfg}")
+
+
+def _fault_env(tmp_path: Path, **extra) -> dict:
+    return {**_env(), "HGSCALE_STATE_DIR": str(tmp_path / "state"), "HGSCALE_RESTART_BACKOFF_S": "1", **extra}
+
+
+def test_killed_rank_requeues_resumes_and_logs_every_step_once(slurm_cluster, demo_data, reference_run, tmp_path):
+    """kill -9 of rank 1 right after the step-10 checkpoint: the job requeues itself (restart 1 after a failure),
+    names the node it would exclude, resumes at step 10 and logs steps 10, 20, 30, 40 once each, with the
+    window-mean losses of the uninterrupted job."""
+    import os
+    import signal as sig
+    cfg = _config(tmp_path, demo_data)
+    every = ["train.log_interval=10", "checkpoint.interval=10"]
+    job_id = slurm_cluster.sbatch(*CPU_JOB, f"--output={tmp_path}/job-%j.log", str(SCRIPT), str(cfg), OVERRIDE,
+                                  *every, cwd=tmp_path, env=_fault_env(tmp_path))
+    log_path = tmp_path / f"job-{job_id}.log"
+    pid = _trainer_pid(cfg, 1, timeout=120)
+    latest = tmp_path / "ckpt" / "latest"
+    _wait_for(latest, r"step00000010", timeout=120)
+    os.kill(pid, sig.SIGKILL)
+    job = slurm_cluster.wait_job(job_id, timeout=240)
+    log = log_path.read_text()
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log
+    first, second = log.split("requeueing job", 1)
+    assert "the ranks failed (srun exit status" in first
+    host = slurm_cluster.host
+    assert f"not excluding node {host}: the partition has 1 node(s) and the job needs 1" in first
+    assert re.search(r"after the failure \(restart 1/3 after failures\) in 1 s", second), second[:500]
+    crash = json.loads((tmp_path / "state" / f"job-{job_id}" / "attempt-0" / "crash-rank00001.json").read_text())
+    assert crash["rank"] == 1 and crash["status"] == 137 and crash["host"] == host
+    assert re.search(r"resumed from \S+step00000010 at step 10\b", second), second
+    assert f"finished {STEPS} steps" in second
+    runs, steps, losses = _mlflow(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert steps == [10, 20, 30, 40], steps
+    _, _, ref = _mlflow(reference_run[0])
+    want = [sum(ref[s] for s in range(k - 9, k + 1)) / 10 for k in steps]  # the progress line's window mean
+    torch.testing.assert_close(torch.tensor([losses[s] for s in steps]), torch.tensor(want), rtol=1e-5, atol=1e-6)
+
+
+def test_restart_cap_stops_a_job_that_always_crashes(slurm_cluster, demo_data, tmp_path):
+    """A trainer that dies at once on every attempt: one restart (HGSCALE_MAX_RESTARTS=1), then the job fails."""
+    cfg = _config(tmp_path, demo_data)
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/bash\nif [ "$1 $2" = "-m hgscale.train" ]; then echo "simulated crash" >&2; exit 1; fi\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    job_id = slurm_cluster.sbatch(*CPU_JOB, f"--output={tmp_path}/job-%j.log", str(SCRIPT), str(cfg), OVERRIDE,
+                                  cwd=tmp_path, env=_fault_env(tmp_path, HGSCALE_PYTHON=str(fake),
+                                                               HGSCALE_MAX_RESTARTS="1"))
+    job = slurm_cluster.wait_job(job_id, timeout=180)
+    log = (tmp_path / f"job-{job_id}.log").read_text()
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "1", log
+    assert log.count("simulated crash") == 4  # two ranks, two attempts
+    assert "restart 1/1 after failures" in log
+    assert "restarted 1 time(s) after failures already (HGSCALE_MAX_RESTARTS=1); not requeueing" in log

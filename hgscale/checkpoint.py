@@ -177,11 +177,12 @@ class CheckpointManager:
 
     def load(self, root: Path, tag: str) -> dict:
         """Restore engine, optimizer, scheduler and this rank's client state; returns
-        {"step", "run_id", "meta", **rank_state}. Raises CheckpointError on a layout mismatch."""
+        {"step", "run_id", "meta", **rank_state}. A checkpoint of another layout goes through
+        :mod:`hgscale.reshard` (converted once, kept beside it)."""
         tag_dir = root / tag
-        problem = layout_problem(tag_dir, self.eng.topology())  # train.py's preflight saw it already
-        if problem:
-            raise CheckpointError(problem)
+        if layout_problem(tag_dir, self.eng.topology()):  # train.py's preflight checked it can be converted
+            from hgscale.reshard import load_resharded
+            return load_resharded(self, root, tag)
         meta = json.loads((tag_dir / META).read_text())
         path, _ = self.eng.engine.load_checkpoint(str(root), tag=tag, load_optimizer_states=True,
                                                   load_lr_scheduler_states=True)

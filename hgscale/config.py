@@ -348,6 +348,8 @@ class CheckpointConfig:
     interval: int = fld(1000, "Steps between checkpoints (0 = only at the end and on preemption).")
     keep_last: int = fld(3, "Checkpoints kept; older ones are deleted after a successful save.")
     resume: str = fld("auto", "'auto' resumes from the latest checkpoint if any, 'never', or a checkpoint path.")
+    allow_batch_change: bool = fld(False, "Resume with a global batch size other than the checkpoint's (data position "
+                                          "kept in windows; the lr schedule continues by step).")
     staging_dir: str = fld("", "Node-local directory for checkpoints of a remote checkpoint.dir (s3://...) before "
                                "upload; empty: hgscale-staging under the system temp dir.")
 

@@ -2,7 +2,7 @@
 
     ds = open_dataset(cfg.data)                   # reads and checks <data.url>/manifest.json
     ds.vocab_size, ds.metric_name, ds.bits_per_nat_token   # metric = mean NLL (nats/token) x factor
-    ds.stream("train", micro_batch_size, seq_len, dp_rank, dp_size, seed)   # infinite, resumable
+    ds.stream("train", micro_batch_size, seq_len, dp_rank, dp_size, seed)   # infinite, resumable, one order
     ds.eval_batches("valid", batch_size, seq_len, dp_rank, dp_size)         # finite, in file order
     ds.split_tokens("test")                       # the whole split, for sliding-window evaluation
 """
@@ -84,8 +84,11 @@ class Dataset:
 
     # --------------------------------------------------------------------------------- reading
     def stream(self, split: str, micro_batch_size: int, seq_len: int, dp_rank: int = 0, dp_size: int = 1,
-               seed: int | None = None, num_workers: int | None = None, shuffle: bool | None = None) -> Stream:
-        """Infinite, deterministic, resumable (inputs, labels) LongTensor (B, T) batches of one DP rank."""
+               seed: int | None = None, num_workers: int | None = None, shuffle: bool | None = None,
+               global_batch_size: int | None = None) -> Stream:
+        """Infinite, deterministic, resumable (inputs, labels) LongTensor (B, T) batches of one DP rank: its
+        share of each global batch (default micro_batch_size x dp_size windows), whose windows do not depend
+        on dp_size, the workers or pipeline stages (see order.py)."""
         if not 0 <= dp_rank < dp_size:
             raise DataError(f"data-parallel rank {dp_rank} is not in [0, {dp_size})")
         if micro_batch_size < 1 or seq_len < 1:
@@ -98,7 +101,7 @@ class Dataset:
             shuffle_shards=max(1, int(self._cfg("shuffle_shards", 4))) if shuffle else 1,  # shards per group
             dp_rank=int(dp_rank), dp_size=int(dp_size), on_corrupt=self._cfg("on_corrupt", "error"),
             image_tokens=int(self.manifest.get("sample_tokens") or 0) if self.modality == "image" else 0,
-            opts=self.opts)
+            global_batch_size=int(global_batch_size or micro_batch_size * dp_size), opts=self.opts)
         workers = self._cfg("num_workers", 0) if num_workers is None else num_workers
         return Stream(spec, workers, self._cfg("prefetch_batches", 4), self._cfg("worker_start_method", "forkserver"))
 

@@ -1,20 +1,20 @@
-"""The producer side of a stream: which shards a worker reads, and the windows it cuts from them.
+"""The producer side of a stream: the windows one worker of one data-parallel rank cuts for each global batch.
 
-Everything here is a pure function of (seed, epoch, shard, data-parallel rank/size, worker/count),
-so a cursor ``[epoch, group_pos, window_pos]`` pins the position exactly and resume is replay-free:
+The order itself is order.py's (the same for every layout). A worker handles the lanes ``lane % num_workers
+== worker`` of its rank's share of each batch and sends one message per global batch: the windows and
+their slots in the rank's share, so the main process assembles the share in a fixed order whatever the
+timing. Within a lane the windows a rank needs come in increasing order: the worker holds one group of
+each lane it reads and never reads a group twice.
 
-    epoch e:  perm = permutation(n_shards | seed, e)          # same on every rank
-              rank r takes perm[r::dp_size]                    # data-parallel rank, never global RANK
-              worker w of rank r takes those[w::num_workers]   # its shard list for epoch e
     shard s:  tokens = concat(samples in file order)           # text: the original contiguous stream
               windows of seq_len + 1 tokens at stride seq_len  # labels are inputs shifted by one
               text:   a random start offset in [0, seq_len) per (seed, e, s), windows in random order
               images: images in random order, the stream wraps by one token so every pixel is a label
-    group:    the worker reads its shards shuffle_shards at a time and shuffles their windows together
-    batch:    the next micro_batch_size windows of the worker, across group and epoch boundaries
+    group:    shuffle_shards shards of one lane, their windows shuffled together
 
-The stream's main process takes batches from its workers round-robin (see stream.py).
-This module imports no torch: spawned workers start fast.
+A corrupt shard skipped under data.on_corrupt='skip' keeps its slots in the order (every rank plans with
+the manifest's counts): they are filled, cycling, with windows of its group's good shards, or of the next
+good shard of the split. This module imports no torch: spawned workers start fast.
 """
 from __future__ import annotations
 
@@ -25,19 +25,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .order import EpochPlan, _rng
 from .shards import CorruptShard, load_shard
 from .storage import DataError, join
-
-
-def _rng(*key: int) -> np.random.Generator:
-    return np.random.default_rng([int(k) & 0xFFFFFFFF for k in key])
-
-
-def worker_shards(n_shards: int, seed: int, epoch: int, shuffle: bool, dp_rank: int, dp_size: int,
-                  worker: int, num_workers: int) -> list[int]:
-    """Indices of the shards worker ``worker`` of data-parallel rank ``dp_rank`` reads in ``epoch``."""
-    order = _rng(seed, epoch, 0x5EED).permutation(n_shards) if shuffle else np.arange(n_shards)
-    return [int(i) for i in order[dp_rank::dp_size][worker::num_workers]]
 
 
 def window_starts(samples: list[np.ndarray], seq_len: int, image_tokens: int, rng: np.random.Generator | None
@@ -45,7 +35,7 @@ def window_starts(samples: list[np.ndarray], seq_len: int, image_tokens: int, rn
     """(token stream, window start offsets) of one shard; each window is ``seq_len + 1`` tokens.
 
     ``image_tokens`` > 0: samples hold whole images of that many tokens, shuffled one by one.
-    ``rng`` None keeps file order (evaluation, shuffle off)."""
+    ``rng`` None keeps file order (shuffle off). order.shard_windows counts them without reading."""
     if image_tokens:
         if not samples:
             return np.zeros(0, np.uint8), np.zeros(0, np.int64)
@@ -66,93 +56,115 @@ def window_starts(samples: list[np.ndarray], seq_len: int, image_tokens: int, rn
     return tokens, starts
 
 
-def iter_windows(spec: dict, cursor: list[int], stats: dict, events: list[str]
-                 ) -> Iterator[tuple[np.ndarray, list[int]]]:
-    """Infinite (window, cursor after it) of one worker, starting at ``cursor`` = [epoch, group, window].
+class _Reader:
+    """Loads shards for one worker, counting retries and skipped corrupt shards."""
 
-    The worker's shards are read ``shuffle_shards`` at a time (a group, held in memory); the windows of
-    a group are shuffled together, so a batch mixes several shards."""
-    shards = spec["shards"]
-    epoch, gpos, wpos = cursor
-    group_size = spec["shuffle_shards"]  # 1 without shuffling (Dataset.stream)
+    def __init__(self, spec: dict, stats: dict, events: list[str]):
+        self.spec, self.stats, self.events = spec, stats, events
 
-    def note_retry(msg: str) -> None:
-        stats["retries"] += 1
-        events.append(msg)
+    def _note_retry(self, msg: str) -> None:
+        self.stats["retries"] += 1
+        self.events.append(msg)
 
-    while True:
-        mine = worker_shards(len(shards), spec["seed"], epoch, spec["shuffle"], spec["dp_rank"], spec["dp_size"],
-                             spec["worker"], spec["num_workers"])
-        if not mine:
-            raise DataError(f"split {spec['split']!r} of {spec['root']} has {len(shards)} shard(s): too few for "
-                            f"{spec['dp_size']} data-parallel rank(s) x {spec['num_workers']} worker(s); "
-                            f"use fewer data.num_workers or re-shard the dataset into more shards")
-        groups = [mine[i:i + group_size] for i in range(0, len(mine), group_size)]
-        produced = 0
-        while gpos < len(groups):
-            pieces, refs = _load_group(spec, epoch, groups[gpos], stats, events, note_retry)
-            if spec["shuffle"]:
-                refs = refs[_rng(spec["seed"], epoch, groups[gpos][0], 0x6A0F).permutation(len(refs))]
-            for w in range(wpos, len(refs)):
-                k, s = int(refs[w, 0]), int(refs[w, 1])
-                produced += 1
-                # after a group's last window the cursor names the next group: a resume there
-                # need not download this group again only to find nothing left in it
-                after = [epoch, gpos, w + 1] if w + 1 < len(refs) else [epoch, gpos + 1, 0]
-                yield pieces[k][s:s + spec["seq_len"] + 1], after
-            gpos, wpos = gpos + 1, 0
-        if produced == 0 and cursor == [epoch, 0, 0]:
-            raise DataError(f"worker {spec['worker']} of data-parallel rank {spec['dp_rank']} read a whole epoch of "
-                            f"split {spec['split']!r} of {spec['root']} without one window of data.seq_len + 1 = "
-                            f"{spec['seq_len'] + 1} tokens (shards too small or all skipped); lower data.seq_len "
-                            f"or re-shard")
-        epoch, gpos, wpos = epoch + 1, 0, 0
-        cursor = [epoch, 0, 0]
-
-
-def _load_group(spec: dict, epoch: int, group: list[int], stats: dict, events: list[str], note_retry
-                ) -> tuple[list[np.ndarray], np.ndarray]:
-    """Token streams of the group's shards and the (shard k, start) of every window, in shard order.
-    Corrupt shards raise, or with data.on_corrupt='skip' are counted, reported and left out."""
-    pieces, refs = [], []
-    image_tokens = int(spec.get("image_tokens") or 0)
-    for idx in group:
+    def shard(self, epoch: int, idx: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(tokens, window starts) of shard ``idx`` in ``epoch``; None for a skipped corrupt shard."""
+        spec = self.spec
         shard = spec["shards"][idx]
         try:
-            samples = load_shard(spec["root"], shard, spec["dtype"], spec["opts"], note_retry)
+            samples = load_shard(spec["root"], shard, spec["dtype"], spec["opts"], self._note_retry)
         except CorruptShard as e:
             if spec["on_corrupt"] != "skip":
                 raise
-            stats["skipped_shards"] += 1
-            events.append(f"skipped shard {join(spec['root'], shard['path'])} "
-                          f"(data.on_corrupt='skip'; {stats['skipped_shards']} skipped so far): {e}")
-            continue
+            self.stats["skipped_shards"] += 1
+            self.events.append(f"skipped shard {join(spec['root'], shard['path'])} (data.on_corrupt='skip'; "
+                               f"{self.stats['skipped_shards']} skipped so far): {e}")
+            return None
         rng = _rng(spec["seed"], epoch, idx, 0xD17A) if spec["shuffle"] else None
-        tokens, starts = window_starts(samples, spec["seq_len"], image_tokens, rng)
-        refs.append(np.stack([np.full(len(starts), len(pieces), np.int64), starts], 1))  # (n, 2)
-        pieces.append(tokens)
-    return pieces, (np.concatenate(refs) if refs else np.zeros((0, 2), np.int64))
+        return window_starts(samples, spec["seq_len"], int(spec.get("image_tokens") or 0), rng)
+
+    def group(self, plan: EpochPlan, shards: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
+        """Token streams and the (piece, start) of every window of a group, in the plan's order."""
+        pieces, refs, missing = [], [], []
+        for idx in shards:
+            got = self.shard(plan.epoch, idx)
+            if got is None:
+                missing.append(idx)
+                continue
+            tokens, starts = got
+            refs.append(np.stack([np.full(len(starts), len(pieces), np.int64), starts], 1))  # (n, 2)
+            pieces.append(tokens)
+        good = np.concatenate(refs) if refs else np.zeros((0, 2), np.int64)
+        need = sum(plan.counts[i] for i in missing)
+        if need:
+            if not len(good):
+                pieces, good = self._substitute(plan, shards[-1])
+            refs.append(good[np.arange(need) % len(good)])  # the skipped shards' slots, cycling
+        out = np.concatenate(refs) if refs else np.zeros((0, 2), np.int64)
+        if self.spec["shuffle"] and len(out):
+            out = out[_rng(self.spec["seed"], plan.epoch, shards[0], 0x6A0F).permutation(len(out))]
+        return pieces, out
+
+    def _substitute(self, plan: EpochPlan, after: int) -> tuple[list[np.ndarray], np.ndarray]:
+        n = len(self.spec["shards"])
+        for k in range(1, n):
+            got = self.shard(plan.epoch, (after + k) % n)
+            if got is not None and len(got[1]):
+                return [got[0]], np.stack([np.zeros(len(got[1]), np.int64), got[1]], 1)
+        spec = self.spec
+        raise DataError(f"worker {spec['worker']} of data-parallel rank {spec['dp_rank']} read a whole epoch of split "
+                        f"{spec['split']!r} of {spec['root']} without one window of data.seq_len + 1 = "
+                        f"{spec['seq_len'] + 1} tokens (shards too small or all skipped); lower data.seq_len or "
+                        f"re-shard")
 
 
-def iter_batches(spec: dict, cursor: list[int]) -> Iterator[dict]:
-    """Messages ``{"kind": "batch", "windows": (B, seq_len + 1), "cursor", "stats", "events"}``."""
+class _Lane:
+    """The group of one lane a worker currently holds."""
+
+    def __init__(self, reader: _Reader, plan: EpochPlan, lane: int):
+        self.reader, self.plan, self.lane, self.group = reader, plan, lane, -1
+
+    def window(self, index: int, width: int) -> np.ndarray:
+        g, pos = self.plan.locate(self.lane, index)
+        if g != self.group:
+            self.pieces, self.refs = self.reader.group(self.plan, self.plan.groups[self.lane][g])
+            self.group = g
+        k, s = int(self.refs[pos, 0]), int(self.refs[pos, 1])
+        return self.pieces[k][s:s + width]
+
+
+def iter_batches(spec: dict, start: list[int]) -> Iterator[dict]:
+    """Messages ``{"kind": "batch", "epoch", "offset", "slots", "windows": (k, seq_len + 1), "stats", "events"}``,
+    one per global batch from position ``start`` = [epoch, windows of it consumed]."""
     stats = {"retries": 0, "skipped_shards": 0}
     events: list[str] = []
-    B, width = spec["micro_batch_size"], spec["seq_len"] + 1
-    rows: list[np.ndarray] = []
-    for window, after in iter_windows(spec, list(cursor), stats, events):
-        rows.append(window)
-        if len(rows) == B:
-            yield {"kind": "batch", "windows": np.stack(rows).reshape(B, width), "cursor": after,
+    reader = _Reader(spec, stats, events)
+    G, width = spec["global_batch_size"], spec["seq_len"] + 1
+    epoch, off = int(start[0]), int(start[1])
+    while True:
+        plan = EpochPlan(spec, epoch)
+        end = plan.usable(G, off)
+        if off == 0 and end == 0:
+            raise DataError(f"split {spec['split']!r} of {spec['root']} holds {plan.windows} windows of data.seq_len "
+                            f"+ 1 = {width} tokens per epoch, fewer than one global batch of {G}: lower the batch "
+                            f"size or data.seq_len")
+        lanes: dict[int, _Lane] = {}
+        while off < end:
+            slots = plan.rank_slots(off, G, spec["dp_rank"], spec["dp_size"])  # (G/D, 2)
+            mine = np.flatnonzero(slots[:, 0] % spec["num_workers"] == spec["worker"])
+            rows = [lanes.setdefault(int(lane), _Lane(reader, plan, int(lane))).window(int(i), width)
+                    for lane, i in slots[mine]]
+            windows = np.stack(rows) if rows else np.zeros((0, width), np.int64)
+            yield {"kind": "batch", "epoch": epoch, "offset": off, "slots": mine, "windows": windows,
                    "stats": dict(stats), "events": events[:]}
-            rows.clear()
             events.clear()
+            off += G
+        epoch, off = epoch + 1, 0
 
 
-def produce(spec: dict, cursor: list[int], put: Callable[[dict], bool]) -> None:
+def produce(spec: dict, start: list[int], put: Callable[[dict], bool]) -> None:
     """Run a worker: put batch messages until ``put`` says stop; errors become one message."""
     try:
-        for msg in iter_batches(spec, cursor):
+        for msg in iter_batches(spec, start):
             if not put(msg):
                 return
     except DataError as e:
@@ -175,22 +187,22 @@ def _putter(q, stop) -> Callable[[dict], bool]:
     return put
 
 
-def worker_main(spec: dict, cursor: list[int], q, stop, env: dict) -> None:
+def worker_main(spec: dict, start: list[int], q, stop, env: dict) -> None:
     """Entry point of a worker process. ``env``: the AWS_* variables of the stream's process now (a
     forkserver child would otherwise see those of the moment the server started)."""
     for k in [k for k in os.environ if k.startswith("AWS_")]:
         del os.environ[k]
     os.environ.update(env)
-    produce(spec, cursor, _putter(q, stop))
+    produce(spec, start, _putter(q, stop))
     if stop.is_set():
         q.cancel_join_thread()  # the main process stopped reading: exit without flushing
 
 
-def start_thread(spec: dict, cursor: list[int], maxsize: int):
+def start_thread(spec: dict, start: list[int], maxsize: int):
     """In-process producer (num_workers = 0): a prefetching thread. Returns (queue, stop, thread)."""
     q: queue_mod.Queue = queue_mod.Queue(maxsize=maxsize)
     stop = threading.Event()
-    t = threading.Thread(target=produce, args=(spec, cursor, _putter(q, stop)), daemon=True,
+    t = threading.Thread(target=produce, args=(spec, start, _putter(q, stop)), daemon=True,
                          name=f"hgscale-data-{spec['split']}")
     t.start()
     return q, stop, t

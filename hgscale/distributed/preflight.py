@@ -2,7 +2,7 @@
 process group starts (``hgscale/train.py`` turns the problems into one error message)."""
 from __future__ import annotations
 
-from hgscale.checkpoint import CheckpointError, layout_problem, resume_point
+from hgscale.checkpoint import CheckpointError, resume_point
 from hgscale.config import Config
 from hgscale.distributed.ds_config import batch_layout
 
@@ -38,12 +38,14 @@ def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
     if not where:
         return []
     from hgscale.distributed.pipeline import stage_parts
+    from hgscale.reshard import resume_problems
 
     p = cfg.parallel  # the layout TrainEngine.topology() will report, known without starting it
     want = {"world_size": world_size, "pipeline_stages": p.pipeline_stages, "zero_stage": p.zero_stage,
+            "data_parallel_size": world_size // p.pipeline_stages,
             "stage_boundaries": stage_parts(cfg, p.pipeline_stages) if p.pipeline_stages > 1 else None}
-    problem = layout_problem(where[0] / where[1], want)
-    return [problem] if problem else []
+    # another layout is converted on resume; a different model, batch or an unconvertible layout is not
+    return resume_problems(where[0] / where[1], cfg, world_size, want)
 
 
 def preflight(cfg: Config, dataset, world_size: int) -> list[str]:

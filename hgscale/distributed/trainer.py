@@ -68,8 +68,11 @@ class Trainer:
         t, d = self.cfg.train, self.cfg.data
         self.stream = self.it = None
         if self.eng.reads_data:
+            # the global batch fixes the order of windows; this rank reads its share of each
             self.stream = self.dataset.stream(d.train_split, t.micro_batch_size, d.seq_len, self.eng.dp_rank,
-                                              self.eng.dp_size, seed=d.seed)
+                                              self.eng.dp_size, seed=d.seed,
+                                              global_batch_size=batch_layout(self.cfg, self.rt.world_size)
+                                              ["global_batch_size"])
             if "data" in state:
                 self.stream.load_state_dict(state["data"])
             self.it = iter(self.stream)

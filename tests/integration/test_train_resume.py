@@ -133,10 +133,10 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path, demo_data):  # noqa: 
     assert (ckpt / "step00000003" / "COMPLETE").exists()
     assert (ckpt / "step00000003" / "mp_rank_00_model_states.pt").stat().st_size > 1000
 
-    # a different layout cannot resume: refused before any process group starts, naming the checkpoint
-    r = subprocess.run(command(1, TRAIN, ["--config", str(cfg), "train.steps=6", "parallel.zero_stage=0"]), cwd=ROOT,
+    # another model cannot resume: refused before any process group starts, naming the checkpoint and the key
+    r = subprocess.run(command(1, TRAIN, ["--config", str(cfg), "train.steps=6", "model.vocab_size=300"]), cwd=ROOT,
                        env=env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert (f"checkpoint {str(ckpt / 'step00000004')!r} was written with zero_stage = 1, this run has 0"
+    assert (f"checkpoint {str(ckpt / 'step00000004')!r} holds another model (model.vocab_size 256 -> 300)"
             in r.stderr), r.stderr[-2000:]
     assert (ckpt / "latest").read_text() == "step00000004"

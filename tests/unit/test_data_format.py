@@ -156,8 +156,8 @@ def test_user_errors_name_the_field(demo):
     ds = open_dataset(DataConfig(url=str(demo)))
     with pytest.raises(DataError, match="has no split 'dev'; it has train, valid, test"):
         ds.stream("dev", 2, 16)
-    with pytest.raises(DataError, match=r"has 1 shard\(s\), fewer than 2 data-parallel rank\(s\) x 1 worker"):
-        ds.stream("valid", 2, 16, dp_rank=0, dp_size=2, num_workers=0)
+    with pytest.raises(DataError, match=r"global batch 6 is not micro_batch_size 2 x data-parallel size 2 x an"):
+        ds.stream("valid", 2, 16, dp_rank=0, dp_size=2, num_workers=0, global_batch_size=6)
     with pytest.raises(DataError, match="no full batch"):
         list(ds.eval_batches("valid", 64, 512))
     with pytest.raises(DataError, match="data.url is empty"):

@@ -11,7 +11,7 @@ from data_pipelines.demo_corpus import corpus_bytes, write_demo_corpus
 from data_pipelines.shards import DatasetWriter
 from hgscale.config import DataConfig
 from hgscale.data import open_dataset
-from hgscale.data.reader import worker_shards
+from hgscale.data.order import EpochPlan, lane_count
 from tests.batches import assert_same, take
 
 
@@ -38,14 +38,31 @@ def test_order_is_deterministic_in_seed(ds):
     assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
 
 
-def test_shard_assignment_partitions_by_dp_rank_and_worker():
-    for n, dp, w in ((13, 2, 2), (16, 4, 2), (7, 1, 3)):
-        for epoch in range(3):
-            parts = [worker_shards(n, 5, epoch, True, r, dp, k, w) for r in range(dp) for k in range(w)]
-            flat = sorted(i for p in parts for i in p)
-            assert flat == list(range(n))
-    assert worker_shards(13, 5, 0, True, 0, 2, 0, 1) != worker_shards(13, 5, 1, True, 0, 2, 0, 1)
-    assert worker_shards(5, 5, 0, False, 0, 1, 0, 1) == [0, 1, 2, 3, 4]
+def _spec(n_shards: int, tokens: int = 1000, shuffle_shards: int = 2) -> dict:
+    return {"shards": [{"num_tokens": tokens + 37 * i} for i in range(n_shards)], "seed": 5, "shuffle": True,
+            "seq_len": 16, "image_tokens": 0, "shuffle_shards": shuffle_shards}
+
+
+def test_lanes_partition_shards_and_ranks_read_their_own_lanes():
+    assert [lane_count(n) for n in (1, 2, 3, 13, 64, 500)] == [1, 2, 2, 8, 64, 64]
+    for n in (13, 16, 70):
+        plan = EpochPlan(_spec(n), 0)
+        flat = sorted(s for lane in plan.groups for grp in lane for s in grp)
+        assert flat == list(range(n))
+        lens = [int(e[-1]) for e in plan.group_ends]
+        assert max(lens) - min(lens) <= max(plan.counts)  # balanced within one shard
+        assert plan.windows == sum(plan.counts) == len(plan.lane_of)
+        G = 2 * plan.n_lanes
+        for D in (1, 2, 4):  # whole rounds: rank r reads lanes [r L/D, (r + 1) L/D) only
+            for off in range(0, min(lens) * plan.n_lanes - G, G):  # while every lane has windows
+                slots = [plan.rank_slots(off, G, r, D) for r in range(D)]
+                got = sorted(tuple(x) for s in slots for x in s.tolist())
+                batch = zip(plan.lane_of[off:off + G].tolist(), plan.index_of[off:off + G].tolist(), strict=True)
+                assert got == sorted(batch)
+                for r, s in enumerate(slots):
+                    per = plan.n_lanes // D
+                    assert set(s[:, 0].tolist()) <= set(range(r * per, (r + 1) * per))
+    assert EpochPlan(_spec(13), 0).groups != EpochPlan(_spec(13), 1).groups
 
 
 def test_dp_ranks_read_disjoint_text_and_cover_an_epoch(ds):
@@ -72,27 +89,33 @@ def test_exact_resume_in_process(ds, cut, epoch):
         next(it)
     state = json.loads(json.dumps(s.state_dict()))  # survives a checkpoint's JSON
     s.close()
-    assert state["cursors"][0][0] == epoch
+    assert state["epoch"] == epoch
     r = ds.stream("train", B, T, seed=9)
     r.load_state_dict(state)
     assert_same(take(r, 12), full[cut:])
 
 
-def test_resume_at_a_group_boundary_starts_the_next_group(ds):
-    B, T = 1, 4096  # ~ 30 windows per group of 4 shards
-    s = ds.stream("train", B, T, seed=6)
-    it = iter(s)
-    full, states = [], []
-    for _ in range(45):
-        full.append(next(it))
-        states.append(s.state_dict())
-    s.close()
-    # the first state after the last window of a group points at the next group, not past its end
-    i = next(i for i, st in enumerate(states) if st["cursors"][0][1:] == [1, 0])
-    assert states[i - 1]["cursors"][0][1] == 0
-    r = ds.stream("train", B, T, seed=6)
-    r.load_state_dict(states[i])
-    assert_same(take(r, 5), full[i + 1:i + 6])
+@pytest.mark.parametrize("cut", [3, 55])  # mid-epoch; after the epoch boundary (52 batches of 8 x 1000)
+def test_resume_on_another_layout_continues_the_one_order(ds, cut):
+    G, T = 8, 1000
+    one = ds.stream("train", 2, T, seed=4, global_batch_size=G)  # 1 rank x 4 micro-batches per batch
+    full = take(one, 4 * (cut + 3))
+    one = ds.stream("train", 2, T, seed=4, global_batch_size=G)
+    it = iter(one)
+    for _ in range(4 * cut):
+        next(it)
+    state = json.loads(json.dumps(one.state_dict()))
+    one.close()
+    assert state["micro"] == 0 and (state["epoch"] >= 1) == (cut == 55)
+    rows = [[] for _ in range(3)]
+    for r in range(2):  # 2 ranks x 2 micro-batches of 2
+        s = ds.stream("train", 2, T, r, 2, seed=4, global_batch_size=G)
+        s.load_state_dict(state)
+        for j, (x, _) in enumerate(take(s, 6)):
+            rows[j // 2].extend(bytes(row.to(torch.uint8).numpy()) for row in x)
+    for j in range(3):
+        want = [bytes(row.to(torch.uint8).numpy()) for x, _ in full[4 * (cut + j):4 * (cut + j + 1)] for row in x]
+        assert sorted(rows[j]) == sorted(want)
 
 
 def test_epochs_differ_and_repeat_the_data(ds):
@@ -104,28 +127,23 @@ def test_epochs_differ_and_repeat_the_data(ds):
     assert sum(w in e0 for w in e1) < len(e1) // 2  # a new order (and new offsets) each epoch
 
 
-@pytest.mark.parametrize("pooled", [1, 4])
-def test_batches_mix_the_pooled_shards(ds, pooled):
+def test_batches_mix_shards_of_many_lanes(ds):
     text = corpus_bytes()
     ends = np.cumsum([s["num_tokens"] for s in ds.manifest["splits"]["train"]["shards"]])
-    mixed = open_dataset(DataConfig(url=ds.root, shuffle_shards=pooled, num_workers=0))
-    x, _ = take(mixed.stream("train", 16, 128, seed=1), 1)[0]
+    x, _ = take(ds.stream("train", 16, 128, seed=1), 1)[0]
     origin = {int(np.searchsorted(ends, text.find(bytes(r.to(torch.uint8).numpy())), side="right")) for r in x}
-    assert len(origin) == 1 if pooled == 1 else len(origin) >= 3
+    assert len(origin) >= 6  # 8 lanes of the 13 shards, 2 windows of each
 
 
-def test_changed_layout_resumes_at_epoch_start(ds, caplog):
+def test_changed_order_resumes_at_epoch_start(ds, caplog):
     s = ds.stream("train", 4, 64, seed=1)
     take(s, 3)
     state = s.state_dict()
-    other = ds.stream("train", 4, 64, seed=1, num_workers=0, dp_rank=1, dp_size=2)
-    other.load_state_dict(state)
-    assert other.state_dict()["cursors"] == [[0, 0, 0]] and "different layout" in caplog.text
-    # the shard grouping decides what a cursor means, so it is part of the layout
+    assert (state["epoch"], state["offset"], state["micro"]) == (0, 12, 0)
+    # the shard grouping decides the order, so a state saved with another cannot resume exactly
     regrouped = open_dataset(DataConfig(url=ds.root, shuffle_shards=2, num_workers=0)).stream("train", 4, 64, seed=1)
-    caplog.clear()
     regrouped.load_state_dict(state)
-    assert "shuffle_shards 4 -> 2" in caplog.text
+    assert "shuffle_shards 4 -> 2" in caplog.text and regrouped.state_dict()["offset"] == 0
 
 
 def test_eval_batches_split_windows_between_ranks(ds):

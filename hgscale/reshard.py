@@ -1,0 +1,316 @@
+"""Elastic resume: a checkpoint written by one layout (pipeline stages, data-parallel size, ZeRO stage) resumes
+on another, through one per-parameter form of the training state.
+
+    problems = resume_problems(tag_dir, cfg, world_size)   # before any process group: model keys, batch, support
+    conv = convert(tag_dir)          # once; <tag_dir>/elastic/ (atomic, reused by later resumes)
+    state = load_resharded(manager, root, tag)             # every rank of the new layout, after engine set-up
+
+The per-parameter form, kept beside DeepSpeed's files of the step::
+
+    <tag_dir>/elastic/elastic.json        source layout, Adam step, lr scheduler, DeepSpeed counters, loss scale
+    <tag_dir>/elastic/params/<name>.pt    {"fp32", "exp_avg", "exp_avg_sq"} of one parameter, full shape;
+                                          <name> as in HourglassLM's state dict ("layers.5.block.ln1.weight")
+
+It is built from DeepSpeed's own checkpoint files, whatever wrote them: ZeRO 1/2 (with or without a
+pipeline) keep each rank's flat fp32 partition and Adam moments in ``zero_pp_rank_{d}_mp_rank_{s}_optim_states.pt``
+with ``param_slice_mappings`` (name -> numel, start in that rank's partition); ZeRO-0 keeps torch's optimizer
+state in ``mp_rank_{s}_model_states.pt``, indexed in parameter order. DeepSpeed's universal-checkpoint tools
+(ds_to_universal + load_universal) cover only part of this: they match parameters by module name (a pipeline
+names them "<layer>.<rest>", the data-parallel module "model.layers.<layer>.<rest>"), and fail for a ZeRO-0
+source or target. So one path serves every pair: read DeepSpeed's files into the form above, and load it into
+the new engine through DeepSpeed's public ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state``
+(ZeRO 1/2) or torch's optimizer state (ZeRO-0). ZeRO-3 is not converted (its files partition the weights too).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from hgscale.checkpoint import META, CheckpointError, _atomic_write, _rank_file
+from hgscale.config import Config, config_from_dict
+
+CONVERTED = "elastic"
+LAYOUT_KEYS = ("world_size", "pipeline_stages", "zero_stage", "stage_boundaries")
+# model keys that do not shape the parameters: they may change on resume
+_FREE_MODEL_KEYS = {"dropout", "attn_dropout", "attn_impl", "max_seq_len", "init", "init_std"}
+_STATES = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+# ------------------------------------------------------------------------------------------ checks
+def describe(t: dict) -> str:
+    return (f"{t['pipeline_stages']} stage(s) x {t.get('data_parallel_size', t['world_size'] // t['pipeline_stages'])} "
+            f"data-parallel, ZeRO-{t['zero_stage']}")
+
+
+def layout_changed(have: dict, want: dict) -> bool:
+    return any(have.get(k) != want.get(k) for k in LAYOUT_KEYS)
+
+
+def model_differences(saved: dict, cfg: Config) -> list[str]:
+    """'model.KEY saved -> now' for each model key that shapes the parameters and differs."""
+    then = dataclasses.asdict(config_from_dict(saved, validate=False).model)
+    now = dataclasses.asdict(cfg.model)
+    return [f"model.{k} {then.get(k)!r} -> {now.get(k)!r}" for k in now
+            if k not in _FREE_MODEL_KEYS and then.get(k) != now.get(k)]
+
+
+def _batch_problem(where: str, saved_ds: dict, cfg: Config, world_size: int) -> str | None:
+    from hgscale.distributed.ds_config import batch_layout
+
+    lay = batch_layout(cfg, world_size)
+    G, G2, m, dp = saved_ds["train_batch_size"], lay["global_batch_size"], lay["micro_batch_size"], \
+        lay["data_parallel_size"]
+    if G == G2 or cfg.checkpoint.allow_batch_change:
+        return None
+    m0, a0 = saved_ds["train_micro_batch_size_per_gpu"], saved_ds["gradient_accumulation_steps"]
+    was = (f"checkpoint {where} was trained with global batch {G} (micro_batch_size {m0} x grad_accum_steps {a0} "
+           f"x data-parallel size {G // (m0 * a0)}); this run has micro_batch_size {m} x grad_accum_steps "
+           f"{lay['grad_accum_steps']} x data-parallel size {dp} = {G2}")
+    if G % (m * dp) == 0:
+        keep = f"set train.grad_accum_steps={G // (m * dp)} ({m} x {G // (m * dp)} x {dp} = {G}) to keep it"
+    else:
+        keep = (f"no grad_accum_steps reaches {G} with micro_batch_size {m} x data-parallel size {dp}: choose "
+                f"train.micro_batch_size and train.grad_accum_steps with micro x accum x {dp} = {G}"
+                + ("" if G % dp == 0 else f" ({G} is not divisible by {dp}: launch a world size that is)"))
+    return f"{was}: {keep}, or set checkpoint.allow_batch_change=true to continue with global batch {G2}"
+
+
+def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict) -> list[str]:
+    """Why the checkpoint in ``tag_dir`` cannot resume this run (topology ``want``); [] when it can."""
+    meta = json.loads((tag_dir / META).read_text())
+    where = repr(str(tag_dir))
+    diff = model_differences(meta["config"], cfg)
+    if diff:
+        return [f"checkpoint {where} holds another model ({'; '.join(diff)}): resume with its model settings, or "
+                f"start fresh with checkpoint.resume=never"]
+    out = []
+    batch = _batch_problem(where, meta["deepspeed"], cfg, world_size)
+    if batch:
+        out.append(batch)
+    have = meta["topology"]
+    if layout_changed(have, want):
+        if 3 in (have["zero_stage"], want["zero_stage"]):
+            out.append(f"checkpoint {where} was written by {describe(have)}; this run is {describe(want)}: ZeRO-3 "
+                       f"checkpoints are not converted between layouts; launch the same layout, or export it "
+                       f"(python -m hgscale.checkpoint export) and start fresh")
+        elif have["zero_stage"] == 0 and meta["config"]["train"]["precision"] != "fp32":
+            out.append(f"checkpoint {where} was written with ZeRO-0 and {meta['config']['train']['precision']}: its "
+                       f"fp32 master weights are not converted to another layout; launch the same layout")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ reading
+def _canonical(name: str) -> str:
+    """HourglassLM name of a DeepSpeed module parameter: '5.x.w' (pipeline) or 'model.layers.5.x.w'."""
+    return name.removeprefix("model.") if name.startswith("model.") else f"layers.{name}"
+
+
+def _module_name(canon: str, pipeline: bool) -> str:
+    return canon.removeprefix("layers.") if pipeline else f"model.{canon}"
+
+
+def _stage_files(tag_dir: Path) -> list[Path]:
+    files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
+    if not files:
+        raise CheckpointError(f"checkpoint {str(tag_dir)!r} holds no DeepSpeed model states "
+                              f"(mp_rank_*_model_states.pt)")
+    return files
+
+
+def _zero_stage_state(tag_dir: Path, stage: int, dp: int, shapes: list[dict]) -> tuple[dict, float, dict]:
+    """ZeRO 1/2: {name: {fp32, exp_avg, exp_avg_sq}} of one pipeline stage from its dp partitions."""
+    pieces: dict[str, dict[str, list]] = {}
+    step, scaler = None, {}
+    for d in range(dp):
+        f = tag_dir / f"zero_pp_rank_{d}_mp_rank_{stage:02d}_optim_states.pt"
+        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for g, mapping in enumerate(osd["param_slice_mappings"]):
+            flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **{
+                k: osd["base_optimizer_state"]["state"][g][k] for k in _STATES[1:]}}
+            step = float(osd["base_optimizer_state"]["state"][g]["step"])
+            for name, frag in mapping.items():
+                for k, t in flat.items():  # moments keep the alignment padding at the end: slices skip it
+                    pieces.setdefault(name, {s: [] for s in _STATES})[k].append(
+                        t.narrow(0, frag.start, frag.numel).clone())
+        scaler = {"loss_scaler": osd.get("loss_scaler")}
+        del osd
+    out = {}
+    for group in shapes:
+        for name, shape in group.items():
+            out[name] = {k: torch.cat(v).view(shape) for k, v in pieces.pop(name).items()}
+    return out, step, scaler
+
+
+def _zero0_stage_state(tag_dir: Path, states: dict, meta: dict, stage: int) -> tuple[dict, float]:
+    """ZeRO-0: weights from the module (or the pipeline's layer files), moments from torch's optimizer state."""
+    buffers = set(states.get("buffer_names") or [])
+    if meta["topology"]["pipeline_stages"] > 1:
+        parts = meta["topology"]["stage_boundaries"]
+        weights = {}
+        for layer in range(parts[stage], parts[stage + 1]):
+            sd = torch.load(tag_dir / f"layer_{layer:02d}-model_states.pt", map_location="cpu", weights_only=False)
+            weights.update({f"{layer}.{k}": v for k, v in sd.items()})
+    else:
+        weights = states["module"]
+    names = [k for k in weights if k not in buffers]  # the order of module.parameters(): optimizer indices
+    opt = states["optimizer"]
+    out, step = {}, 0.0
+    for group in opt["param_groups"]:
+        for i in group["params"]:
+            st = opt["state"].get(i)
+            w = weights[names[i]].float()
+            if st is None:  # never stepped: zero moments
+                st = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(w), "exp_avg_sq": torch.zeros_like(w)}
+            out[names[i]] = {"fp32": w.clone(), **{k: st[k].float() for k in _STATES[1:]}}
+            step = float(st["step"])
+    return out, step
+
+
+def _pending(conv: Path) -> list[Path]:
+    return [p for p in conv.parent.glob(f".{CONVERTED}.tmp*") if p.is_dir()]
+
+
+def converted(tag_dir: Path) -> Path | None:
+    """The finished conversion of ``tag_dir``, if any (an interrupted one has another name and is ignored)."""
+    conv = Path(tag_dir) / CONVERTED
+    return conv if (conv / "elastic.json").is_file() else None
+
+
+def convert(tag_dir: str | Path) -> tuple[Path, bool]:
+    """(<tag_dir>/elastic, True if built now / False if reused). One process, no process group; written under a
+    temporary name and renamed when complete, so a conversion cut short is never read."""
+    tag_dir = Path(tag_dir)
+    done = converted(tag_dir)
+    if done:
+        return done, False
+    meta = json.loads((tag_dir / META).read_text())
+    topo = meta["topology"]
+    for old in _pending(tag_dir / CONVERTED):  # debris of an interrupted conversion
+        shutil.rmtree(old, ignore_errors=True)
+    tmp = tag_dir / f".{CONVERTED}.tmp{os.getpid()}"
+    (tmp / "params").mkdir(parents=True)
+    step, extra, counters = 0.0, {}, None
+    for stage, f in enumerate(_stage_files(tag_dir)):
+        states = torch.load(f, map_location="cpu", weights_only=False)
+        if counters is None:
+            counters = {k: states.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}
+            counters["lr_scheduler"] = states.get("lr_scheduler")
+        if topo["zero_stage"] == 0:
+            params, step = _zero0_stage_state(tag_dir, states, meta, stage)
+        else:
+            params, step, extra = _zero_stage_state(tag_dir, stage, topo["data_parallel_size"], states["param_shapes"])
+        del states
+        for name, st in params.items():
+            torch.save(st, tmp / "params" / f"{_canonical(name)}.pt")
+        del params
+    info = {"source": topo, "adam_step": step, "time": time.time(), **counters,
+            "loss_scaler": _scaler_dict(extra.get("loss_scaler"))}
+    _atomic_write(tmp / "elastic.json", json.dumps(info, indent=1, default=str))
+    final = tag_dir / CONVERTED
+    os.replace(tmp, final)  # the directory appears whole or not at all
+    return final, True
+
+
+def _scaler_dict(scaler) -> dict | None:
+    if scaler is None:
+        return None
+    keys = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+    return {k: float(getattr(scaler, k)) for k in keys if hasattr(scaler, k)}
+
+
+# ------------------------------------------------------------------------------------------ loading
+def link_zero_optimizer_state(zero_optimizer) -> None:
+    """ZeRO 1/2 create Adam's state at the first optimizer step and only then link each parameter to its
+    fragment of it (which ``safe_set_full_optimizer_state`` writes through). A freshly built engine gets
+    zero state and the links now. The only DeepSpeed internals used here, in one place (tested by the
+    elastic-resume integration tests)."""
+    inner = zero_optimizer.optimizer
+    for flat in zero_optimizer.single_partition_of_fp32_groups:  # (partition numel,) fp32 of this rank
+        st = inner.state[flat]
+        if not st:
+            st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
+    zero_optimizer._lazy_init_hp_params_optimizer_state()
+
+
+def _load_into_engine(eng, conv: Path, info: dict) -> None:
+    """Weights, fp32 masters and Adam moments of every local parameter; step counters; lr scheduler."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    ds = eng.engine
+    step = torch.tensor(float(info["adam_step"]))
+    if hasattr(ds.optimizer, "single_partition_of_fp32_groups"):
+        link_zero_optimizer_state(ds.optimizer)
+    plain = None  # torch's optimizer when DeepSpeed does not partition it (ZeRO-0)
+    for name, p in ds.module.named_parameters():
+        st = torch.load(conv / "params" / f"{_canonical(name)}.pt", map_location="cpu", weights_only=True)
+        with torch.no_grad():
+            p.data.copy_(st["fp32"].to(p.device, p.dtype))
+        if hasattr(p, "_hp_mapping"):  # ZeRO 1/2: the flat fp32 partition and moments this rank holds
+            safe_set_full_fp32_param(p, st["fp32"].to(p.device))
+            for k in _STATES[1:]:
+                safe_set_full_optimizer_state(p, st[k].to(p.device), k)
+        else:
+            plain = ds.optimizer
+            plain.state[p] = {"step": step.clone(), **{k: st[k].to(p.device).clone() for k in _STATES[1:]}}
+    if plain is None:  # ZeRO 1/2: one step count per flat group
+        inner = ds.optimizer.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                inner.state[p]["step"] = step.clone()
+        scaler = info.get("loss_scaler")
+        if scaler and hasattr(ds.optimizer, "loss_scaler"):
+            for k, v in scaler.items():
+                setattr(ds.optimizer.loss_scaler, k, type(getattr(ds.optimizer.loss_scaler, k))(v))
+    if info.get("lr_scheduler") is not None:
+        ds.lr_scheduler.load_state_dict(info["lr_scheduler"])
+    ds.global_steps, ds.global_samples = int(info["global_steps"]), int(info["global_samples"])
+    ds.skipped_steps = int(info.get("skipped_steps") or 0)
+
+
+def load_resharded(manager, root: Path, tag: str) -> dict:
+    """COLLECTIVE: resume ``manager``'s engine from a checkpoint of another layout. Rank 0 converts (once),
+    every rank loads its parameters; returns what CheckpointManager.load returns."""
+    tag_dir = root / tag
+    eng = manager.eng
+    meta = json.loads((tag_dir / META).read_text())
+    reused = True
+    if eng.rt.rank == 0:
+        t0 = time.perf_counter()
+        _, built = convert(tag_dir)
+        reused = not built
+        took = time.perf_counter() - t0
+    eng.barrier()
+    conv = converted(tag_dir)
+    if conv is None:
+        raise CheckpointError(f"converting checkpoint {str(tag_dir)!r} to this layout failed: see rank 0's output")
+    info = json.loads((conv / "elastic.json").read_text())
+    _load_into_engine(eng, conv, info)
+    if eng.rt.rank == 0:
+        how = f"reused {conv}" if reused else f"converted once in {took:.1f} s, kept in {conv}"
+        print(f"layout changed since step {meta['step']}: {describe(meta['topology'])} -> "
+              f"{describe(eng.topology())}; {how}", flush=True)
+    # what the ranks of the old layout kept for themselves: the data position is the same on every rank (the
+    # order does not depend on the layout), meters count the whole run; RNG streams start anew per rank
+    state = torch.load(_rank_file(tag_dir, 0), weights_only=False)
+    state.pop("rng")
+    _reseed(manager.cfg.train.seed, meta["step"], eng.rt.rank)
+    eng.barrier()
+    return {"step": meta["step"], "run_id": meta.get("run_id"), "meta": meta, **state}
+
+
+def _reseed(seed: int, step: int, rank: int) -> None:
+    import random
+
+    import numpy as np
+
+    s = (seed * 1_000_003 + step * 7919 + rank) & 0x7FFFFFFF
+    torch.manual_seed(s)
+    np.random.seed(s)
+    random.seed(s)
+

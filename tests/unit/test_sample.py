@@ -47,6 +47,9 @@ def test_greedy_with_cache_equals_recomputation_and_the_window_slides():
                 start = seq.shape[1] - 8
             seq = torch.cat([seq, model(seq[:, start:])[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(cached, seq)
+    long = torch.randint(0, 256, (2, 21), generator=torch.Generator().manual_seed(0))  # prompt > max_seq_len
+    assert torch.equal(generate(model, long, 6, temperature=0), generate(model, long, 6, temperature=0,
+                                                                          use_cache=False))
 
 
 def test_sampling_is_seeded_and_top_k_one_or_tiny_top_p_is_greedy():

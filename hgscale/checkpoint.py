@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hgscale.checkpoint_store import is_remote
 from hgscale.config import Config, ConfigError, config_from_dict
 
 _TAG_RE = re.compile(r"^step(\d{8,})$")
@@ -85,6 +86,9 @@ def resume_point(cfg: Config) -> tuple[Path, str] | None:
     if spec == "never":
         return None
     if spec == "auto":
+        if is_remote(cfg.checkpoint.dir):  # newest complete remote tag, its metadata staged for the layout check
+            from hgscale.checkpoint_store import remote_resume_point
+            return remote_resume_point(cfg)
         root = Path(cfg.checkpoint.dir)
         tag = latest_tag(root)
         return (root, tag) if tag else None
@@ -137,11 +141,18 @@ class CheckpointManager:
         self.cfg, self.eng, self.ds_json = cfg, engine, ds_json
         self.root = Path(cfg.checkpoint.dir)
         self.rank = engine.rt.rank
+        self.remote = None
+        if is_remote(cfg.checkpoint.dir):  # each rank writes to node-local staging; a thread uploads it
+            from hgscale.checkpoint_store import RemoteCheckpoints
+            self.remote = RemoteCheckpoints(cfg, self.rank, engine.rt.world_size)
+            self.root = self.remote.local
 
     def save(self, step: int, rank_state: dict, run_id: str | None, extra: dict | None = None) -> Path:
         tag = tag_for(step)
+        if self.remote is not None:
+            self.remote.stage()  # after the previous upload: staging holds one checkpoint per rank
         tag_dir = self.root / tag
-        if self.rank == 0:
+        if self.rank == 0 or self.remote is not None:
             if tag_dir.exists():  # debris of an interrupted save of this same step
                 shutil.rmtree(tag_dir)
             tag_dir.mkdir(parents=True)
@@ -155,6 +166,9 @@ class CheckpointManager:
             meta = {"step": step, "run_id": run_id, "time": time.time(), "config": mask_secrets(self.cfg.to_dict()),
                     "deepspeed": mask_secrets(self.ds_json), "topology": self.eng.topology(), **(extra or {})}
             _atomic_write(tag_dir / META, json.dumps(meta, indent=1))
+        if self.remote is not None:  # COMPLETE and latest follow once every rank's upload is done
+            self.remote.upload(tag)
+            return tag_dir
         self.eng.barrier()  # every rank's files are on disk
         if self.rank == 0:
             _atomic_write(tag_dir / COMPLETE, "")
@@ -180,6 +194,9 @@ class CheckpointManager:
         {"step", "run_id", "meta", **rank_state}. A checkpoint of another layout goes through
         :mod:`hgscale.reshard` (converted once, kept beside it)."""
         tag_dir = root / tag
+        if self.remote is not None:  # only the files this rank reads (all of them for a layout conversion)
+            self.remote.download(tag, json.loads((tag_dir / META).read_text()),
+                                 everything=bool(layout_problem(tag_dir, self.eng.topology())))
         if layout_problem(tag_dir, self.eng.topology()):  # train.py's preflight checked it can be converted
             from hgscale.reshard import load_resharded
             return load_resharded(self, root, tag)

@@ -31,9 +31,15 @@ def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
 
 
 def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
+    from hgscale.checkpoint_store import start_up_problems
+    from hgscale.data import DataError
+
+    storage = start_up_problems(cfg)  # s3:// checkpoint.dir: bucket, credentials, staging dir
+    if storage:
+        return storage
     try:
         where = resume_point(cfg)
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:
         return [str(e)]
     if not where:
         return []

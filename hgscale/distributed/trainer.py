@@ -48,7 +48,8 @@ class Trainer:
         if not where:
             return {}
         state = self.ckpt.load(*where)
-        self.say(f"resumed from {where[0] / where[1]} at step {state['step']}")
+        src = f"{self.cfg.checkpoint.dir.rstrip('/')}/{where[1]}" if self.ckpt.remote else where[0] / where[1]
+        self.say(f"resumed from {src} at step {state['step']}")
         return state
 
     def _start_tracking(self, cfg: Config, ds_json: dict, state: dict) -> None:

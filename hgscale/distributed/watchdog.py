@@ -112,6 +112,11 @@ class Watchdog(Part):
         return self.fixed if self.fixed else derived_timeout(self.step_times)
 
     # ------------------------------------------------------------------------------ the thread
+    def _progress_t(self) -> float:
+        """The main thread's last mark, or a background checkpoint upload's last file, whichever is newer."""
+        remote = getattr(getattr(self.tr, "ckpt", None), "remote", None)
+        return max(self.tr.phase_t, remote.progress_t if remote is not None else 0.0)
+
     def _beat(self) -> dict:
         return {"step": self.tr.step, "phase": self.tr.phase, "host": self.host, "pid": os.getpid(),
                 "time": time.time()}
@@ -124,7 +129,7 @@ class Watchdog(Part):
             except Exception:  # noqa: BLE001 - the store's host is frozen or gone: judged below by progress
                 declared = False
             armed = self.tr.step > self.first_step  # the first step (compile, warm-up) is never a hang
-            stalled = time.monotonic() - self.tr.phase_t > self.timeout()
+            stalled = time.monotonic() - self._progress_t() > self.timeout()
             if declared or (armed and stalled):
                 self._on_hang(declared)
                 return

@@ -1,0 +1,279 @@
+"""Checkpoints on object storage: node-local staging, background upload, a ``latest`` that only moves forward
+once every rank's files are up, remote pruning, and per-rank downloads on resume.
+
+    store = RemoteCheckpoints(cfg, rank, world_size)   # checkpoint.dir = s3://bucket/run (data.s3_* and AWS_*)
+    root = store.stage()             # this rank's empty staging root; DeepSpeed and we write root/tag/ there
+    store.upload(tag)                # returns at once; a thread uploads while training goes on
+    store.wait()                     # back-pressure before the next save, and at the end of the run
+
+Remote layout (the same as a local checkpoint directory, see hgscale.checkpoint):
+
+    s3://bucket/run/latest                     tag of the newest complete checkpoint, written last
+    s3://bucket/run/step00000010/...           every rank's files
+    s3://bucket/run/step00000010/.uploaded/rank00003   one empty marker per rank, after its files
+    s3://bucket/run/step00000010/COMPLETE      rank 0, once every marker is there; then ``latest``, then pruning
+
+A process killed during an upload leaves a step directory without COMPLETE: it is never resumed from, and rank 0
+removes it after the next complete checkpoint. Filesystem, endpoint, retries and credentials come from
+:mod:`hgscale.data.storage` (one code path with the data reader): keys stay in the environment, never in an object.
+"""
+from __future__ import annotations
+
+import hashlib
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from hgscale.data.storage import DataError, filesystem, join, storage_options, user_error, with_retries
+
+COMPLETE, META, LATEST, UPLOADED = "COMPLETE", "hgscale.json", "latest", ".uploaded"
+_TAG_RE = re.compile(r"^step(\d{8,})$")
+_LAYER_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
+_RANK_FILE_RE = re.compile(r"^rank(\d{5})\.pt$")
+
+
+def is_remote(url: str) -> bool:
+    """Object storage (staged and uploaded) rather than a directory every node mounts."""
+    return "://" in url and url.split("://", 1)[0].lower() in ("s3", "s3a")
+
+
+def staging_root(cfg, rank: int) -> Path:
+    """checkpoint.staging_dir (default: the system temp dir) / one folder per checkpoint URL / this rank."""
+    base = Path(cfg.checkpoint.staging_dir or Path(tempfile.gettempdir()) / "hgscale-staging")
+    url_id = hashlib.sha256(cfg.checkpoint.dir.encode()).hexdigest()[:12]
+    return base / url_id / f"rank{rank:05d}"
+
+
+def needed(name: str, rank: int, stage: int, layers: range | None) -> bool:
+    """Whether the rank at pipeline ``stage`` reads ``name`` of a checkpoint on resume: the metadata, its own rank
+    file, its stage's files (DeepSpeed names them mp_rank_<stage>; ZeRO reads every data-parallel rank's
+    optimizer slice of its stage) and, in a pipeline, the layer files of its stage."""
+    m = _RANK_FILE_RE.match(name)
+    if m:
+        return int(m.group(1)) == rank
+    m = _LAYER_RE.match(name)
+    if m:
+        return layers is None or int(m.group(1)) in layers
+    if "mp_rank_" in name:
+        return f"mp_rank_{stage:02d}" in name
+    return not name.startswith(".") and name != COMPLETE
+
+
+def stage_of(meta: dict, rank: int) -> tuple[int, range | None]:
+    """(pipeline stage of ``rank``, the layer indices it holds) from a checkpoint's topology (pipe-major ranks)."""
+    topo = meta["topology"]
+    stages, world = topo["pipeline_stages"], topo["world_size"]
+    if stages <= 1:
+        return 0, None
+    stage = rank // (world // stages)
+    bounds = topo.get("stage_boundaries")
+    if isinstance(bounds, list) and len(bounds) == stages + 1:
+        return stage, range(bounds[stage], bounds[stage + 1])
+    return stage, None
+
+
+class RemoteCheckpoints:
+    def __init__(self, cfg, rank: int, world_size: int):
+        self.url, self.rank, self.world = cfg.checkpoint.dir.rstrip("/"), rank, world_size
+        self.keep_last = max(cfg.checkpoint.keep_last, 1)
+        self.opts = storage_options(cfg.data)
+        self.fs, self.path = filesystem(self.url, self.opts)
+        self.local = staging_root(cfg, rank)
+        self._jobs: queue.Queue = queue.Queue()
+        self._error: BaseException | None = None
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread: threading.Thread | None = None
+        self.progress_t = time.monotonic()  # last file uploaded: the watchdog counts uploads as progress
+
+    # --------------------------------------------------------------------------------- start-up checks
+    def problems(self) -> list[str]:
+        """Why checkpoints cannot go to checkpoint.dir (bucket, credentials, staging dir), checked before any
+        process group starts."""
+        out = []
+        try:
+            self.local.mkdir(parents=True, exist_ok=True)
+            probe = self.local / f".write-test-{self.rank}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            out.append(f"checkpoint.staging_dir {str(self.local.parents[1])!r} is not writable ({e.strerror}): set "
+                       f"checkpoint.staging_dir to a node-local directory with room for one checkpoint per node")
+        bucket = self.path.split("/", 1)[0]
+
+        def list_bucket():
+            try:
+                return self.fs.ls(bucket, detail=False, refresh=True)
+            except FileNotFoundError:
+                raise DataError(f"checkpoint.dir = {self.url!r}: bucket {bucket!r} does not exist (or these "
+                                f"credentials cannot see it): create it, or fix checkpoint.dir and "
+                                f"data.s3_endpoint_url") from None
+        try:
+            self._call(list_bucket, "list")
+            if self.rank == 0:  # a key that may list but not write would fail at the first save
+                probe = join(self.path, f".write-test-{time.time_ns()}")
+                self._call(lambda: self.fs.pipe_file(probe, b""), "write to")
+                self._call(lambda: self.fs.rm_file(probe), "delete from")
+        except DataError as e:
+            out.append(str(e))
+        return out
+
+    def _call(self, fn, what: str):
+        try:
+            return with_retries(self.url, fn, self.opts, what=what)
+        except DataError as e:
+            raise DataError(str(e) if str(e).startswith("checkpoint.dir") else f"checkpoint.dir: {e}") from None
+        except OSError as e:
+            err = user_error(self.url, e, what) or DataError(f"cannot {what} {self.url}: {type(e).__name__}: {e}")
+            raise DataError(f"checkpoint.dir: {err}") from None
+
+    # --------------------------------------------------------------------------------- reading
+    def complete_tags(self) -> list[str]:
+        self.fs.invalidate_cache()  # other ranks and jobs write here: no stale listings
+        found = self._call(lambda: self.fs.glob(join(self.path, f"step*/{COMPLETE}")), "list")
+        tags = {p.rstrip("/").split("/")[-2] for p in found}
+        return sorted((t for t in tags if _TAG_RE.match(t)), key=lambda t: int(_TAG_RE.match(t).group(1)))
+
+    def latest(self) -> str | None:
+        """The tag ``latest`` names if it is complete, else the newest complete one, else None."""
+        tags = self.complete_tags()
+        try:
+            named = self._call(lambda: self.fs.cat_file(join(self.path, LATEST)), "read").decode().strip()
+        except DataError:
+            named = None
+        return named if named in tags else (tags[-1] if tags else None)
+
+    def fetch_meta(self, tag: str) -> Path:
+        """hgscale.json of ``tag`` into this rank's staging (the layout check reads it before any process group)."""
+        dest = self.local / tag / META
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        self._call(lambda: self.fs.get_file(join(self.path, f"{tag}/{META}"), str(dest)), "download")
+        return dest
+
+    def download(self, tag: str, meta: dict, everything: bool = False) -> Path:
+        """Only the files this rank reads on resume (or all); returns this rank's staging root."""
+        stage, layers = stage_of(meta, self.rank)
+        self.fs.invalidate_cache()
+        names = [p.rstrip("/").split("/")[-1] for p in
+                 self._call(lambda: self.fs.ls(join(self.path, tag), detail=False), "list")]
+        dest = self.local / tag
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            if everything or needed(name, self.rank, stage, layers):
+                self._call(lambda n=name: self.fs.get_file(join(self.path, f"{tag}/{n}"), str(dest / n)), "download")
+        return self.local
+
+    def drop_local(self, tag: str) -> None:
+        shutil.rmtree(self.local / tag, ignore_errors=True)
+
+    # --------------------------------------------------------------------------------- writing
+    def stage(self) -> Path:
+        """An empty staging root, once the previous upload is done (the loop waits here only if uploads are slower
+        than checkpoint.interval); raises an earlier upload's error."""
+        self.wait()
+        shutil.rmtree(self.local, ignore_errors=True)
+        self.local.mkdir(parents=True, exist_ok=True)
+        return self.local
+
+    def upload(self, tag: str) -> None:
+        """Upload this rank's staged ``tag`` in the background; rank 0 then completes it once every rank has."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="hgscale-upload", daemon=True)
+            self._thread.start()
+        self._idle.clear()
+        self._jobs.put(tag)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until the queued uploads are done (True) or ``timeout`` passed (False); raises an upload error."""
+        done = self._idle.wait(timeout)
+        self.raise_error()
+        return done
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            raise DataError(f"checkpoint upload to {self.url} failed: {self._error}")
+
+    def _work(self) -> None:
+        while True:
+            tag = self._jobs.get()
+            try:
+                self._upload_one(tag)
+                if self.rank == 0:
+                    self._complete(tag)
+                self.drop_local(tag)
+            except BaseException as e:  # noqa: BLE001 - reported by the main thread at the next save or the end
+                self._error = e
+            finally:
+                if self._jobs.empty():
+                    self._idle.set()
+
+    def _upload_one(self, tag: str) -> None:
+        src = self.local / tag
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            rel = f.relative_to(src).as_posix()
+            self._call(lambda f=f, rel=rel: self.fs.put_file(str(f), join(self.path, f"{tag}/{rel}")), "upload to")
+            self.progress_t = time.monotonic()
+        self._call(lambda: self.fs.pipe_file(join(self.path, f"{tag}/{UPLOADED}/rank{self.rank:05d}"), b""),
+                   "upload to")
+
+    def _complete(self, tag: str, poll_s: float = 0.5) -> None:
+        """Rank 0: every rank's marker, then COMPLETE, then ``latest``, then pruning. Waits as long as ranks are
+        uploading; a rank that died leaves the checkpoint incomplete, and the job's end stops this thread."""
+        marks = join(self.path, f"{tag}/{UPLOADED}")
+        seen = 0
+        while True:
+            have = self._call(lambda: self.fs.ls(marks, detail=False, refresh=True), "list") \
+                if self._exists(marks) else []
+            if len(have) >= self.world:
+                break
+            if len(have) > seen:  # another rank finished: progress (a frozen rank's marker never comes)
+                seen, self.progress_t = len(have), time.monotonic()
+            time.sleep(poll_s)
+        self._call(lambda: self.fs.pipe_file(join(self.path, f"{tag}/{COMPLETE}"), b""), "upload to")
+        self._call(lambda: self.fs.pipe_file(join(self.path, LATEST), tag.encode()), "upload to")
+        self._prune(keep=tag)
+
+    def _exists(self, path: str) -> bool:
+        self.fs.invalidate_cache(path)
+        return self._call(lambda: self.fs.exists(path), "list")
+
+    def _prune(self, keep: str) -> None:
+        """keep_last complete checkpoints; older incomplete ones are debris of killed saves."""
+        complete = self.complete_tags()
+        doomed = [t for t in complete[:-self.keep_last] if t != keep]
+        newest = int(_TAG_RE.match(keep).group(1))
+        self.fs.invalidate_cache(self.path)
+        for p in self._call(lambda: self.fs.ls(self.path, detail=False), "list"):
+            name = p.rstrip("/").split("/")[-1]
+            m = _TAG_RE.match(name)
+            if m and name not in complete and int(m.group(1)) < newest:
+                doomed.append(name)
+        for t in doomed:
+            self._call(lambda t=t: self.fs.rm(join(self.path, t), recursive=True), "delete from")
+
+
+def remote_resume_point(cfg) -> tuple[Path, str] | None:
+    """(this rank's staging root, tag) of the newest complete checkpoint at checkpoint.dir, its hgscale.json
+    downloaded; None if there is none. Runs before any process group: every storage problem (bucket, credentials,
+    staging dir) is raised here as a DataError naming the URL and the fix."""
+    import os
+
+    store = RemoteCheckpoints(cfg, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    tag = store.latest()
+    if tag is None:
+        return None
+    store.fetch_meta(tag)
+    return store.local, tag
+
+
+def start_up_problems(cfg) -> list[str]:
+    """Bucket, credentials and staging dir of a remote checkpoint.dir, checked before any process group."""
+    import os
+
+    if not is_remote(cfg.checkpoint.dir):
+        return []
+    return RemoteCheckpoints(cfg, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))).problems()

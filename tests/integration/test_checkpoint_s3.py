@@ -1,0 +1,160 @@
+"""Checkpoints on S3 (moto server, authentication on): staged per rank, uploaded in the background, `latest`
+moved last, pruned remotely, resumed after kill -9, no secret in any object, bad credentials refused at start-up.
+"""
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hgscale.checkpoint_store import COMPLETE, LATEST, UPLOADED, RemoteCheckpoints, needed
+from hgscale.config import config_from_dict
+from tests.integration.train_helpers import ROOT, TRAIN, demo_data, env, metrics, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.integration
+STEPS = 16
+
+
+def _cmd(cfg, *extra):
+    return [sys.executable, "-m", "launchers.local", "--nproc", "2", sys.executable, str(TRAIN), "--config", str(cfg),
+            *extra]
+
+
+def _losses(run_dir) -> dict:
+    out = {}
+    for rec in metrics(run_dir):  # a step re-run after a resume appears twice: the later one counts
+        if "train/loss" in rec:
+            out[rec["step"]] = rec["train/loss"]
+    return out
+
+
+def _objects(server, bucket) -> dict:
+    c = server.client()
+    keys = [o["Key"] for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+            for o in page.get("Contents", [])]
+    return {k: c.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys}
+
+
+def test_s3_checkpoints_survive_kill9_and_resume_exactly(tmp_path, demo_data, s3_env):  # noqa: F811
+    server = s3_env
+    bucket = server.make_bucket()
+    sections = dict(train={"steps": STEPS, "log_interval": 1}, checkpoint={"interval": 2, "keep_last": 2})
+    ref = tiny_config(tmp_path, demo_data, "ref.json", **sections)
+    r = subprocess.run(_cmd(ref), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    want = _losses(tmp_path / "ref_run")
+
+    cfg = tiny_config(tmp_path, demo_data, "s3.json", train=sections["train"],
+                      checkpoint={**sections["checkpoint"], "dir": f"s3://{bucket}/run",
+                                  "staging_dir": str(tmp_path / "staging")})
+    proc = subprocess.Popen(_cmd(cfg), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    seen = threading.Event()
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.match(rf"step\s+9/{STEPS}", line):
+                seen.set()
+    threading.Thread(target=read, daemon=True).start()
+    assert seen.wait(180), "".join(lines[-30:])
+    proc.send_signal(signal.SIGKILL)  # the launcher; its ranks die with it (PDEATHSIG), mid-step or mid-upload
+    proc.wait(30)
+    time.sleep(1)
+
+    objs = _objects(server, bucket)
+    latest = objs.get(f"run/{LATEST}", b"").decode()
+    if latest:  # whatever was interrupted, latest names a checkpoint every rank finished uploading
+        assert f"run/{latest}/{COMPLETE}" in objs
+        assert {f"run/{latest}/{UPLOADED}/rank0000{r}" for r in (0, 1)} <= set(objs)
+        assert {f"run/{latest}/rank0000{r}.pt" for r in (0, 1)} <= set(objs)
+    for key in objs:  # no tag with COMPLETE lacks a rank's marker
+        m = re.match(r"run/(step\d+)/COMPLETE$", key)
+        if m:
+            assert f"run/{m.group(1)}/{UPLOADED}/rank00001" in objs
+
+    again = subprocess.run(_cmd(cfg), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
+    m = re.search(rf"resumed from s3://{bucket}/run/step(\d+) at step (\d+)", again.stdout)
+    assert m and 2 <= int(m.group(2)) <= 9, again.stdout[-2000:]
+    got = _losses(tmp_path / "s3_run")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert_close(torch.tensor([got[s] for s in sorted(got)], dtype=torch.float64),
+                 torch.tensor([want[s] for s in sorted(got)], dtype=torch.float64), rtol=1e-6, atol=0)
+
+    objs = _objects(server, bucket)
+    tags = sorted({k.split("/")[1] for k in objs if k.startswith("run/step")})
+    assert tags == [f"step{STEPS - 2:08d}", f"step{STEPS:08d}"], tags  # keep_last 2, debris pruned remotely
+    assert objs[f"run/{LATEST}"].decode() == f"step{STEPS:08d}"
+    for key, body in objs.items():
+        assert server.secret_key.encode() not in body, key
+    assert not any((tmp_path / "s3_ckpt").parent.glob("s3:*"))  # no local folder named after the URL
+    assert not list((tmp_path / "staging").rglob("*.pt"))  # staging emptied once uploaded
+
+
+def test_latest_only_moves_once_every_rank_uploaded(tmp_path, s3_env):
+    """Rank 0 of a 2-rank job uploads a new checkpoint; rank 1's never arrives (killed): latest keeps naming the
+    previous complete checkpoint and a resume would pick that one."""
+    bucket = s3_env.make_bucket()
+    cfg = config_from_dict({"data": {"url": "/d"}, "checkpoint": {"dir": f"s3://{bucket}/run",
+                                                                   "staging_dir": str(tmp_path)}})
+    ranks = [RemoteCheckpoints(cfg, r, 2) for r in (0, 1)]
+    for step, uploaders in ((2, ranks), (4, ranks[:1])):
+        tag = f"step{step:08d}"
+        for st in uploaders:
+            root = st.stage()
+            (root / tag).mkdir()
+            (root / tag / f"rank{st.rank:05d}.pt").write_bytes(b"x" * 1000)
+            st.upload(tag)
+        if step == 2:
+            for st in uploaders:
+                assert st.wait(30)
+    time.sleep(2)  # rank 0's thread is waiting for rank 1's marker of step 4
+    objs = _objects(s3_env, bucket)
+    assert objs["run/latest"] == b"step00000002" and "run/step00000004/COMPLETE" not in objs
+    assert "run/step00000004/rank00000.pt" in objs
+    assert ranks[1].latest() == "step00000002"
+    assert not ranks[0].wait(0.1)  # still waiting, as it should
+
+
+def test_resume_reads_only_what_the_rank_needs():
+    names = ["hgscale.json", "rank00000.pt", "rank00003.pt", "mp_rank_00_model_states.pt",
+             "mp_rank_01_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+             "zero_pp_rank_1_mp_rank_01_optim_states.pt", "layer_00-model_states.pt", "layer_05-model_states.pt",
+             ".uploaded", "COMPLETE"]
+    got = [n for n in names if needed(n, rank=3, stage=1, layers=range(4, 9))]
+    assert got == ["hgscale.json", "rank00003.pt", "mp_rank_01_model_states.pt",
+                   "zero_pp_rank_1_mp_rank_01_optim_states.pt", "layer_05-model_states.pt"]
+
+
+def test_bad_credentials_fail_at_start_up_naming_the_url(tmp_path, demo_data, s3_server):  # noqa: F811
+    url = f"s3://{s3_server.make_bucket()}/run"
+    cfg = tiny_config(tmp_path, demo_data, "bad.json", checkpoint={"dir": url, "staging_dir": str(tmp_path / "st")})
+    e = {**env(), **s3_server.env(), "AWS_SECRET_ACCESS_KEY": "wrong-secret-123"}
+    r = subprocess.run([sys.executable, str(TRAIN), "--config", str(cfg)], cwd=ROOT, env=e, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert f"checkpoint.dir: cannot list {url}: access denied" in r.stderr, r.stderr
+    assert "AWS_SECRET_ACCESS_KEY" in r.stderr and "wrong-secret-123" not in r.stderr
+    assert "training " not in r.stdout  # refused before any process group or engine
+
+
+def test_missing_bucket_and_unwritable_staging_are_start_up_problems(tmp_path, s3_env):
+    from hgscale.checkpoint_store import start_up_problems
+
+    (tmp_path / "file").write_text("a file, not a directory")
+    cfg = config_from_dict({"data": {"url": "/d"}, "checkpoint": {"dir": "s3://no-such-bucket-hg/run",
+                                                                   "staging_dir": str(tmp_path / "file" / "x")}})
+    got = start_up_problems(cfg)
+    assert len(got) == 2, got
+    assert got[0].startswith(f"checkpoint.staging_dir {str(tmp_path / 'file' / 'x')!r} is not writable"), got
+    assert got[1].startswith("checkpoint.dir = 's3://no-such-bucket-hg/run': bucket 'no-such-bucket-hg' does not "
+                             "exist"), got
+    cfg.checkpoint.dir, cfg.checkpoint.staging_dir = f"s3://{s3_env.make_bucket()}/run", str(tmp_path / "ok")
+    assert start_up_problems(cfg) == []

@@ -10,6 +10,7 @@ Layout of ``checkpoint.dir``:
 
 A crash during a save leaves a directory without COMPLETE and ``latest`` still naming the previous
 checkpoint; resume only ever reads complete checkpoints and the next successful save removes the debris.
+An ``s3://`` checkpoint.dir has the same layout; ranks stage and upload through :mod:`hgscale.checkpoint_store`.
 
     python -m hgscale.checkpoint export --checkpoint runs/ckpt [--tag step00001000] --out runs/export
     model, cfg = load_exported("runs/export")        # HourglassLM on one device, no DeepSpeed

@@ -3,7 +3,9 @@
 - an uninterrupted job (`sbatch --wait`) trains with 2 tasks, writes a checkpoint and records one MLflow run;
 - a job signalled like a preemption (SIGUSR1 to the batch script, as `--signal=B:USR1@...` does) checkpoints,
   requeues itself and finishes from that checkpoint in the same MLflow run, logging every step exactly once
-  with the losses of the uninterrupted job.
+  with the losses of the uninterrupted job;
+- a rank killed mid-run (kill -9) requeues the job (a restart after a failure), which resumes from the last
+  checkpoint and logs every step once; a job that always crashes stops at HGSCALE_MAX_RESTARTS.
 """
 from __future__ import annotations
 

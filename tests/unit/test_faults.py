@@ -1,0 +1,27 @@
+"""Which node the Slurm script excludes after a failure: the hang report's culprit, else the first rank to die."""
+import json
+
+from launchers.faults import culprit, main, record_crash
+
+
+def test_first_crash_names_the_node(tmp_path, capsys):
+    assert culprit(tmp_path) is None
+    for rank, host, t in ((0, "n1", 20.0), (3, "n2", 10.0), (5, "n3", 30.0)):
+        (tmp_path / f"crash-rank{rank:05d}.json").write_text(json.dumps(
+            {"kind": "crash", "rank": rank, "host": host, "status": 1, "time": t}))
+    assert culprit(tmp_path) == "n2"
+    assert main(["culprit", str(tmp_path)]) == 0 and capsys.readouterr().out == "n2\n"
+
+
+def test_hang_report_wins_over_crashes(tmp_path):
+    record_crash(0, 137, str(tmp_path))
+    (tmp_path / "hang.json").write_text(json.dumps({"kind": "hang", "ranks": [1], "culprit_hosts": ["n7.cluster"]}))
+    assert culprit(tmp_path) == "n7"
+
+
+def test_record_crash_needs_an_events_dir(tmp_path, monkeypatch):
+    monkeypatch.delenv("HGSCALE_EVENTS_DIR", raising=False)
+    assert record_crash(1, 139) is None
+    monkeypatch.setenv("HGSCALE_EVENTS_DIR", str(tmp_path / "ev"))
+    rec = json.loads(record_crash(1, 139).read_text())
+    assert rec["rank"] == 1 and rec["status"] == 139 and rec["host"]

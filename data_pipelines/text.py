@@ -251,7 +251,8 @@ def build_parser(prog: str = "python -m data_pipelines.text") -> argparse.Argume
     p.add_argument("--tokenizer-model", default=None, help="reuse this SentencePiece model")
     p.add_argument("--tokenizer-sample-bytes", type=int, default=100_000_000,
                    help="SentencePiece training sample: bytes of train documents, spread over the inputs")
-    p.add_argument("--tokenizer-only", action="store_true", help="train the tokenizer, write <out>/tokenizer.model, stop")
+    p.add_argument("--tokenizer-only", action="store_true",
+                   help="train the tokenizer, write <out>/tokenizer.model, stop")
     p.add_argument("--vocab-size", type=int, default=8000, help="SentencePiece vocabulary size (upper bound)")
     p.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     p.add_argument("--valid-fraction", type=float, default=0.05, help="share of documents for validation")

@@ -4,15 +4,15 @@
                          {"name": "code", "url": "s3://b/code", "weight": 0.2}]}
     ds = open_dataset(cfg.data)                  # a Mixture: the Dataset interface, plus .sources
     stream = ds.stream("train", B, T, dp_rank, dp_size, seed)
-    stream.source_tokens                         # {name: training tokens drawn so far by this rank}
+    stream.source_tokens                         # {name: training tokens drawn so far, all ranks together}
     ds.eval_sets("valid", B, T, dp_rank, dp_size, max_batches)   # [(name, batches, bits factor)] per source
 
-Every window of a micro-batch comes from source k with probability weight_k / sum(weights): the choice of
-window i of data-parallel rank r is a pure function of (data.seed, r, i), and each source is an ordinary
-:class:`~hgscale.data.stream.Stream` (its own shards, workers, shuffling and exact cursor) of one-window
-batches. The mixture's state is the number of windows drawn plus every source's state, so a resumed run
-draws exactly the windows the uninterrupted one would have. Sources must agree on modality, vocabulary
-and tokenizer (checked when opened, before any process group starts).
+Every training window comes from source k with probability weight_k / sum(weights): the choice for window g
+of global batch j is a pure function of (data.seed, j, g), and each source is an ordinary
+:class:`~hgscale.data.stream.Stream` (its own shards, workers, shuffling and layout-independent order) read in
+lockstep with the others (see MixtureStream). So, like a single dataset, the mixture's windows do not depend
+on the layout, and the state (global batch, micro-batch, every source's state) resumes exactly, by any layout.
+Sources must agree on modality, vocabulary and tokenizer (checked when opened, before any process group).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from .storage import DataError, read_bytes
 
 log = logging.getLogger("hgscale.data")
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")  # metric names: val/<name>/bpc, data/share/<name>
 _BLOCK = 4096  # source choices drawn per RNG block: window i's choice needs only block i // _BLOCK
 
@@ -61,12 +61,12 @@ def entry_problems(mixture: Any) -> list[str]:
     return out
 
 
-def choices(seed: int, dp_rank: int, start: int, n: int, probs: np.ndarray) -> np.ndarray:
-    """Sources of windows start .. start + n - 1 of data-parallel rank ``dp_rank`` (a pure function)."""
+def choices(seed: int, start: int, n: int, probs: np.ndarray) -> np.ndarray:
+    """Sources of global windows start .. start + n - 1 (a pure function of the seed and the index)."""
     out, i = [], start
     while i < start + n:
         block = i // _BLOCK
-        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, int(dp_rank), block, 0x313])
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, block, 0x313])
         picks = rng.choice(len(probs), size=_BLOCK, p=probs)
         lo, hi = i - block * _BLOCK, min(_BLOCK, start + n - block * _BLOCK)
         out.append(picks[lo:hi])
@@ -75,23 +75,38 @@ def choices(seed: int, dp_rank: int, start: int, n: int, probs: np.ndarray) -> n
 
 
 class MixtureStream:
-    """(inputs, labels) LongTensor (B, T) batches whose rows come from the sources' streams."""
+    """(inputs, labels) LongTensor (B, T) micro-batches of one data-parallel rank, rows from the sources.
+
+    Global batch j has G windows; window g of it comes from source k = choices(seed, j G + g) and is window g
+    of source k's own global batch j. Every source streams its global batches in lockstep (one per step,
+    each rank reading its G / D of them, see order.py), and this rank keeps, at each of its positions, the
+    window of the chosen source. So the mixture's windows do not depend on the data-parallel size, workers or
+    pipeline stages, and the position is (global batch, micro-batch in it) plus the sources' states. The cost:
+    each source reads a full global batch per step, of which it contributes its share."""
 
     def __init__(self, streams: list, names: list[str], weights: list[float], seed: int, dp_rank: int,
-                 micro_batch_size: int, seq_len: int):
+                 dp_size: int, micro_batch_size: int, seq_len: int, global_batch_size: int):
         self._streams, self._names = streams, names
         self._probs = np.asarray(weights, np.float64) / float(sum(weights))
-        self._seed, self._dp_rank, self._B, self._T = int(seed), int(dp_rank), int(micro_batch_size), int(seq_len)
-        self._draws = 0
-        self._tokens = [0] * len(streams)
         self._weights = [float(w) for w in weights]
+        self._seed, self._B, self._T, self._G = int(seed), int(micro_batch_size), int(seq_len), int(global_batch_size)
+        self._rank, self._D = int(dp_rank), int(dp_size)
+        if self._G % (self._B * self._D):
+            raise DataError(f"global batch {self._G} is not a multiple of micro_batch_size {self._B} x data-parallel "
+                            f"size {self._D}")
+        self._A = self._G // (self._B * self._D)  # micro-batches per global batch on this rank
+        self._batch, self._micro = 0, 0  # the next micro-batch to yield
+        self._tokens = [0] * len(streams)  # global: every window of every global batch begun so far
         self._active: Iterator | None = None
 
     # ------------------------------------------------------------------------------------- state
+    def _layout(self) -> dict:
+        return {"dp_size": self._D, "micro_batch_size": self._B}
+
     def state_dict(self) -> dict:
         return {"version": STATE_VERSION, "kind": "mixture", "names": list(self._names), "weights": self._weights,
-                "seed": self._seed, "dp_rank": self._dp_rank, "micro_batch_size": self._B, "seq_len": self._T,
-                "draws": self._draws, "tokens": list(self._tokens),
+                "seed": self._seed, "seq_len": self._T, "global_batch_size": self._G, **self._layout(),
+                "batch": self._batch, "micro": self._micro, "tokens": list(self._tokens),
                 "sources": [s.state_dict() for s in self._streams]}
 
     def load_state_dict(self, state: dict) -> None:
@@ -100,21 +115,30 @@ class MixtureStream:
                             f"the checkpoint was written by a run without this data.mixture")
         self.close()
         saved = dict(zip(state["names"], state["sources"], strict=True))
-        mine = self.state_dict()
-        differ = [k for k in ("names", "weights", "seed", "dp_rank", "micro_batch_size", "seq_len")
-                  if state.get(k) != mine[k]]
         for name, s in zip(self._names, self._streams, strict=True):
             if name in saved:
                 s.load_state_dict(saved[name])
-        if differ:  # the draws would mean other windows: keep the sources' positions, draw afresh
-            log.warning("data.mixture state was saved with other %s: the sources continue where they were, the "
-                        "choice of source per window restarts", ", ".join(differ))
+        batch, micro, tokens = int(state["batch"]), int(state["micro"]), [int(x) for x in state["tokens"]]
+        differ = [k for k in ("names", "weights", "seed", "seq_len", "global_batch_size")
+                  if state.get(k) != self.state_dict()[k]]
+        if differ:  # the windows drawn so far stay drawn; the sources continue where they were
+            log.warning("data.mixture state was saved with other %s: the choice of source per window is not the "
+                        "one the saved run would have made from here", ", ".join(differ))
+            done = (batch + (1 if micro else 0)) * int(state["global_batch_size"])  # windows counted so far
+            self._batch, self._micro = -(-done // self._G), 0
+            self._tokens = tokens if state["names"] == self._names else [0] * len(self._names)
             return
-        self._draws, self._tokens = int(state["draws"]), [int(x) for x in state["tokens"]]
+        if micro and any(state.get(k) != v for k, v in self._layout().items()):
+            # saved mid-batch by another layout: start that batch again (the sources do the same)
+            counts = np.bincount(choices(self._seed, batch * self._G, self._G, self._probs), minlength=len(tokens))
+            tokens = [t - int(c) * self._T for t, c in zip(tokens, counts, strict=True)]
+            micro = 0
+        self._batch, self._micro, self._tokens = batch, micro, tokens
 
     @property
     def source_tokens(self) -> dict[str, int]:
-        """Training tokens (seq_len per window) drawn from each source by this rank so far (resumes too)."""
+        """Training tokens (seq_len per window) drawn from each source by all ranks together, through the
+        current global batch (the same on every rank; resumes with the state)."""
         return dict(zip(self._names, self._tokens, strict=True))
 
     @property
@@ -143,12 +167,19 @@ class MixtureStream:
         its = [iter(s) for s in self._streams]
         try:
             while True:
-                picks = choices(self._seed, self._dp_rank, self._draws, self._B, self._probs)
-                rows = [next(its[k]) for k in picks]  # each (1, T) inputs, (1, T) labels
-                for k in picks:
-                    self._tokens[k] += self._T
-                self._draws += self._B
-                yield torch.cat([x for x, _ in rows]), torch.cat([y for _, y in rows])
+                if self._micro == 0:  # a new global batch: count all of its windows
+                    counts = np.bincount(choices(self._seed, self._batch * self._G, self._G, self._probs),
+                                         minlength=len(self._streams))
+                    self._tokens = [t + int(c) * self._T for t, c in zip(self._tokens, counts, strict=True)]
+                first = self._batch * self._G + self._rank * (self._G // self._D) + self._micro * self._B
+                picks = choices(self._seed, first, self._B, self._probs)  # (B,) source of each row
+                rows = [next(it) for it in its]  # every source's micro-batch at this position: (B, T) each
+                x = torch.stack([rows[k][0][i] for i, k in enumerate(picks)])
+                y = torch.stack([rows[k][1][i] for i, k in enumerate(picks)])
+                self._micro += 1
+                if self._micro == self._A:
+                    self._batch, self._micro = self._batch + 1, 0
+                yield x, y
         finally:
             for s in self._streams:
                 s.close()
@@ -214,13 +245,16 @@ class Mixture:
 
     # --------------------------------------------------------------------------------- reading
     def stream(self, split: str, micro_batch_size: int, seq_len: int, dp_rank: int = 0, dp_size: int = 1,
-               seed: int | None = None, num_workers: int | None = None, shuffle: bool | None = None) -> MixtureStream:
+               seed: int | None = None, num_workers: int | None = None, shuffle: bool | None = None,
+               global_batch_size: int | None = None) -> MixtureStream:
         first_cfg = self.sources[0][2].cfg
         seed = int(getattr(first_cfg, "seed", 1234) if seed is None else seed)
-        streams = [ds.stream(split, 1, seq_len, dp_rank, dp_size, seed=seed + k, num_workers=num_workers,
-                             shuffle=shuffle) for k, (_, _, ds) in enumerate(self.sources)]
-        return MixtureStream(streams, self.names, [w for _, w, _ in self.sources], seed, dp_rank, micro_batch_size,
-                             seq_len)
+        G = int(global_batch_size or micro_batch_size * dp_size)
+        streams = [ds.stream(split, micro_batch_size, seq_len, dp_rank, dp_size, seed=seed + k,
+                             num_workers=num_workers, shuffle=shuffle, global_batch_size=G)
+                   for k, (_, _, ds) in enumerate(self.sources)]
+        return MixtureStream(streams, self.names, [w for _, w, _ in self.sources], seed, dp_rank, dp_size,
+                             micro_batch_size, seq_len, G)
 
     def eval_sets(self, split: str, batch_size: int, seq_len: int, dp_rank: int = 0, dp_size: int = 1,
                   max_batches: int | None = None) -> list[tuple[str, list, float]]:

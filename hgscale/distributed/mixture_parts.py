@@ -3,11 +3,9 @@
     MixtureValidation  every train.eval_interval steps: val/<name>/loss and val/<name>/bpc per source, and the
                        overall val/loss and val/bpc (all bits over all bytes of the sources' batches)
     SourceShares       every train.log_interval steps and at the end: data/share/<name>, the fraction of the
-                       training tokens drawn so far from each source, summed over the data-parallel ranks
+                       training tokens drawn so far from each source (all ranks together)
 """
 from __future__ import annotations
-
-import torch
 
 from hgscale.distributed.parts import Part, StepResult, Validation
 
@@ -61,14 +59,9 @@ class MixtureValidation(Part):
 class SourceShares(Part):
     def after_step(self, tr, r: StepResult) -> None:
         t = tr.cfg.train
-        if r.step % t.log_interval and r.step != t.steps:
-            return
-        names = [n for n, _, _ in tr.dataset.sources]
-        counts = tr.stream.source_tokens if tr.stream is not None else dict.fromkeys(names, 0)
-        # ranks that read no data add zeros; a pipeline's first and last stage both count, which the ratio cancels
-        total = torch.tensor([float(counts[n]) for n in names], dtype=torch.float64, device=tr.rt.device)
-        if tr.rt.world_size > 1:
-            tr.eng.dist.all_reduce(total)  # COLLECTIVE
-        s = float(total.sum())
-        if s > 0:
-            tr.record(r.step, {f"data/share/{n}": float(total[i]) / s for i, n in enumerate(names)})
+        if r.step % t.log_interval and r.step != t.steps or tr.stream is None:
+            return  # the counts are global (the same on every rank that reads data): rank 0 logs them
+        counts = tr.stream.source_tokens
+        total = sum(counts.values())
+        if total:
+            tr.record(r.step, {f"data/share/{n}": c / total for n, c in counts.items()})

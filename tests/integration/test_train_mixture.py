@@ -1,4 +1,5 @@
-"""Training on a weighted mixture of two datasets with `hgscale/train.py` (tiny model, CPU, one process).
+"""Training on a weighted mixture of two datasets with `hgscale/train.py` (tiny model, CPU, one process; the
+mixture's independence of the data-parallel layout is tested in tests/unit/test_data_mixture.py).
 
 The demo corpus (0.8) and the reference manual's paragraphs prepared as JSONL by `data_pipelines.text` (0.2):
 the logged data/share/<name> land within 0.05 of the weights, validation reports bpc per source and overall,
@@ -84,7 +85,8 @@ def test_bad_mixtures_stop_before_any_process_group(tmp_path, demo_data, paragra
     from hgscale import train
     cfg = mixture_config(tmp_path, demo_data, paragraphs, "bad.json")
     cases = [([f"data.url={demo_data}"], "data.mixture and data.url"),
-             (['data.mixture=[{"name": "a", "url": "%s", "weight": 0}]' % demo_data], "weight = 0 must be a number > 0"),
+             (['data.mixture=[{"name": "a", "url": "%s", "weight": 0}]' % demo_data],
+              "weight = 0 must be a number > 0"),
              (['data.mixture=[{"name": "a", "url": "%s", "weight": 1}, {"name": "b", "url": "%s", "weight": 1}]'
                % (demo_data, tmp_path / "missing")], "no dataset at")]
     for overrides, msg in cases:

@@ -71,19 +71,38 @@ def test_same_seed_same_windows_and_exact_resume(sources):
     assert s2.source_tokens["letters"] + s2.source_tokens["digits"] == 40 * B * T  # counts resume too
 
 
-def test_choices_are_a_pure_function_of_seed_rank_and_index():
+def test_choices_are_a_pure_function_of_seed_and_index():
     p = np.array([0.8, 0.2])
-    whole = choices(3, 0, 0, 10_000, p)
-    assert np.array_equal(np.concatenate([choices(3, 0, 0, 4_000, p), choices(3, 0, 4_000, 6_000, p)]), whole)
-    assert not np.array_equal(choices(3, 1, 0, 10_000, p), whole)  # ranks draw their own windows
+    whole = choices(3, 0, 10_000, p)
+    assert np.array_equal(np.concatenate([choices(3, 0, 4_000, p), choices(3, 4_000, 6_000, p)]), whole)
+    assert not np.array_equal(choices(4, 0, 10_000, p), whole)
     assert abs(whole.mean() - 0.2) < 0.02
+
+
+def test_the_global_batches_do_not_depend_on_the_data_parallel_size(sources):
+    """Global batch j of 2 ranks x 2 micro-batches of 2 = global batch j of 1 rank x 1 micro-batch of 8."""
+    ds = open_dataset(cfg(*sources))
+    one = take(ds.stream("train", 8, T, 0, 1, seed=5, global_batch_size=8), 6)
+    ranks = [take(ds.stream("train", 2, T, r, 2, seed=5, global_batch_size=8), 12) for r in (0, 1)]
+    for j in range(6):  # rank r holds positions [4 r, 4 r + 4) of each global batch, as 2 micro-batches
+        x = torch.cat([ranks[r][2 * j + a][0] for r in (0, 1) for a in (0, 1)])
+        torch.testing.assert_close(x, one[j][0], rtol=0, atol=0)
+    # and a state saved by the 2-rank run at a batch boundary resumes the 1-rank run there
+    s = ds.stream("train", 2, T, 1, 2, seed=5, global_batch_size=8)
+    take(s, 6)
+    state = s.state_dict()
+    resumed = ds.stream("train", 8, T, 0, 1, seed=5, global_batch_size=8)
+    resumed.load_state_dict(state)
+    assert resumed.source_tokens == s.source_tokens
+    assert_same(take(resumed, 3), one[3:6])
 
 
 def test_config_errors_for_bad_mixtures():
     good = {"name": "a", "url": "/x", "weight": 1}
     cases = [
         ({"url": "/d", "mixture": [good]}, "data.mixture and data.url = '/d' are both set"),
-        ({"mixture": [good, {"name": "b", "url": "/y", "weight": 0}]}, r"data.mixture\[1\].weight = 0 must be a number > 0"),
+        ({"mixture": [good, {"name": "b", "url": "/y", "weight": 0}]},
+         r"data.mixture\[1\].weight = 0 must be a number > 0"),
         ({"mixture": [{"name": "b", "url": "/y", "weight": -2}]}, "weight = -2 must be a number > 0"),
         ({"mixture": [good, dict(good)]}, "'a' is used twice"),
         ({"mixture": [{"name": "a b", "url": "/y", "weight": 1}]}, "name = 'a b' must be"),

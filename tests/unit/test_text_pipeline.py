@@ -170,8 +170,9 @@ def test_sentencepiece_sample_training_and_reuse(tmp_path, docs):
     # the same model on the Parquet copy: the same token stream
     prep("--input", files["parquet"], "--out", tmp_path / "sp2", "--tokenizer", "sentencepiece",
          "--tokenizer-model", tmp_path / "sp" / "tokenizer.model")
+    again = open_dataset(DataConfig(url=str(tmp_path / "sp2")))
     for s in SPLITS:
-        assert ds.split_tokens(s).tolist() == open_dataset(DataConfig(url=str(tmp_path / "sp2"))).split_tokens(s).tolist()
+        assert ds.split_tokens(s).tolist() == again.split_tokens(s).tolist()
     with pytest.raises(DataError, match="needs one shared --tokenizer-model"):
         text.main(["--input", str(files["txt"]), "--out", str(tmp_path / "x"), "--tokenizer", "sentencepiece",
                    "--num-tasks", "2"])

@@ -289,6 +289,8 @@ class TrainConfig:
     eval_batches: int = fld(20, "Micro-batches scored per validation run.")
     hang_timeout_s: float = fld(-1.0, "Seconds without progress before the job counts as hung and stops (exit "
                                       "status 4); -1 derives max(300, 20 x median step time), 0 disables.")
+    compile: bool = fld(False, "torch.compile each layer (regional); a layer that fails runs eager.")
+    profile_steps: str = fld("", "Steps to trace with torch.profiler, e.g. '20-22' or '20'; traces in run_dir/profiles.")
 
 
 # ------------------------------------------------------------------------------------------ parallel
@@ -386,6 +388,9 @@ class Config:
             out.append(f"train.precision = {t.precision!r} is not one of fp32, bf16, fp16")
         if len(t.betas) != 2:
             out.append(f"train.betas = {t.betas} must hold two numbers")
+        if t.profile_steps:
+            from hgscale.distributed.profiling import steps_problem
+            out += steps_problem(t.profile_steps)
         for name in ("micro_batch_size", "grad_accum_steps", "steps", "log_interval"):
             if getattr(t, name) < 1:
                 out.append(f"train.{name} = {getattr(t, name)} must be >= 1")

@@ -121,6 +121,11 @@ class TrainEngine:
             if cfg.parallel.activation_checkpointing:
                 checkpoint_layers(model.layers)
             module = LossModel(model)
+        if cfg.train.compile:  # regional: per layer of this stage, after checkpointing wrapped them
+            from hgscale.distributed.compile import compile_layers
+
+            say = print if rt.rank == 0 else (lambda *a: None)
+            compile_layers(module.forward_funcs if self.pipeline else module.model.layers, say=say)
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds_json, model_parameters=params,
                                                     lr_scheduler=scheduler)

@@ -17,6 +17,7 @@ from hgscale.config import Config
 from hgscale.distributed.ds_config import batch_layout
 from hgscale.distributed.mixture_parts import data_parts
 from hgscale.distributed.parts import Checkpointing, Halt, NanGuard, Part, Preemption, ProgressLog, StepResult
+from hgscale.distributed.profiling import Profiling
 from hgscale.distributed.watchdog import Watchdog
 
 
@@ -39,8 +40,9 @@ class Trainer:
         self.progress = ProgressLog(self)
         self.mark("started")
         watchdog = [Watchdog(self)] if cfg.train.hang_timeout_s != 0 else []
-        self.parts: list[Part] = [NanGuard(), self.progress, *data_parts(self), preemption, Checkpointing(),
-                                  *(extra_parts or []), *watchdog]  # the watchdog closes last
+        profiling = [Profiling(self)] if cfg.train.profile_steps else []
+        self.parts: list[Part] = [*profiling, NanGuard(), self.progress, *data_parts(self), preemption,
+                                  Checkpointing(), *(extra_parts or []), *watchdog]  # the watchdog closes last
 
     # ------------------------------------------------------------------------------------------ set-up
     def _resume(self) -> dict:

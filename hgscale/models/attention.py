@@ -159,6 +159,7 @@ def _rel_table(Wr, H, lo, hi, step, shift, P, device, dtype):
     return F.linear(E, Wr).view(hi - lo + 1, H, -1).transpose(0, 1)
 
 
+@torch.compiler.disable  # a hand-written kernel with its own backward: compiled layers call it eagerly
 def rel_attention_blocked(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, training=False, block=BLOCK,
                           keep_bytes: int | None = None):
     """CPU kernel (blocked_attention.py): query blocks see only the keys they may see.

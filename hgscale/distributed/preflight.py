@@ -12,7 +12,7 @@ def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
 
     out, d, t = [], cfg.data, cfg.train
     if dataset.vocab_size > cfg.model.vocab_size:
-        out.append(f"the dataset at {d.url} has vocab_size {dataset.vocab_size} > model.vocab_size = "
+        out.append(f"the dataset at {dataset.root} has vocab_size {dataset.vocab_size} > model.vocab_size = "
                    f"{cfg.model.vocab_size}; set model.vocab_size={dataset.vocab_size}")
     for field in ("train_split",) + (("valid_split",) if t.eval_interval else ()):
         try:
@@ -24,9 +24,9 @@ def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
             dp = batch_layout(cfg, world_size)["data_parallel_size"]
             have = dataset.eval_windows(d.valid_split, d.seq_len)
             if have < t.micro_batch_size * dp:
-                out.append(f"split {d.valid_split!r} of {d.url} holds {have} windows of data.seq_len = {d.seq_len} "
-                           f"tokens, fewer than one validation batch (micro_batch_size {t.micro_batch_size} x "
-                           f"data-parallel size {dp}); lower them or set train.eval_interval=0")
+                out.append(f"split {d.valid_split!r} of {dataset.root} holds {have} windows of data.seq_len = "
+                           f"{d.seq_len} tokens, fewer than one validation batch (micro_batch_size "
+                           f"{t.micro_batch_size} x data-parallel size {dp}); lower them or set train.eval_interval=0")
     return out
 
 

@@ -172,8 +172,9 @@ def _prompt_ids(args, V: int) -> list[int]:
         ids = list(args.prompt.encode("utf-8")) or [10]  # an empty prompt starts after a newline
     else:
         raise UsageError("this model's vocabulary is not bytes; pass --prompt-ids")
-    if any(not 0 <= t < V for t in ids):
-        raise UsageError(f"prompt ids must lie in [0, {V})")
+    bad = [t for t in ids if not 0 <= t < V]
+    if bad:
+        raise UsageError(f"prompt id {bad[0]} is outside the vocabulary: prompt ids must lie in [0, {V})")
     return ids
 
 
@@ -184,7 +185,10 @@ def _stop_id(args, V: int) -> int | None:
         return args.stop_id
     if args.stop is None:
         return None
-    raw = codecs.decode(args.stop, "unicode_escape").encode("utf-8")  # "\\n" on a command line -> b"\n"
+    try:
+        raw = codecs.decode(args.stop, "unicode_escape").encode("utf-8")  # "\\n" on a command line -> b"\n"
+    except UnicodeError:
+        raw = args.stop.encode("utf-8")
     if V != 256 or len(raw) != 1:
         raise UsageError(f"--stop {args.stop!r} must be one byte for a byte-level model (e.g. --stop '\\n'); "
                          f"for other vocabularies pass --stop-id")

@@ -157,24 +157,18 @@ _CLASSES = {"embed": EmbedLayer, "block": BlockLayer, "down": DownLayer, "up": U
 
 
 def _init_normal_(layer: nn.Module, init_std: float, generator: torch.Generator) -> None:
-    """Normal(0, init_std) weights, zero biases, unit LayerNorm gains (model.init = 'normal')."""
+    """Normal(0, init_std) Dense and Embedding weights, zero Dense biases (model.init = 'normal')."""
     for m in layer.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
             m.weight.normal_(0.0, init_std, generator=generator)
-            if m.bias is not None:
-                m.bias.zero_()
-        elif isinstance(m, nn.Embedding):
-            m.weight.normal_(0.0, init_std, generator=generator)
-        elif isinstance(m, nn.LayerNorm):
-            m.weight.fill_(1.0)
+        if isinstance(m, nn.Linear) and m.bias is not None:
             m.bias.zero_()
 
 
 def _init_trax_(layer: nn.Module, generator: torch.Generator) -> None:
     """trax's initialisers (model.init = 'trax'):
     Dense   kernel GlorotUniform: U(-a, a), a = sqrt(6 / (fan_in + fan_out)); bias Normal(0, 1e-6);
-    Embedding  ScaledInitializer(mode='fan_out', distribution='uniform'): U(-a, a), a = sqrt(3 / d_model);
-    LayerNorm  scale 1, bias 0.
+    Embedding  ScaledInitializer(mode='fan_out', distribution='uniform'): U(-a, a), a = sqrt(3 / d_model).
     trax projects q, k and v with three Dense(d_model) layers: our fused (3D, D) qkv weight takes each
     (D, D) slice's fans, not those of one (D, 3D) layer."""
     fused = {id(m.qkv) for m in layer.modules() if isinstance(m, Attention)}
@@ -188,18 +182,23 @@ def _init_trax_(layer: nn.Module, generator: torch.Generator) -> None:
         elif isinstance(m, nn.Embedding):
             a = math.sqrt(3.0 / m.embedding_dim)
             m.weight.uniform_(-a, a, generator=generator)
-        elif isinstance(m, nn.LayerNorm):
-            m.weight.fill_(1.0)
-            m.bias.zero_()
 
 
 def init_layer_(layer: nn.Module, init_std: float, generator: torch.Generator, scheme: str = "normal") -> nn.Module:
-    """Initialise ``layer`` in place by ``scheme`` ('trax' or 'normal', see model.init); u, v ~ Normal(0, 1e-6)."""
+    """Initialise ``layer`` in place by ``scheme`` ('trax' or 'normal', see model.init); LayerNorms get scale 1
+    and bias 0 under both (they draw nothing, so the generator's sequence is the scheme's alone); u, v ~
+    Normal(0, 1e-6), drawn last."""
     with torch.no_grad():
         if scheme == "trax":
             _init_trax_(layer, generator)
-        else:
+        elif scheme == "normal":
             _init_normal_(layer, init_std, generator)
+        else:
+            raise ValueError(f"init scheme {scheme!r} is not one of trax, normal (model.init)")
+        for m in layer.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
         if isinstance(layer, EmbedLayer) and hasattr(layer, "uv"):
             layer.uv.normal_(0.0, UV_INIT_STD, generator=generator)
     return layer

@@ -8,27 +8,10 @@ from torch import nn
 
 from hgscale.config import ModelConfig
 from hgscale.models import HourglassLM
-from hgscale.models.hourglass import _CLASSES, EmbedLayer, layer_plan
+from hgscale.models.hourglass import init_layer_
 
 CFG = dict(vocab_size=512, d_model=128, n_heads=4, d_ff=512, hierarchy="1@1 1@2 1@1", downsample="attention_linear",
            upsample="linear", dropout=0.0, max_seq_len=64)
-
-
-def old_init_(layer, init_std, generator):
-    """The initialiser as it was before model.init (the contract of init = 'normal')."""
-    with torch.no_grad():
-        for m in layer.modules():
-            if isinstance(m, nn.Linear):
-                m.weight.normal_(0.0, init_std, generator=generator)
-                if m.bias is not None:
-                    m.bias.zero_()
-            elif isinstance(m, nn.Embedding):
-                m.weight.normal_(0.0, init_std, generator=generator)
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.fill_(1.0)
-                m.bias.zero_()
-        if isinstance(layer, EmbedLayer) and hasattr(layer, "uv"):
-            layer.uv.normal_(0.0, 1e-6, generator=generator)
 
 
 def test_default_is_trax():
@@ -36,16 +19,39 @@ def test_default_is_trax():
 
 
 @pytest.mark.parametrize("attention", ["relative", "rotary"])
-def test_normal_reproduces_the_previous_weights_exactly(attention):
+def test_normal_weights_are_the_layer_generators_draws_in_module_order(attention):
+    """init = 'normal', the weights the model had before model.init existed: in each layer, every Dense and
+    Embedding weight is the next N(0, init_std) draw of the layer's generator (seed * 1_000_003 + index), in
+    module order, then u, v ~ N(0, 1e-6); Dense biases 0, LayerNorms scale 1 and bias 0. Every parameter is
+    one of these."""
     cfg = ModelConfig(**CFG, attention=attention, init="normal", init_std=0.02)
     model = HourglassLM(cfg, seed=3)
-    for i, (kind, *args) in enumerate(layer_plan(cfg)):
-        ref = _CLASSES[kind](cfg, *args)
-        old_init_(ref, cfg.init_std, torch.Generator().manual_seed(3 * 1_000_003 + i))
-        got = model.layers[i].state_dict()
-        assert got.keys() == ref.state_dict().keys()
-        for name, want in ref.state_dict().items():
-            assert torch.equal(got[name], want), (i, name)
+    for i, layer in enumerate(model.layers):
+        gen, seen = torch.Generator().manual_seed(3 * 1_000_003 + i), set()
+        for name, m in layer.named_modules(prefix=f"layers.{i}"):
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                want = torch.empty_like(m.weight).normal_(0.0, cfg.init_std, generator=gen)
+                assert torch.equal(m.weight, want), name
+                seen.add(f"{name}.weight")
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                assert torch.equal(m.bias, torch.zeros_like(m.bias)), name
+                seen.add(f"{name}.bias")
+        if hasattr(layer, "uv"):
+            assert torch.equal(layer.uv, torch.empty_like(layer.uv).normal_(0.0, 1e-6, generator=gen))
+            seen.add(f"layers.{i}.uv")
+        seen |= _unit_norms(layer, f"layers.{i}")
+        assert seen == {f"layers.{i}.{n}" for n, _ in layer.named_parameters()}, i
+    assert hasattr(model.layers[0], "uv") == (attention == "relative")
+
+
+def _unit_norms(module: nn.Module, prefix: str = "") -> set[str]:
+    """Asserts every LayerNorm has scale 1 and bias 0; returns the names of their parameters."""
+    names = set()
+    for name, m in module.named_modules(prefix=prefix):
+        if isinstance(m, nn.LayerNorm):
+            assert torch.equal(m.weight, torch.ones_like(m.weight)) and torch.equal(m.bias, torch.zeros_like(m.bias))
+            names |= {f"{name}.weight", f"{name}.bias"}
+    return names
 
 
 def _uniform_ok(w: torch.Tensor, a: float):
@@ -73,8 +79,7 @@ def test_trax_distributions():
         elif isinstance(m, nn.Embedding):
             _uniform_ok(m.weight, math.sqrt(3.0 / D))  # trax Embedding: fan_out uniform, variance 1/d_model
             seen.add("embed")
-        elif isinstance(m, nn.LayerNorm):
-            assert torch.equal(m.weight, torch.ones(D)) and torch.equal(m.bias, torch.zeros(D))
+    assert _unit_norms(model)
     # every kind of dense layer was looked at: attention, LSH, feed-forward, pools, head
     assert {"qkv", "out", "pos", "qk", "v", "fc1", "fc2", "proj", "embed"} <= seen
     uv = model.layers[0].uv
@@ -86,3 +91,8 @@ def test_trax_init_is_deterministic_per_seed():
     a, b, c = (HourglassLM(cfg, seed=s).state_dict() for s in (1, 1, 2))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["layers.1.block.attn.qkv.weight"], c["layers.1.block.attn.qkv.weight"])
+
+
+def test_unknown_scheme_is_an_error():
+    with pytest.raises(ValueError, match="init scheme 'glorot' is not one of trax, normal"):
+        init_layer_(nn.Linear(2, 2), 0.02, torch.Generator(), "glorot")

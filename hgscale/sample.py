@@ -24,7 +24,7 @@ import codecs
 import math
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TextIO
 
 import numpy as np
 import torch
@@ -57,12 +57,16 @@ def next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, t
     return torch.multinomial(probs, 1, generator=generator)
 
 
-def _check_args(model, prompt, n_tokens, temperature, top_k, top_p, stop) -> None:
+def _check_args(model, prompt: torch.Tensor, n_tokens: int, temperature: float, top_k: int, top_p: float,
+                stop: int | None) -> None:
     V = model.cfg.vocab_size
-    if prompt.dim() != 2 or prompt.shape[1] < 1 or prompt.dtype != torch.long:
-        raise ValueError(f"prompt must be a LongTensor (batch, length >= 1); got {prompt.dtype} {tuple(prompt.shape)}")
-    if int(prompt.min()) < 0 or int(prompt.max()) >= V:
-        raise ValueError(f"prompt ids must lie in [0, {V}) (model.vocab_size)")
+    if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or min(prompt.shape) < 1 or prompt.dtype != torch.long:
+        got = f"{prompt.dtype} {tuple(prompt.shape)}" if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise ValueError(f"prompt must be a LongTensor (batch >= 1, length >= 1); got {got}")
+    lo, hi = int(prompt.min()), int(prompt.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"prompt id {lo if lo < 0 else hi} is outside the vocabulary: prompt ids must lie in "
+                         f"[0, {V}) (model.vocab_size)")
     problems = [f"n_tokens = {n_tokens} must be >= 0" if n_tokens < 0 else "",
                 f"temperature = {temperature} must be >= 0 (0 = greedy)" if temperature < 0 else "",
                 f"top_k = {top_k} must be >= 0 (0 = all tokens)" if top_k < 0 else "",
@@ -84,7 +88,7 @@ def generate(model, prompt: torch.Tensor, n_tokens: int, temperature: float = 1.
     over the window per step (the reference). Both use the same windows: the last <= max_seq_len tokens,
     restarted from the last max_seq_len // 2 tokens whenever the sequence outgrows the window."""
     _check_args(model, prompt, n_tokens, temperature, top_k, top_p, stop)
-    model.eval()
+    model.eval()  # dropout off: sampling is inference, and decode refuses training mode
     L = model.cfg.max_seq_len
     B, T0 = prompt.shape
     start = max(0, T0 - L)  # first token of the window
@@ -137,15 +141,17 @@ def first_images(ds, split: str, n: int, tokens_per_image: int) -> np.ndarray:
     return imgs[np.arange(n) % len(imgs)]
 
 
-def sample_images(model, originals: np.ndarray, given: int, generator=None, **kw) -> np.ndarray:
+def sample_images(model, originals: np.ndarray, given: int, generator: torch.Generator | None = None,
+                  **kw) -> np.ndarray:
     """Complete each original (N, T) after its first ``given`` tokens -> (N, T) sampled images."""
     prompt = torch.from_numpy(originals[:, :given]).to(next(model.parameters()).device)
     out = generate(model, prompt, originals.shape[1] - given, generator=generator, **kw)
     return out.cpu().numpy()
 
 
-def images_grid(samples: np.ndarray, shape, originals: np.ndarray | None = None) -> np.ndarray:
-    """Samples alone (ceil(sqrt(N)) columns) or each beside its original (pairs side by side)."""
+def images_grid(samples: np.ndarray, shape: tuple[int, int, int], originals: np.ndarray | None = None) -> np.ndarray:
+    """(N, H*W*C) samples -> a grid image: alone (ceil(sqrt(N)) columns) or each beside its original (pairs
+    side by side)."""
     from hgscale.grid import image_grid, tokens_to_images
 
     imgs = tokens_to_images(samples, shape)
@@ -161,7 +167,7 @@ class UsageError(ValueError):
     """Bad command-line input; the message names the value and the fix."""
 
 
-def _prompt_ids(args, V: int) -> list[int]:
+def _prompt_ids(args: argparse.Namespace, V: int) -> list[int]:
     if args.prompt_ids:
         try:
             ids = [int(t) for t in args.prompt_ids.split(",")]
@@ -178,7 +184,7 @@ def _prompt_ids(args, V: int) -> list[int]:
     return ids
 
 
-def _stop_id(args, V: int) -> int | None:
+def _stop_id(args: argparse.Namespace, V: int) -> int | None:
     if args.stop_id is not None:
         if not 0 <= args.stop_id < V:
             raise UsageError(f"--stop-id {args.stop_id} is outside the vocabulary [0, {V})")
@@ -198,7 +204,7 @@ def _stop_id(args, V: int) -> int | None:
 class _Streamer:
     """Writes the new tokens of row 0 to a text stream as they come (UTF-8 decoded incrementally)."""
 
-    def __init__(self, stream, as_bytes: bool):
+    def __init__(self, stream: TextIO, as_bytes: bool):
         self.stream, self.as_bytes, self.first = stream, as_bytes, True
         self.dec = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
@@ -215,7 +221,16 @@ class _Streamer:
         self.stream.flush()
 
 
-def _text(args, model, cfg, gen, dev) -> Path | None:
+def _sample_text(row: list[int], n_prompt: int, prompt: str, stop: int | None, as_bytes: bool) -> str:
+    """One generated row -> its text: the prompt and the new bytes (byte-level) or the new ids, cut after
+    the first stop token (generate pads a stopped row with it)."""
+    new = row[n_prompt:]
+    if stop is not None and stop in new:
+        new = new[: new.index(stop) + 1]
+    return prompt + bytes(new).decode("utf-8", errors="replace") if as_bytes else ",".join(map(str, new))
+
+
+def _text(args: argparse.Namespace, model, cfg, gen: torch.Generator, dev: str) -> Path | None:
     V = cfg.model.vocab_size
     ids, stop = _prompt_ids(args, V), _stop_id(args, V)
     prompt = torch.tensor([ids] * args.samples, device=dev)
@@ -226,24 +241,19 @@ def _text(args, model, cfg, gen, dev) -> Path | None:
                    use_cache=not args.no_cache, on_token=streamer)
     if streamer:
         streamer.close()
-    texts = []
-    for row in out.tolist():
-        new = row[len(ids):]
-        if stop is not None and stop in new:
-            new = new[: new.index(stop) + 1]  # up to and including the stop token
-        texts.append(args.prompt + bytes(new).decode("utf-8", errors="replace") if V == 256
-                     else ",".join(map(str, new)))
+    listing = "".join(f"--- sample {i} ---\n{_sample_text(row, len(ids), args.prompt, stop, V == 256)}\n"
+                      for i, row in enumerate(out.tolist()))
     if not streamer:
-        sys.stdout.write("".join(f"--- sample {i} ---\n{t}\n" for i, t in enumerate(texts)))
+        sys.stdout.write(listing)
     if not args.out:
         return None
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(f"--- sample {i} ---\n{t}\n" for i, t in enumerate(texts)), encoding="utf-8")
+    path.write_text(listing, encoding="utf-8")
     return path
 
 
-def _open_image_dataset(args, cfg):
+def _open_image_dataset(args: argparse.Namespace, cfg):
     from hgscale.data import open_dataset
     from hgscale.data.storage import DataError
 
@@ -261,7 +271,7 @@ def _open_image_dataset(args, cfg):
     return ds
 
 
-def _images(args, model, cfg, gen) -> Path:
+def _images(args: argparse.Namespace, model, cfg, gen: torch.Generator) -> Path:
     from hgscale.grid import write_png
 
     ds = _open_image_dataset(args, cfg)
@@ -311,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     from hgscale.checkpoint import CheckpointError, load_any
 
     try:
-        for name in ("samples", "images", "complete", "tokens"):
-            if getattr(args, name) < (1 if name == "samples" else 0):
-                raise UsageError(f"--{name} {getattr(args, name)} must be >= {1 if name == 'samples' else 0}")
+        for name, least in (("samples", 1), ("images", 0), ("complete", 0), ("tokens", 0)):
+            if getattr(args, name) < least:
+                raise UsageError(f"--{name} {getattr(args, name)} must be >= {least}")
         if args.images and args.complete:
             raise UsageError("pass --images N or --complete N, not both")
         model, cfg = load_any(args.checkpoint, args.device)
@@ -329,12 +339,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e} (on this command line: --no-cache)", file=sys.stderr)
         return 2
     if path is not None and not args.no_track:
-        from hgscale.tracking.checkpoint_run import checkpoint_run, log_to_run
-
-        run = checkpoint_run(args.checkpoint)  # the run that trained it; tracking trouble is one warning
-        if log_to_run(run, artifacts=[path]):
-            print(f"logged {path} to MLflow run {run.run_id}", file=sys.stderr)
+        _log_to_training_run(args.checkpoint, path)
     return 0
+
+
+def _log_to_training_run(checkpoint: str, path: Path) -> None:
+    from hgscale.tracking.checkpoint_run import checkpoint_run, log_to_run
+
+    run = checkpoint_run(checkpoint)  # the run that trained it; tracking trouble is one warning
+    if log_to_run(run, artifacts=[path]):
+        print(f"logged {path} to MLflow run {run.run_id}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -93,8 +93,14 @@ def test_generate_bad_input():
     msg = r"temperature = -1 must be >= 0 \(0 = greedy\); top_p = 0 must be in \(0, 1\]"
     with pytest.raises(ValueError, match=msg):
         generate(model, torch.tensor([[1]]), 3, temperature=-1, top_p=0)
-    with pytest.raises(ValueError, match=r"prompt ids must lie in \[0, 256\)"):
+    with pytest.raises(ValueError, match=r"prompt id 300 is outside the vocabulary: prompt ids must lie in \[0, 256\)"):
         generate(model, torch.tensor([[300]]), 3)
+    with pytest.raises(ValueError, match=r"prompt id -2 is outside"):
+        generate(model, torch.tensor([[1, -2]]), 3)
+    with pytest.raises(ValueError, match=r"LongTensor \(batch >= 1, length >= 1\); got torch.int64 \(0, 3\)"):
+        generate(model, torch.zeros(0, 3, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match=r"prompt must be a LongTensor .*; got list"):
+        generate(model, [[1, 2]], 3)
 
 
 class Recorder(io.StringIO):

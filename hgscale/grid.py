@@ -21,6 +21,8 @@ def tokens_to_images(tokens, shape: tuple[int, int, int]) -> np.ndarray:
     arr = np.asarray(tokens, dtype=np.int64)
     if arr.min(initial=0) < 0 or arr.max(initial=0) > 255:
         raise ValueError("pixel tokens must lie in [0, 255]")
+    if arr.size % math.prod(shape):
+        raise ValueError(f"{arr.size} tokens are no whole number of {shape} images ({math.prod(shape)} tokens each)")
     return arr.astype(np.uint8).reshape(-1, *shape)
 
 
@@ -34,6 +36,8 @@ def cell_origin(index: int, cols: int, shape: tuple[int, int, int], pad: int = P
 def image_grid(images: np.ndarray, cols: int | None = None, pad: int = PAD, fill: int = FILL) -> np.ndarray:
     """(N, H, W, C) uint8 -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) RGB image, row-major cells.
     Grey (C = 1) images are repeated to RGB. cols defaults to ceil(sqrt(N))."""
+    if images.ndim != 4:
+        raise ValueError(f"image_grid takes (N, H, W, C) images; got shape {images.shape}")
     N, H, W, C = images.shape
     if C not in (1, 3):
         raise ValueError(f"images have {C} channels; a PNG grid takes 1 (grey) or 3 (RGB)")

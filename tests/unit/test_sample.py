@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from data_pipelines.shards import DatasetWriter
 from hgscale.config import config_from_dict
-from hgscale.grid import PAD, cell_origin
+from hgscale.grid import PAD, cell_origin, image_grid, tokens_to_images
 from hgscale.models import HourglassLM
 from hgscale.sample import filter_logits, generate, main, sample_images
 
@@ -219,6 +219,18 @@ def test_completions_keep_the_top_half_beside_the_original(tmp_path):
         np.testing.assert_array_equal(got[2 * i][:half], orig[:half])
     greedy = generate(model, torch.from_numpy(originals[:1, : half * SHAPE[1] * 3]), 12, temperature=0)
     np.testing.assert_array_equal(got[0], greedy[0].numpy().reshape(SHAPE))
+
+
+def test_grid_bad_input():
+    with pytest.raises(ValueError, match=r"25 tokens are no whole number of \(4, 2, 3\) images \(24 tokens each\)"):
+        tokens_to_images(np.zeros((1, 25)), SHAPE)
+    with pytest.raises(ValueError, match=r"pixel tokens must lie in \[0, 255\]"):
+        tokens_to_images(np.full((1, 24), 256), SHAPE)
+    with pytest.raises(ValueError, match=r"takes \(N, H, W, C\) images; got shape \(4, 2, 3\)"):
+        image_grid(np.zeros(SHAPE, np.uint8))
+    with pytest.raises(ValueError, match="images have 2 channels"):
+        image_grid(np.zeros((1, 4, 2, 2), np.uint8))
+    assert tokens_to_images(np.arange(48) % 256, SHAPE).shape == (2, *SHAPE)
 
 
 def test_images_on_a_text_model_is_an_error(tmp_path, capsys):

@@ -67,6 +67,7 @@ class RelTable:
         self.R: torch.Tensor | None = None
 
     def rows(self, n: int, Wr: torch.Tensor, H: int) -> torch.Tensor:
+        """(H, n, dh) projected rows of distances hi .. hi - n + 1, projecting only those not yet in the table."""
         have = 0 if self.R is None else self.R.shape[1]
         if n > have:
             new = max(n, self.first_rows if self.R is None else min(2 * have, self.max_rows))
@@ -109,20 +110,28 @@ def cached_attention(attn: Attention, xq: torch.Tensor, xkv: torch.Tensor | None
     if not attn.relative:
         k = rotate_at(k, kv.n, geo.k_step)
     K, V = kv.append(k, v)  # (B, H, n_k, dh)
-    if m == 0:
+    if m == 0:  # no new query at this level in this call (down: no window completed); the keys wait in kv
         return xq
     off, vis = geo.offsets(xq.device, first_query=q0)  # (m, n_k) distances in units of P, visibility
     if attn.relative:
-        scale = 1.0 / math.sqrt(dh)
-        qu = torch.add(q, uv[0][:, None]).mul_(scale)
-        qv = torch.add(q, uv[1][:, None]).mul_(scale)
-        n_rows = rel.hi - int(off.masked_fill(~vis, rel.hi).min()) + 1  # distances hi .. the smallest visible
-        R = rel.rows(n_rows, attn.pos.weight, H)  # (H, n_rows, dh)
-        idx = (rel.hi - off).clamp_(0, n_rows - 1)  # invisible pairs point anywhere valid; they are masked
-        bd = torch.matmul(qv, R.transpose(-1, -2)).gather(-1, idx.expand(B, H, -1, -1))  # (B, H, m, n_k)
-        s = torch.matmul(qu, K.transpose(-1, -2)) + bd
+        s = _relative_scores(q, K, uv, rel, attn.pos.weight, off, vis)
     else:
-        q = rotate_at(q, q0, geo.q_step)
-        s = torch.matmul(q, K.transpose(-1, -2)) * (1.0 / math.sqrt(dh))
+        s = torch.matmul(rotate_at(q, q0, geo.q_step), K.transpose(-1, -2)) * (1.0 / math.sqrt(dh))
     o = torch.matmul(s.masked_fill(~vis, float("-inf")).softmax(-1), V)  # (B, H, m, dh)
     return attn.out(o.transpose(1, 2).reshape(B, m, H * dh))
+
+
+def _relative_scores(q: torch.Tensor, K: torch.Tensor, uv: torch.Tensor, rel: RelTable, Wr: torch.Tensor,
+                     off: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """Transformer-XL scores [(q_i + u) . k_j + (q_i + v) . W_r s(d_ij P)] / sqrt(dh), (B, H, m, n_k), of new
+    queries q (B, H, m, dh) against every key K (B, H, n_k, dh); off, vis (m, n_k) from Geometry.offsets.
+    Invisible entries hold finite garbage: the caller masks them."""
+    B, H, _, dh = q.shape
+    scale = 1.0 / math.sqrt(dh)
+    qu = torch.add(q, uv[0][:, None]).mul_(scale)
+    qv = torch.add(q, uv[1][:, None]).mul_(scale)
+    n_rows = rel.hi - int(off.masked_fill(~vis, rel.hi).min()) + 1  # distances hi .. the smallest visible
+    R = rel.rows(n_rows, Wr, H)  # (H, n_rows, dh)
+    idx = (rel.hi - off).clamp_(0, n_rows - 1)  # invisible pairs point anywhere valid; they are masked
+    bd = torch.matmul(qv, R.transpose(-1, -2)).gather(-1, idx.expand(B, H, -1, -1))  # (B, H, m, n_k)
+    return torch.matmul(qu, K.transpose(-1, -2)) + bd

@@ -25,12 +25,18 @@ would make cached and full logits differ); sequences up to model.max_seq_len.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from hgscale.models.attention import Attention
 from hgscale.models.cached_attention import KVCache, RelTable, cached_attention
 from hgscale.models.resampling import avg_pool
+
+if TYPE_CHECKING:  # hourglass.py imports this module
+    from hgscale.config import ModelConfig
+    from hgscale.models.hourglass import HourglassLM
 
 
 class _LayerState:
@@ -50,12 +56,11 @@ class _LayerState:
 class DecodeCache:
     """Everything ``decode`` keeps between calls for ``batch_size`` sequences of one model."""
 
-    def __init__(self, model, batch_size: int, max_len: int | None = None):
+    def __init__(self, model: HourglassLM, batch_size: int, max_len: int | None = None):
         cfg = model.cfg
         if int(batch_size) < 1:
             raise ValueError(f"batch_size = {batch_size} must be >= 1")
-        lsh = getattr(cfg, "vanilla_attention", None)
-        if lsh == "lsh":
+        if cfg.vanilla_attention == "lsh":  # named here: _attention_of would only name the module's class
             raise NotImplementedError("incremental decoding does not support model.vanilla_attention = 'lsh'; "
                                       "generate with use_cache=False (a full forward per token) for this model")
         self.model_id, self.batch_size, self.length = id(model), int(batch_size), 0
@@ -76,7 +81,7 @@ class DecodeCache:
         return [(kind, s.kv.n) for kind, s in zip(self.kinds, self.states, strict=True) if s.kv is not None]
 
 
-def _attention_of(layer) -> Attention | None:
+def _attention_of(layer: nn.Module) -> Attention | None:
     """The Attention module a layer decodes with, or None (embed, head, pooling without attention)."""
     if layer.kind == "block":
         mod = layer.block.attn
@@ -92,7 +97,7 @@ def _attention_of(layer) -> Attention | None:
     return mod
 
 
-def rows_needed(layer, n: int) -> tuple[int, int]:
+def rows_needed(layer: nn.Module, n: int) -> tuple[int, int]:
     """(K/V rows, distance-table rows) a layer's attention holds after n tokens at full resolution."""
     if layer.kind == "block":  # keys: its own rows; distances -i .. 0
         m = math.ceil(n / layer.factor)
@@ -103,7 +108,9 @@ def rows_needed(layer, n: int) -> tuple[int, int]:
     return math.ceil(m / layer.f), m  # up: keys: the inner rows; distances f j - i in [-i, 0]
 
 
-def _state_for(layer, cfg, max_len: int) -> _LayerState:
+def _state_for(layer: nn.Module, cfg: ModelConfig, max_len: int) -> _LayerState:
+    """An empty state for ``layer``: K/V buffers sized for max_len tokens; a distance table that may grow to
+    what model.max_seq_len needs."""
     attn = _attention_of(layer)
     if attn is None:
         return _LayerState()
@@ -114,12 +121,14 @@ def _state_for(layer, cfg, max_len: int) -> _LayerState:
     return _LayerState(KVCache(rows), rel)
 
 
-def _check(model, tokens: torch.Tensor, cache: DecodeCache) -> None:
+def _check(model: HourglassLM, tokens: torch.Tensor, cache: DecodeCache) -> None:
     if model.training:
         raise RuntimeError("decode runs in eval mode only (dropout would make cached and full logits differ): "
                            "call model.eval() first")
     if not isinstance(cache, DecodeCache) or cache.model_id != id(model):
         raise ValueError("this cache was not made by this model: make one with model.init_cache(batch_size)")
+    if not isinstance(tokens, torch.Tensor):
+        raise ValueError(f"tokens must be an integer tensor (batch, n >= 1); got {type(tokens).__name__}")
     if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32) or tokens.shape[1] < 1:
         raise ValueError(f"tokens must be an integer tensor (batch, n >= 1); got {tokens.dtype} of shape "
                          f"{tuple(tokens.shape)}")
@@ -138,7 +147,7 @@ def _check(model, tokens: torch.Tensor, cache: DecodeCache) -> None:
 
 
 @torch.no_grad()
-def decode(model, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+def decode(model: HourglassLM, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
     """tokens (B, n) -> logits (B, n, V) at positions cache.length .. cache.length+n-1; advances the cache."""
     _check(model, tokens, cache)
     layers, states = model.layers, cache.states
@@ -159,7 +168,8 @@ def decode(model, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
     return layers[-1]((x,))
 
 
-def _block(layer, x: torch.Tensor, start: int, uv, st: _LayerState) -> torch.Tensor:
+def _block(layer: nn.Module, x: torch.Tensor, start: int, uv: torch.Tensor | None, st: _LayerState) -> torch.Tensor:
+    """New rows x (B, m, D) of a level, the first at index ``start`` -> the block's output rows (B, m, D)."""
     if x.shape[1] == 0:  # a shortened level with no completed group in this call
         return x
     b = layer.block
@@ -167,7 +177,7 @@ def _block(layer, x: torch.Tensor, start: int, uv, st: _LayerState) -> torch.Ten
     return x + b.ff(b.ln2(x))
 
 
-def _down(layer, skip: torch.Tensor, uv, st: _LayerState) -> tuple[torch.Tensor, int]:
+def _down(layer: nn.Module, skip: torch.Tensor, uv: torch.Tensor | None, st: _LayerState) -> tuple[torch.Tensor, int]:
     """New skip rows (B, m, D) -> (new shortened rows (B, w, D), index of the first)."""
     B, m, D = skip.shape
     sh, f, i0 = layer.shorten, layer.f, st.n_out
@@ -191,7 +201,8 @@ def _down(layer, skip: torch.Tensor, uv, st: _LayerState) -> tuple[torch.Tensor,
     return q + p.ff(p.ln_ff(q)), i0
 
 
-def _up(layer, y: torch.Tensor, skip: torch.Tensor, s0: int, uv, st: _LayerState) -> torch.Tensor:
+def _up(layer: nn.Module, y: torch.Tensor, skip: torch.Tensor, s0: int, uv: torch.Tensor | None,
+        st: _LayerState) -> torch.Tensor:
     """New inner rows y (B, m_y, D) and skip rows (B, m, D) at outer positions s0.. -> (B, m, D)."""
     B, m, D = skip.shape
     if m == 0:

@@ -117,8 +117,12 @@ def test_bad_input_errors():
         model.decode(torch.tensor([[1, -1], [0, 0]]), cache)
     with pytest.raises(ValueError, match=r"batch size 1 but the cache was made for 2: .*model.init_cache\(1\)"):
         model.decode(torch.tensor([[1, 2]]), cache)
-    with pytest.raises(ValueError, match=r"integer tensor \(batch, n >= 1\)"):
+    with pytest.raises(ValueError, match=r"integer tensor \(batch, n >= 1\); got torch.int64 of shape \(2, 0\)"):
         model.decode(torch.zeros(2, 0, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match=r"integer tensor \(batch, n >= 1\); got torch.float32 of shape \(2, 1\)"):
+        model.decode(torch.zeros(2, 1), cache)
+    with pytest.raises(ValueError, match=r"integer tensor \(batch, n >= 1\); got list"):
+        model.decode([[1], [2]], cache)
     with pytest.raises(ValueError, match="not made by this model"):
         random_model(tiny(HIERARCHIES[1]), seed=6).decode(torch.tensor([[1], [2]]), cache)
     assert cache.length == 0  # a refused call changes nothing

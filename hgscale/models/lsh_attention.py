@@ -52,7 +52,7 @@ def bucket_factors(length: int, chunk_len: int, n_buckets: int = 0) -> list[int]
     return [div, 2 * (n // (2 * div))]
 
 
-def draw_rotations(B: int, H: int, d_head: int, n_hashes: int, factors: list[int], device,
+def draw_rotations(B: int, H: int, d_head: int, n_hashes: int, factors: list[int], device: torch.device | str,
                    generator: torch.Generator | None = None) -> torch.Tensor:
     """(B, H, d_head, n_hashes, sum(f/2)) random rotations, one set per example and head (trax per-head rng)."""
     rot = sum(f // 2 for f in factors)
@@ -127,6 +127,11 @@ def lsh_attention(qk: torch.Tensor, v: torch.Tensor, chunk_len: int, n_hashes: i
     factors = bucket_factors(L, chunk_len, n_buckets)
     if rotations is None:
         rotations = draw_rotations(B, H, dh, n_hashes, factors, qk.device)
+    want = (B, H, dh, n_hashes, sum(f // 2 for f in factors))
+    if tuple(rotations.shape) != want:
+        raise ValueError(f"rotations have shape {tuple(rotations.shape)} but length {T} (padded to {L}) with "
+                         f"{n_hashes} hashing rounds and buckets {factors} needs {want}: draw them with draw_rotations("
+                         f"B, H, d_head, n_hashes, bucket_factors({L}, {chunk_len}, {n_buckets}), device)")
     with torch.no_grad():
         buckets = hash_buckets(qk, rotations, factors)  # (B, H, n_hashes, L)
         sticker, undo = sort_slots(buckets, T, math.prod(factors))
@@ -158,8 +163,10 @@ class LSHSelfAttention(nn.Module):
         B, T, _ = t.shape
         return t.view(B, T, self.n_heads, self.d_head).transpose(1, 2)
 
-    def forward(self, xq: torch.Tensor, xkv: torch.Tensor | None = None, uv=None, geo=None,
-                kernel: str | None = None, rotations: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, xq: torch.Tensor, xkv: torch.Tensor | None = None, uv: torch.Tensor | None = None,
+                geo: object = None, kernel: str | None = None, rotations: torch.Tensor | None = None) -> torch.Tensor:
+        """xq (B, T, D) -> (B, T, D). uv, geo and kernel are Attention's arguments, accepted so that a block
+        calls either module alike; ``rotations`` as :func:`lsh_attention` (drawn afresh when None)."""
         if xkv is not None:
             raise ValueError("LSH attention is self-attention only (full-resolution blocks)")
         qk = apply_rotary(self.qk(xq).unsqueeze(1), 1).squeeze(1)  # trax Rotate over d_model: (B, T, D)

@@ -82,6 +82,16 @@ def test_parity_with_naive_reference(T, C, n_hashes, n_before, n_buckets):
     assert self_only.sum() < self_only.numel() // 4
 
 
+def test_rotations_of_the_wrong_shape_are_refused_by_name():
+    qk, v = inputs(1, 2, 29, 8, seed=0)  # padded to 32: 2 * 32 // 8 = 8 buckets, 4 rotations per round
+    R = draw_rotations(1, 2, 8, 2, bucket_factors(24, 8), "cpu")  # drawn for the wrong length
+    with pytest.raises(ValueError, match=r"rotations have shape \(1, 2, 8, 2, 3\) but length 29 \(padded to 32\) "
+                                         r"with 2 hashing rounds and buckets \[8\] needs \(1, 2, 8, 2, 4\)"):
+        lsh_attention(qk, v, 8, 2, 1, rotations=R)
+    good = draw_rotations(1, 2, 8, 2, bucket_factors(32, 8), "cpu")
+    assert lsh_attention(qk, v, 8, 2, 1, rotations=good).shape == (1, 2, 29, 8)
+
+
 def test_bucket_factors_follow_trax():
     assert bucket_factors(12288, 256) == [96]  # ImageNet64: 2 * 48
     assert bucket_factors(8 * 66, 8) == [16, 8]

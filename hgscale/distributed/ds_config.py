@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import math
+from typing import Callable
 
-from hgscale.config import Config, ConfigError, lr_factors
+from hgscale.config import Config, ConfigError, TrainConfig, lr_factors
 
 # DeepSpeed prints its own step lines every `steps_per_print`; ours are the progress lines.
 _QUIET_STEPS = 2**31 - 1
@@ -133,7 +134,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return _merge(ds, cfg.deepspeed)
 
 
-def _multifactor(t, factors: list[str], step: int) -> float:
+def _multifactor(t: TrainConfig, factors: list[str], step: int) -> float:
     """trax ``lr_schedules.multifactor`` at trax's 1-based ``step``: the product of the named factors,
     floored at train.min_lr (trax's ``minimum``). cosine_decay counts its cycle (train.decay_steps or
     train.steps) from the end of warm-up and restarts after it, as trax's ``progress % 1``."""
@@ -174,7 +175,7 @@ def lr_at(cfg: Config, step: int) -> float:
     return t.min_lr + (peak - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def lr_multiplier(cfg: Config):
+def lr_multiplier(cfg: Config) -> Callable[[int], float]:
     """``step -> lr/peak`` for torch's LambdaLR (DeepSpeed's client scheduler)."""
     peak = cfg.train.lr
     return lambda step: lr_at(cfg, step) / peak if peak else 0.0

@@ -60,6 +60,8 @@ class DecodeCache:
         cfg = model.cfg
         if int(batch_size) < 1:
             raise ValueError(f"batch_size = {batch_size} must be >= 1")
+        if max_len is not None and int(max_len) < 1:
+            raise ValueError(f"max_len = {max_len} must be >= 1 (or None: model.max_seq_len)")
         if cfg.vanilla_attention == "lsh":  # named here: _attention_of would only name the module's class
             raise NotImplementedError("incremental decoding does not support model.vanilla_attention = 'lsh'; "
                                       "generate with use_cache=False (a full forward per token) for this model")

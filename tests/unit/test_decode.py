@@ -134,6 +134,8 @@ def test_bad_input_errors():
         model.decode(torch.zeros(2, 1, dtype=torch.long), model.init_cache(2))
     with pytest.raises(ValueError, match="batch_size = 0 must be >= 1"):
         model.init_cache(0)
+    with pytest.raises(ValueError, match=r"max_len = -1 must be >= 1 \(or None: model.max_seq_len\)"):
+        model.init_cache(1, max_len=-1)
 
 
 def test_lsh_attention_is_refused_by_name():

@@ -16,43 +16,65 @@ def reference(qk, v, R, C, n_before, factors):
     explicit windows and masks, explicit softmax and merge of the rounds. Also returns which outputs saw no
     earlier key in any round (only the position itself, under trax's -1e5 mask: see the parity test)."""
     B, H, T, dh = qk.shape
-    L, n_hashes = T + (-T % C), R.shape[3]
-    n_per_round = math.prod(factors) + (1 if L > T else 0)
+    L = T + (-T % C)
     out = torch.zeros(B, H, T, dh, dtype=torch.float64)
     self_only = torch.ones(B, H, T, dtype=torch.bool)
     for b in range(B):
         for h in range(H):
             x = torch.cat([qk[b, h].double(), torch.zeros(L - T, dh, dtype=torch.float64)])
             vv = torch.cat([v[b, h].double(), torch.zeros(L - T, dh, dtype=torch.float64)])
-            slots = []
-            for r in range(n_hashes):
-                proj = qk.new_zeros(L, R.shape[4]).double()
-                proj[:T] = (qk[b, h].float() @ R[b, h, :, r, :]).double()  # hashed in float32, as the kernel
-                for t in range(L):
-                    bucket, start, prod = 0, 0, 1
-                    for f in factors:
-                        part = proj[t, start:start + f // 2]
-                        bucket += prod * int(torch.cat([part, -part]).argmax())
-                        start, prod = start + f // 2, prod * f
-                    slots.append((r, r * n_per_round + (bucket if t < T else n_per_round - 1), t))
-            order = sorted(slots, key=lambda s: (s[1], s[2]))
-            keys = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) / math.sqrt(dh)
-            n_chunks = len(order) // C
-            o_r = torch.zeros(n_hashes, L, dh, dtype=torch.float64)
-            lse_r = torch.zeros(n_hashes, L, dtype=torch.float64)
-            for s, (r, _, t) in enumerate(order):
-                c = s // C
-                window = [(c - i) % n_chunks for i in range(n_before, 0, -1)] + [c]
-                js = [order[w * C + k][2] for w in window for k in range(C)]
-                if t < T and any(j < t for j in js):
-                    self_only[b, h, t] = False
-                scores = torch.stack([x[t] @ keys[j] - 1e9 * (t < j) - 1e5 * (t == j) for j in js])
-                lse = torch.logsumexp(scores, 0)
-                o_r[r, t] = (torch.exp(scores - lse)[:, None] * vv[js]).sum(0)
-                lse_r[r, t] = lse
+            order = _sorted_slots(qk[b, h], R[b, h], L, factors)
+            o_r, lse_r, saw_earlier = _attend_slots(order, x, vv, C, n_before, R.shape[3])
+            self_only[b, h] = ~saw_earlier[:T]
             w = torch.softmax(lse_r, dim=0)  # (n_hashes, L)
             out[b, h] = (w[..., None] * o_r).sum(0)[:T]
     return out, self_only
+
+
+def _bucket(proj, factors) -> int:
+    """trax hash_vecs of one position: per factor f, the argmax over [x R, -x R] of its f/2 rotations."""
+    bucket, start, prod = 0, 0, 1
+    for f in factors:
+        part = proj[start:start + f // 2]
+        bucket += prod * int(torch.cat([part, -part]).argmax())
+        start, prod = start + f // 2, prod * f
+    return bucket
+
+
+def _sorted_slots(qk, R, L, factors):
+    """One example and head: qk (T, dh), R (dh, n_hashes, rot) -> [(round, round-offset bucket, position)]
+    sorted by bucket then position; positions >= T (padding) take an extra last bucket of each round."""
+    T = qk.shape[0]
+    n_per_round = math.prod(factors) + (1 if L > T else 0)
+    slots = []
+    for r in range(R.shape[1]):
+        proj = (qk.float() @ R[:, r, :]).double()  # hashed in float32, as the kernel
+        for t in range(L):
+            bucket = _bucket(proj[t], factors) if t < T else n_per_round - 1
+            slots.append((r, r * n_per_round + bucket, t))
+    return sorted(slots, key=lambda s: (s[1], s[2]))
+
+
+def _attend_slots(order, x, vv, C, n_before, n_hashes):
+    """Each sorted slot's query attends to its chunk and the n_before chunks before it (wrapping around):
+    (n_hashes, L, dh) outputs and (n_hashes, L) log-sum-exps per round, and (L,) whether a position saw an
+    earlier key in some round."""
+    L, dh = x.shape
+    keys = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6) / math.sqrt(dh)
+    n_chunks = len(order) // C
+    o_r = torch.zeros(n_hashes, L, dh, dtype=torch.float64)
+    lse_r = torch.zeros(n_hashes, L, dtype=torch.float64)
+    saw_earlier = torch.zeros(L, dtype=torch.bool)
+    for s, (r, _, t) in enumerate(order):
+        c = s // C
+        window = [(c - i) % n_chunks for i in range(n_before, 0, -1)] + [c]
+        js = [order[w * C + k][2] for w in window for k in range(C)]
+        saw_earlier[t] |= any(j < t for j in js)
+        scores = torch.stack([x[t] @ keys[j] - 1e9 * (t < j) - 1e5 * (t == j) for j in js])
+        lse = torch.logsumexp(scores, 0)
+        o_r[r, t] = (torch.exp(scores - lse)[:, None] * vv[js]).sum(0)
+        lse_r[r, t] = lse
+    return o_r, lse_r, saw_earlier
 
 
 def inputs(B, H, T, dh, seed):

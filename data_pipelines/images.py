@@ -73,7 +73,7 @@ def cifar_batches(source: Path, split: str) -> Iterator[tuple[np.ndarray, np.nda
     else:
         paths = {p.name: p for p in source.rglob("*_batch*")} if source.is_dir() else {}
         blobs = [paths[n].read_bytes() if n in paths else None for n in names]
-    for name, blob in zip(names, blobs):
+    for name, blob in zip(names, blobs, strict=True):
         if blob is None:
             raise DataError(f"CIFAR-10 batch {name} not found in {source}; pass the cifar-10-batches-py directory or "
                             f"cifar-10-python.tar.gz")

@@ -97,7 +97,8 @@ def parse_hierarchy(spec: str) -> list[tuple[int, int]]:
     Raises ValueError showing the string and what is wrong.
     """
     def bad(why: str) -> ValueError:
-        return ValueError(f"model.hierarchy {spec!r}: {why} (example: \"5@1 24@3 5@1\"; a plain Transformer is \"12@1\")")
+        return ValueError(f"model.hierarchy {spec!r}: {why} "
+                          f"(example: \"5@1 24@3 5@1\"; a plain Transformer is \"12@1\")")
 
     if not isinstance(spec, str) or not spec.strip():
         raise bad("is empty")
@@ -118,7 +119,7 @@ def parse_hierarchy(spec: str) -> list[tuple[int, int]]:
     if factors[0] != 1:
         raise bad(f"the outermost factor is {factors[0]}; it must be 1 (full resolution)")
     mid = len(levels) // 2
-    for outer, inner in zip(factors[:mid], factors[1:mid + 1]):
+    for outer, inner in zip(factors[:mid], factors[1:mid + 1], strict=True):
         if inner <= outer or inner % outer:
             raise bad(f"factor {inner} does not strictly grow from {outer} and divide by it")
     if levels[mid][0] < 1:
@@ -142,8 +143,8 @@ class ModelConfig:
     dropout: float = fld(0.2, "Dropout on embeddings, residual branches and feed-forward hidden units.")
     attn_dropout: float = fld(0.0, "Dropout on attention probabilities.")
     max_seq_len: int = fld(8192, "Longest sequence (tokens) the model is built for (evaluation context included).")
-    init: str = fld("trax", "Weight initialisation: 'trax' (Glorot-uniform dense layers, embedding U(+-sqrt(3/d_model)), "
-                            "as trax) or 'normal' (N(0, init_std) weights, zero biases).")
+    init: str = fld("trax", "Weight initialisation: 'trax' (Glorot-uniform dense layers, embedding "
+                            "U(+-sqrt(3/d_model)), as trax) or 'normal' (N(0, init_std) weights, zero biases).")
     init_std: float = fld(0.02, "Standard deviation of the normal initialisation of weights (model.init = 'normal').")
     vanilla_attention: str = fld("full", "Attention of the full-resolution (factor 1) blocks: 'full' (model.attention) "
                                          "or 'lsh' (trax PureLSHSelfAttention: shared QK, rotary, causal).")
@@ -151,7 +152,8 @@ class ModelConfig:
     lsh_n_hashes: int = fld(2, "LSH: hashing rounds (trax n_hashes).")
     lsh_chunks_before: int = fld(1, "LSH: earlier chunks each chunk also attends to (trax n_chunks_before).")
     lsh_n_buckets: int = fld(0, "LSH: buckets per round, even; 0 = trax's 2 * max(1, T // lsh_chunk_len).")
-    attn_impl: str = fld("auto", "Relative attention kernel: 'auto' (fused on GPU, blocked on CPU), 'fused', 'sdpa', 'blocked' or 'naive'.")
+    attn_impl: str = fld("auto", "Relative attention kernel: 'auto' (fused on GPU, blocked on CPU), 'fused', 'sdpa', "
+                                 "'blocked' or 'naive'.")
 
     def levels(self) -> list[tuple[int, int]]:
         return parse_hierarchy(self.hierarchy)
@@ -177,7 +179,8 @@ class ModelConfig:
         if self.n_heads < 1 or self.d_model % max(self.n_heads, 1):
             out.append(f"model.d_model = {self.d_model} is not divisible by model.n_heads = {self.n_heads}")
         elif self.attention == "rotary" and (self.d_model // self.n_heads) % 2:
-            out.append(f"model.attention = 'rotary' needs an even head width; d_model/n_heads = {self.d_model // self.n_heads}")
+            out.append(f"model.attention = 'rotary' needs an even head width; "
+                       f"d_model/n_heads = {self.d_model // self.n_heads}")
         if self.vanilla_attention == "lsh":
             out += self._lsh_problems()
         for name in ("vocab_size", "d_model", "d_ff", "max_seq_len"):
@@ -253,7 +256,8 @@ class DataConfig:
     on_corrupt: str = fld("error", "A corrupt or truncated shard: 'error' stops naming it, 'skip' skips and counts it.")
     verify_manifest: bool = fld(True, "Check shard sizes named in the manifest before training starts.")
     verify_checksums: bool = fld(False, "Also read every shard and check its sha256 and counts before training (slow).")
-    worker_start_method: str = fld("forkserver", "Data workers start by 'forkserver' (fast) or 'spawn'; not fork (s3fs).")
+    worker_start_method: str = fld("forkserver",
+                                   "Data workers start by 'forkserver' (fast) or 'spawn'; not fork (s3fs).")
     request_timeout_s: float = fld(60.0, "Connect/read timeout of one storage request; a slower one is retried.")
     s3_endpoint_url: str = fld("", "S3 endpoint (for MinIO, moto, ...); empty uses AWS_ENDPOINT_URL or AWS itself.")
     s3_region: str = fld("", "S3 region; empty uses AWS_DEFAULT_REGION.")
@@ -290,7 +294,8 @@ class TrainConfig:
     hang_timeout_s: float = fld(-1.0, "Seconds without progress before the job counts as hung and stops (exit "
                                       "status 4); -1 derives max(300, 20 x median step time), 0 disables.")
     compile: bool = fld(False, "torch.compile each layer (regional); a layer that fails runs eager.")
-    profile_steps: str = fld("", "Steps to trace with torch.profiler, e.g. '20-22' or '20'; traces in run_dir/profiles.")
+    profile_steps: str = fld("", "Steps to trace with torch.profiler, e.g. '20-22' or '20'; traces in "
+                                 "run_dir/profiles.")
 
 
 # ------------------------------------------------------------------------------------------ parallel
@@ -319,8 +324,10 @@ class TrackingConfig:
     run_name: str = fld("", "MLflow run name; empty derives one from the config file name.")
     system_metrics: bool = fld(True, "Log CPU, memory and GPU use per node.")
     peak_tflops: float = fld(0.0, "Peak TFLOP/s per device for MFU; 0 looks up the GPU or measures the CPU.")
-    start_timeout_s: float = fld(30.0, "Seconds to wait for the tracking run at start-up before training on (it is created later).")
-    close_timeout_s: float = fld(60.0, "Seconds close() waits to deliver queued records; the rest is spooled in run_dir.")
+    start_timeout_s: float = fld(30.0, "Seconds to wait for the tracking run at start-up before training on (it is "
+                                       "created later).")
+    close_timeout_s: float = fld(60.0, "Seconds close() waits to deliver queued records; the rest is spooled in "
+                                       "run_dir.")
     http_timeout_s: int = fld(5, "Timeout of one request to a tracking server (MLFLOW_HTTP_REQUEST_TIMEOUT if unset).")
 
     URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")

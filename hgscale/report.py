@@ -146,11 +146,12 @@ def build_report(tracking_uri: str, experiment: str, run_filter: list[str] | Non
     out.mkdir(parents=True, exist_ok=True)
     wall_max = max([float(np.nanmax(r["wall_at_val"])) for r in rows if len(r["wall_at_val"])] or [0.0])
     hours = wall_max > 7200
-    flops_png = plot_panels([{"curves": [(lab, r["flops_at_val"], r["val"]) for lab, r in zip(labels, rows)],
+    pairs = list(zip(labels, rows, strict=True))
+    flops_png = plot_panels([{"curves": [(lab, r["flops_at_val"], r["val"]) for lab, r in pairs],
                               "xlabel": "training FLOPs", "ylabel": f"validation {metric}", "logx": True}],
                             out / "val_vs_flops.png", title=f"{experiment}: validation {metric} vs training compute")
     wall_png = plot_panels([{"curves": [(lab, r["wall_at_val"] / (3600.0 if hours else 1.0), r["val"])
-                                        for lab, r in zip(labels, rows)],
+                                        for lab, r in pairs],
                              "xlabel": "training wall-clock (h)" if hours else "training wall-clock (s)",
                              "ylabel": f"validation {metric}"}],
                            out / "val_vs_wallclock.png", title=f"{experiment}: validation {metric} vs wall-clock")
@@ -188,8 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if not args.tracking_uri:
-        print("error: no tracking store given: pass --tracking-uri (http://host:5000 or sqlite:///runs/NAME/mlflow.db), "
-              "--config CONFIG, or set MLFLOW_TRACKING_URI", file=sys.stderr)
+        print("error: no tracking store given: pass --tracking-uri (http://host:5000 or "
+              "sqlite:///runs/NAME/mlflow.db), --config CONFIG, or set MLFLOW_TRACKING_URI", file=sys.stderr)
         return 2
     out = args.out or str(Path("reports") / args.experiment.replace("/", "_"))
     try:

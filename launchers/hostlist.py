@@ -99,7 +99,7 @@ def hostfile_text(hosts: list[str], slots: list[int] | int) -> str:
         slots = [slots] * len(hosts)
     if len(slots) != len(hosts):
         raise HostlistError(f"{len(hosts)} hosts but {len(slots)} slot counts")
-    return "".join(f"{h} slots={s}\n" for h, s in zip(hosts, slots))
+    return "".join(f"{h} slots={s}\n" for h, s in zip(hosts, slots, strict=True))
 
 
 def main(argv: list[str] | None = None) -> int:

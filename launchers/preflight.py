@@ -75,7 +75,7 @@ def _resolve(addr: str) -> str:
         return socket.getaddrinfo(addr, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
     except socket.gaierror as e:
         raise LaunchError(f"MASTER_ADDR {addr!r} does not resolve on {socket.gethostname()} ({e.strerror}); "
-                          f"set HGSCALE_MASTER_ADDR to an address of the first node that every node can reach")
+                          f"set HGSCALE_MASTER_ADDR to an address of the first node that every node can reach") from e
 
 
 def _serve(srv: socket.socket, seen: list[str], stop: threading.Event):
@@ -106,7 +106,7 @@ def check_rendezvous(rdv: Rendezvous, python: str = sys.executable, timeout_s: f
     except OSError as e:
         srv.close()
         raise LaunchError(f"MASTER_PORT {rdv.master_port} is not free on {socket.gethostname()} ({e.strerror}); "
-                          f"set HGSCALE_MASTER_PORT to a free port")
+                          f"set HGSCALE_MASTER_PORT to a free port") from e
     srv.listen(64)
     seen: list[str] = []
     stop = threading.Event()

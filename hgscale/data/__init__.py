@@ -11,4 +11,5 @@ from .shards import CorruptShard, load_manifest
 from .storage import DataError, register_gopen, storage_options
 from .stream import Stream
 
-__all__ = ["CorruptShard", "DataError", "Dataset", "Stream", "load_manifest", "open_dataset", "register_gopen", "storage_options"]
+__all__ = ["CorruptShard", "DataError", "Dataset", "Stream", "load_manifest", "open_dataset", "register_gopen",
+           "storage_options"]

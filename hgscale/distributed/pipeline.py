@@ -28,13 +28,15 @@ from torch import nn
 from hgscale.config import Config
 from hgscale.models import build_layer, layer_flops, layer_params, layer_plan, lm_loss, state_shapes
 
+
 def layer_names(cfg: Config) -> list[str]:
     """'embed', 'block@1', 'down 1->3', 'up 3->1', 'head' in model order."""
-    out = []
-    for kind, *args in layer_plan(cfg.model):
-        out.append({"block": lambda: f"block@{args[0]}", "down": lambda: f"down {args[0]}->{args[1]}",
-                    "up": lambda: f"up {args[0]}->{args[1]}"}.get(kind, lambda: kind)())
-    return out
+    def name(kind: str, *args: int) -> str:
+        if kind == "block":
+            return f"block@{args[0]}"
+        return f"{kind} {args[0]}->{args[1]}" if kind in ("down", "up") else kind
+
+    return [name(*item) for item in layer_plan(cfg.model)]
 
 
 def layer_param_counts(cfg: Config) -> list[int]:
@@ -81,7 +83,7 @@ def activation_bytes(cfg: Config) -> list[float]:
     elt = 4 if cfg.train.precision == "fp32" else 2
     shapes = state_shapes(m, B, cfg.data.seq_len)
     out = []
-    for (kind, *_), shape in zip(layer_plan(m), shapes):
+    for (kind, *_), shape in zip(layer_plan(m), shapes, strict=True):
         n = shape[0][1]  # length of the layer's main output
         if cfg.parallel.activation_checkpointing and kind != "head":
             vals = sum(torch.Size(s).numel() for s in shape)

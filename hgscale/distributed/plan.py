@@ -53,7 +53,7 @@ def stage_plan(cfg: Config, stages: int) -> dict:
             "flops": {"parts": flops_parts, "imbalance": imb, "stages": ours},
             "parameters": {"parts": param_parts, "imbalance": imb_p, "stages": theirs},
             "layers": [{"index": i, "name": n, "flops": c, "params": p}
-                       for i, (n, c, p) in enumerate(zip(names, costs, params))]}
+                       for i, (n, c, p) in enumerate(zip(names, costs, params, strict=True))]}
 
 
 def format_plan(plan: dict) -> str:
@@ -62,7 +62,7 @@ def format_plan(plan: dict) -> str:
              f"{'':6s}{'split by FLOPs (hgscale)':^52s} | {'split by parameters (DeepSpeed)':^40s}",
              f"{'stage':6s}{'layers':>9s} {'first..last':24s}{'FLOPs':>7s}{'params':>8s}{'act GiB':>8s} |"
              f"{'layers':>9s}{'FLOPs':>8s}{'params':>9s}{'act GiB':>9s}"]
-    for a, b in zip(plan["flops"]["stages"], plan["parameters"]["stages"]):
+    for a, b in zip(plan["flops"]["stages"], plan["parameters"]["stages"], strict=True):
         span = f"{a['first']}..{a['last']}" if a["n_layers"] else "-"
         ra, rb = "[{},{})".format(*a["layers"]), "[{},{})".format(*b["layers"])
         lines.append(f"{a['stage']:<6d}{ra:>9s} {span:24s}{a['flops_share']:>6.1%}{a['params'] / 1e6:>7.2f}M"

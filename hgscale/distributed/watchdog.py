@@ -69,8 +69,10 @@ def culprits(beats: dict[int, dict | None], now: float, stale_s: float) -> tuple
 def hang_line(report: dict) -> str:
     def one(r: int) -> str:
         age = report["ages"].get(str(r))
-        seen = f"last heartbeat {age} s ago in phase {report['phases'][str(r)]!r}" if age is not None else "no heartbeat"
-        return f"rank {r} ({report['hosts'][str(r)]}; {seen})"
+        if age is None:
+            return f"rank {r} ({report['hosts'][str(r)]}; no heartbeat)"
+        phase = report["phases"][str(r)]
+        return f"rank {r} ({report['hosts'][str(r)]}; last heartbeat {age} s ago in phase {phase!r})"
 
     who = ", ".join(one(r) for r in report["ranks"])
     return (f"error: hang: no progress for {report['timeout_s']:.0f} s (train.hang_timeout_s); {who}: "

@@ -8,8 +8,15 @@
 - ``names``: the metric names the trainer logs and the plots and ``python -m hgscale.report`` read.
 """
 from . import names
-from .efficiency import (EfficiencyMeter, achieved_flops, gpu_peak_tflops, measure_cpu_peak, mfu, peak_flops,
-                         pipeline_bubble_fraction)
+from .efficiency import (
+                         EfficiencyMeter,
+                         achieved_flops,
+                         gpu_peak_tflops,
+                         measure_cpu_peak,
+                         mfu,
+                         peak_flops,
+                         pipeline_bubble_fraction,
+)
 from .gather import aggregate, gather_to_rank0
 from .tracker import Tracker, resolve_uri
 

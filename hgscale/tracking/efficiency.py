@@ -210,7 +210,7 @@ class EfficiencyMeter:
 
     def update(self, tokens: int, seconds: float, samples: int = 0) -> dict[str, float]:
         """Account one interval (global tokens/samples over all data-parallel ranks) and return its metrics."""
-        from .names import (ELAPSED_S, FLOPS, MFU, SAMPLES_PER_S, TFLOPS_PER_DEVICE, TOKENS, TOKENS_PER_S)
+        from .names import ELAPSED_S, FLOPS, MFU, SAMPLES_PER_S, TFLOPS_PER_DEVICE, TOKENS, TOKENS_PER_S
 
         seconds = max(float(seconds), 1e-9)
         self.tokens += int(tokens)

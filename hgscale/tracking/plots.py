@@ -35,7 +35,7 @@ def plot_panels(panels: list[dict], path: str | Path, title: str = "") -> Path:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.4), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    for ax, panel in zip(axes[0], panels, strict=True):
         for label, xs, ys in panel["curves"]:
             xs, ys = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
             ok = np.isfinite(xs) & np.isfinite(ys)

@@ -64,7 +64,7 @@ def test_pipeline_matches_single_process(pipeline, reference_stream):
         assert_close(torch.tensor(r["losses"]), torch.tensor(ref["ranks"][0]["losses"]), rtol=1e-5, atol=1e-6)
     assert sorted(pp["params"]) == sorted(ref["params"])
     for name, value in ref["params"].items():
-        assert_close(pp["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        assert_close(pp["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
     # the shared u/v biases live on stage 0 only and were trained by the blocks of both stages
     assert "layers.0.uv" in torch.load(pp["out"] / "params_rank0.pt")
     assert "layers.0.uv" not in torch.load(pp["out"] / "params_rank1.pt")
@@ -103,7 +103,8 @@ def test_zero_data_parallel_matches_single_process(stage, work, demo_data, refer
     assert job["ranks"][0]["hashes"] != job["ranks"][1]["hashes"]  # the two ranks read different rows
     assert sorted(job["params"]) == sorted(ref["params"])
     for name, value in ref["params"].items():
-        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"ZeRO-{stage} {name}: {m}")
+        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5,
+                     msg=lambda m, name=name: f"ZeRO-{stage} {name}: {m}")
 
 
 @pytest.mark.parametrize("job", ["pipeline", "zero3"])
@@ -135,7 +136,7 @@ def test_activation_checkpointing_changes_nothing(nprocs, work, demo_data, refer
     assert_close(torch.tensor(job["ranks"][-1]["losses"]), torch.tensor(ref["ranks"][0]["losses"]),
                  rtol=1e-5, atol=1e-6)
     for name, value in ref["params"].items():
-        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_pipeline_times_data_parallel_matches_single_process(work, demo_data, reference_synthetic):  # noqa: F811
@@ -152,4 +153,4 @@ def test_pipeline_times_data_parallel_matches_single_process(work, demo_data, re
         assert_close(torch.tensor(r["losses"]), torch.tensor(ref["ranks"][0]["losses"]), rtol=1e-5, atol=1e-6)
     assert sorted(job["params"]) == sorted(ref["params"])
     for name, value in ref["params"].items():
-        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m: f"{name}: {m}")
+        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")

@@ -17,8 +17,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.integration.train_helpers import (ROOT, TRAIN, command, demo_data, env, launch, metrics,  # noqa: F401
-                                             tiny_config)
+from tests.integration.train_helpers import ROOT, TRAIN, command, demo_data, env, launch, metrics, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.integration
 STEPS = 30

@@ -3,8 +3,16 @@ import json
 
 import pytest
 
-from hgscale.config import (MODEL_SIZES, Config, ConfigError, ModelConfig, config_from_dict, field_docs,
-                            load_config, parse_hierarchy)
+from hgscale.config import (
+    MODEL_SIZES,
+    Config,
+    ConfigError,
+    ModelConfig,
+    config_from_dict,
+    field_docs,
+    load_config,
+    parse_hierarchy,
+)
 
 BASE = {"model": {"size": "debug"}, "data": {"url": "/tmp/none", "seq_len": 64}}
 

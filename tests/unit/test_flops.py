@@ -7,7 +7,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from hgscale.config import ModelConfig
 from hgscale.models import HourglassLM, flops_per_token, layer_flops, layer_params
 
-
 CONFIGS = {
     "vanilla-relative": dict(hierarchy="3@1"),
     "1level-attn-relative": dict(hierarchy="1@1 2@3 1@1"),
@@ -47,7 +46,7 @@ def test_layer_flops_per_layer_matches_counter():
     model = HourglassLM(cfg)
     state = torch.randint(0, 64, (1, 24))
     expected = layer_flops(cfg, 24)
-    for layer, want in zip(model.layers, expected):
+    for layer, want in zip(model.layers, expected, strict=True):
         inputs = state if layer.kind == "embed" else tuple(t.detach().requires_grad_() for t in state)
         with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
             state = layer(inputs)

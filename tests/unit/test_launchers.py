@@ -19,7 +19,6 @@ from launchers import hostlist, local, preflight
 from launchers.env import LaunchError, master_port_for_job, slurm_rank_env, slurm_rendezvous
 from launchers.hostlist import HostlistError, expand_hostlist, expand_tasks_per_node, hostfile_text
 
-
 # ------------------------------------------------------------------------------------------ host lists
 
 @pytest.mark.parametrize("text, hosts", [

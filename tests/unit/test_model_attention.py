@@ -8,8 +8,15 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from hgscale.models.attention import Attention, Geometry, rel_attention_blocked, rel_attention_naive, \
-    rel_attention_sdpa, rotary_attention, rotary_attention_naive
+from hgscale.models.attention import (
+    Attention,
+    Geometry,
+    rel_attention_blocked,
+    rel_attention_naive,
+    rel_attention_sdpa,
+    rotary_attention,
+    rotary_attention_naive,
+)
 from hgscale.models.fused_attention import rel_attention_fused
 
 
@@ -132,7 +139,7 @@ def test_relative_fast_kernels_match_naive_with_grads(kind, m, f, P, block):
         results.append((out, torch.autograd.grad(out, leaves, grad_out)))
     for out, grads in results[1:]:
         assert_close(out, results[0][0], atol=2e-5, rtol=1e-4)
-        for g, g_ref in zip(grads, results[0][1]):
+        for g, g_ref in zip(grads, results[0][1], strict=True):
             assert_close(g, g_ref, atol=5e-4, rtol=1e-4)
 
 
@@ -190,7 +197,7 @@ def test_rotary_fused_matches_naive_with_grads(geo):
     outs = [fn(q, k, v, geo) for fn in (rotary_attention, rotary_attention_naive)]
     grads = [torch.autograd.grad(o, (q, k, v), grad_out) for o in outs]
     assert_close(outs[0], outs[1], atol=2e-6, rtol=1e-5)
-    for a, b in zip(*grads):
+    for a, b in zip(*grads, strict=True):
         assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 

@@ -13,7 +13,6 @@ import torch
 from hgscale.config import DOWNSAMPLE, UPSAMPLE, ModelConfig
 from hgscale.models import HourglassLM
 
-
 HIERARCHIES = {1: "1@1 1@3 1@1", 2: "1@1 1@2 1@6 1@2 1@1", 3: "1@1 1@2 0@4 1@8 1@4 1@2 1@1"}
 COMBOS = list(itertools.product(DOWNSAMPLE, UPSAMPLE, ("relative", "rotary")))
 
@@ -84,7 +83,7 @@ def test_valley_sees_newest_allowed_input(down, up, attention, levels):
                 keep[t] = True
                 others[t, ~keep] += torch.randn(int((~keep).sum()), x.shape[-1])
             expand = tuple(r.expand(n, *r.shape[1:]) if r.shape[0] == 1 and r.dim() == 3 else r for r in rest)
-            run = lambda inp: fold(model.layers[d: u + 1], (inp, *expand))[0]  # noqa: E731
+            run = lambda inp, layers=model.layers[d: u + 1], rest=expand: fold(layers, (inp, *rest))[0]  # noqa: E731
             ref, out_new, out_oth = run(rows), run(newest), run(others)
             for t in range(n):
                 s = t // f * f

@@ -6,7 +6,6 @@ from torch.testing import assert_close
 from hgscale.config import MODEL_SIZES, ModelConfig, config_from_dict
 from hgscale.models import HourglassLM, build_layer, build_layers, layer_constructors, state_shapes
 
-
 CFG = dict(vocab_size=32, d_model=16, n_heads=2, d_ff=32, hierarchy="1@1 1@2 2@6 1@2 1@1", dropout=0.0)
 
 
@@ -18,7 +17,7 @@ def test_forward_is_a_fold_over_the_layer_list():
         state = layer.eval()(state)
     assert state.shape == (2, 18, 32)  # padded to a multiple of 6
     assert torch.equal(model(tokens), state[:, :17])
-    assert [(l.kind, l.factor) for l in model.layers] == [
+    assert [(layer.kind, layer.factor) for layer in model.layers] == [
         ("embed", 1), ("block", 1), ("down", 2), ("block", 2), ("down", 6), ("block", 6), ("block", 6),
         ("up", 2), ("block", 2), ("up", 1), ("block", 1), ("head", 1)]
 
@@ -28,7 +27,7 @@ def test_state_tuple_shapes(attention):
     cfg = ModelConfig(**{**CFG, "attention": attention})
     model = HourglassLM(cfg)
     state = torch.randint(0, 32, (3, 20))
-    for layer, want in zip(model.layers, state_shapes(cfg, 3, 20)):
+    for layer, want in zip(model.layers, state_shapes(cfg, 3, 20), strict=True):
         state = layer(state)
         got = [tuple(state.shape)] if layer.kind == "head" else [tuple(t.shape) for t in state]
         assert got == [tuple(w) for w in want], layer.kind

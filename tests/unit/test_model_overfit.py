@@ -1,6 +1,6 @@
 """A debug-size model memorises one small batch of real text (the Python reference manual)."""
 import pydoc_data.topics
-import pytest
+
 import torch
 import torch.nn.functional as F
 

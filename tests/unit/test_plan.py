@@ -10,8 +10,13 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from hgscale.config import load_config
-from hgscale.distributed.pipeline import (_keep_extras_on_grad_path, layer_costs, layer_names, layer_param_counts,
-                                          stage_parts)
+from hgscale.distributed.pipeline import (
+    _keep_extras_on_grad_path,
+    layer_costs,
+    layer_names,
+    layer_param_counts,
+    stage_parts,
+)
 from hgscale.distributed.plan import format_plan, stage_plan
 from hgscale.models import HourglassLM, lm_loss
 

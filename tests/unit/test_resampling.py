@@ -5,10 +5,10 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from hgscale.config import ModelConfig
+from hgscale.models.attention import Geometry
 from hgscale.models.hourglass import DownLayer, UpLayer, init_layer_
 from hgscale.models.resampling import LinearPool, LinearUpsample, Shorten, Upsample, avg_pool, shift_right
 from tests.unit.test_model_attention import attention_ref, double  # noqa: F401  (double: autouse fixture)
-from hgscale.models.attention import Geometry
 
 
 def cfg_for(down="avg", up="repeat", attention="relative"):

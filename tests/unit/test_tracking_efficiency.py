@@ -1,8 +1,16 @@
 """Peak FLOP/s table, CPU matmul peak, MFU arithmetic and the resumable efficiency meter."""
 import pytest
 
-from hgscale.tracking import (EfficiencyMeter, achieved_flops, gpu_peak_tflops, measure_cpu_peak, mfu, names,
-                              peak_flops, pipeline_bubble_fraction)
+from hgscale.tracking import (
+    EfficiencyMeter,
+    achieved_flops,
+    gpu_peak_tflops,
+    measure_cpu_peak,
+    mfu,
+    names,
+    peak_flops,
+    pipeline_bubble_fraction,
+)
 
 
 @pytest.mark.parametrize("device_name, dtype, tflops", [

@@ -3,6 +3,9 @@
     python benchmarks/model_throughput.py --threads 1           # T=2048, "5@1 24@3 5@1" vs "34@1", ~4 min
     python benchmarks/model_throughput.py --layers-scale 0.25   # same shapes, a quarter of the layers
     python benchmarks/model_throughput.py --attn-dropout 0      # without the paper's attention dropout
+    python benchmarks/model_throughput.py --compile --layers-scale 0.25   # + per-layer torch.compile copies
+    python benchmarks/model_throughput.py --sweep 1024,2048,4096,8192 --sweep-memory   # d 256 sweep, see below
+    python benchmarks/model_throughput.py --memory 2048,8192 --memory-model 6@1        # kernel memory modes
 
 Measured side by side in one run (iterations of the two models interleaved, so machine load hits both
 alike; best step of each): forward+backward tokens/s at batch 1, the fp32 matrix-multiply peak (2048^3
@@ -10,6 +13,13 @@ GEMM, best of samples taken before, between and after the steps), model FLOPs
 (hgscale.models.flops: full-square attention convention) and MFU against that peak, the measured
 speed-up against the analytic FLOPs ratio, and the relative-attention kernels (naive / sdpa / blocked)
 on one layer's shapes. Prints a table; writes benchmarks/results/model_throughput.json.
+
+--compile adds compiled copies of both models (hgscale.distributed.compile, regional) to the interleaving
+and reports compiled / eager speed. --sweep (benchmarks/seq_sweep.py, fresh processes, d 256) measures the
+Hourglass ``--sweep-hierarchy`` against the vanilla Transformer of equal depth and of equal training FLOPs
+at each T, and with --sweep-memory each one's peak RSS; --memory the blocked kernel's memory modes
+(probabilities all kept / default budget / all recomputed) on ``--memory-model``: speed side by side, peak
+RSS of one step each. With --sweep or --memory only those run (the enwik8 comparison is skipped).
 """
 from __future__ import annotations
 
@@ -27,7 +37,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hgscale.config import MODEL_SIZES, ModelConfig, parse_hierarchy  # noqa: E402
 from hgscale.models import HourglassLM, flops_per_token  # noqa: E402
-from hgscale.models.attention import Geometry, REL_KERNELS  # noqa: E402
+from hgscale.models.attention import REL_KERNELS, Geometry  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model_throughput.json"
 
@@ -63,10 +73,20 @@ def train_step(model, tokens, labels) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def bench_models(cfgs: dict, T: int, batch: int, warmup: int, iters: int, peaks: list[float]) -> dict:
-    """Best step time of each model; the GEMM peak is sampled between steps into ``peaks``."""
+def bench_models(cfgs: dict, T: int, batch: int, warmup: int, iters: int, peaks: list[float],
+                 compiled: bool = False) -> dict:
+    """Best step time of each model; the GEMM peak is sampled between steps into ``peaks``. ``compiled``
+    adds a per-layer compiled copy of each model (same weights) as ``<name>_compiled``."""
     torch.manual_seed(0)
     models = {name: HourglassLM(cfg).train() for name, cfg in cfgs.items()}
+    if compiled:
+        import copy
+
+        from hgscale.distributed.compile import compile_layers
+        for name in list(models):
+            twin = copy.deepcopy(models[name])
+            if compile_layers(twin.layers):
+                models[f"{name}_compiled"], cfgs = twin, {**cfgs, f"{name}_compiled": cfgs[name]}
     tokens = torch.randint(0, 256, (batch, T + 1))
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     times: dict[str, list[float]] = {name: [] for name in models}
@@ -119,8 +139,17 @@ def main(argv=None) -> int:
                     help="override model.attn_dropout (the enwik8 sizes use the paper's 0.2)")
     ap.add_argument("--kernel-reps", type=int, default=3)
     ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero")
+    ap.add_argument("--compile", action="store_true", help="also time per-layer compiled copies of both models")
+    ap.add_argument("--sweep", default="", help="comma-separated T of the d 256 sweep (e.g. 1024,2048,4096,8192)")
+    ap.add_argument("--sweep-hierarchy", default="2@1 8@4 2@1")
+    ap.add_argument("--sweep-d", type=int, default=256)
+    ap.add_argument("--sweep-memory", action="store_true", help="peak RSS of each sweep model (a process each)")
+    ap.add_argument("--memory", default="", help="comma-separated T for the blocked kernel's memory modes")
+    ap.add_argument("--memory-model", default="6@1")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args(argv)
+    if args.sweep or args.memory:
+        return sweeps(args, argv)
     # Denormal floats (softmax tails of peaked attention) run ~2x slower through CPU GEMMs; flush them
     # to zero, as a CPU training process should.
     torch.set_flush_denormal(not args.keep_denormals)
@@ -130,7 +159,7 @@ def main(argv=None) -> int:
     # best step times against the best GEMM rate seen in the same run: both at the least-loaded moments
     peaks = [matmul_peak()]
     cfgs = model_configs(args.layers_scale, args.impl, args.attn_dropout)
-    models = bench_models(cfgs, args.seq_len, args.batch, args.warmup, args.iters, peaks)
+    models = bench_models(cfgs, args.seq_len, args.batch, args.warmup, args.iters, peaks, args.compile)
     kernels = bench_kernels(args.seq_len, 8, 64, 512, args.kernel_reps)
     peak = max(peaks + [matmul_peak()])
     hg, van = models["hourglass"], models["vanilla"]
@@ -155,6 +184,10 @@ def main(argv=None) -> int:
           "'MFU causal' only the visible half)")
     print(f"speed-up hourglass/vanilla: measured {speedup:.2f}x, analytic FLOPs ratio {analytic:.2f}x "
           f"(causal count {analytic_causal:.2f}x), measured/analytic {speedup / analytic:.2f} (goal >= 0.9)")
+    for name in ("hourglass", "vanilla"):
+        if f"{name}_compiled" in models:
+            models[f"{name}_compiled"]["speedup_over_eager"] = models[name]["step_s"] / models[f"{name}_compiled"]["step_s"]
+            print(f"{name}: compiled / eager speed {models[f'{name}_compiled']['speedup_over_eager']:.3f}x")
     speed = kernels["naive"] / kernels["blocked"]
     print(f"relative attention kernel, one layer, T={args.seq_len}, 8 heads x 64, fwd+bwd: "
           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in kernels.items())
@@ -173,6 +206,41 @@ def main(argv=None) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+    return 0
+
+
+def sweeps(args, argv) -> int:
+    """--sweep / --memory: measurements in fresh processes (benchmarks/seq_sweep.py)."""
+    import seq_sweep
+
+    threads = args.threads or torch.get_num_threads()
+    result = {"command": "python benchmarks/model_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+              "threads": threads, "d_model": args.sweep_d, "attn_dropout": args.attn_dropout,
+              "torch": torch.__version__, "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
+    if args.sweep:
+        rows = seq_sweep.sweep([int(t) for t in args.sweep.split(",")], args.sweep_hierarchy, args.sweep_d,
+                               args.iters, threads, args.attn_dropout, args.sweep_memory)
+        print(f"{'T':>6s} {'model':20s} {'hierarchy':14s} {'step s':>8s} {'tok/s':>8s} {'speed/hg':>9s} "
+              f"{'analytic':>9s} {'meas/anal':>9s} {'peak MB':>8s}")
+        for r in rows:
+            print(f"{r['T']:6d} {r['model']:20s} {r['hierarchy']:14s} {r['step_s']:8.2f} {r['tokens_per_s']:8.0f} "
+                  f"{r['speed_vs_hourglass']:9.3f} {r['analytic_speed_vs_hourglass']:9.3f} "
+                  f"{r['measured_over_analytic']:9.3f} {r.get('peak_rss_mb', float('nan')):8.0f}")
+        print("(speed/hg: that model's speed relative to the Hourglass; analytic: the FLOPs ratio that predicts it)")
+        result["sweep"] = rows
+    if args.memory:
+        rows = seq_sweep.kernel_modes(args.memory_model, [int(t) for t in args.memory.split(",")], args.sweep_d,
+                                      args.iters, threads, args.attn_dropout)
+        print(f"{'T':>6s} {'model':8s} {'kernel mode':12s} {'step s':>8s} {'peak RSS MB':>12s} {'model RSS MB':>13s}")
+        for r in rows:
+            step = f"{r['step_s']:8.2f}" if r["step_s"] is not None else "     n/a"
+            print(f"{r['T']:6d} {r['hierarchy']:8s} {r['mode']:12s} {step} {r['peak_rss_mb']:12.0f} "
+                  f"{r['model_rss_mb']:13.0f}")
+        result["memory"] = rows
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
     return 0
 
 

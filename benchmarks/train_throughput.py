@@ -1,6 +1,7 @@
 """Training-step throughput: the DeepSpeed engine of hgscale against a plain PyTorch loop.
 
     python benchmarks/train_throughput.py [--config configs/demo.json] [--steps 40] [key=value ...]
+    python benchmarks/train_throughput.py --compile ...   # + a third side: the engine with train.compile=true
 
 One process, one run, the same model (same seed), the same micro-batches (read once from the dataset in
 data.url, then replayed to both, so data loading costs neither anything) and the same optimisation
@@ -107,6 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     ap.add_argument("--breakdown", action="store_true", help="also time forward / backward / optimizer step apart "
                     "(needs train.grad_accum_steps=1)")
+    ap.add_argument("--compile", action="store_true", help="also time a DeepSpeed engine with train.compile=true "
+                    "(per-layer torch.compile; its first steps include the compilation, so use --warmup >= 2)")
+    ap.add_argument("--out", default=str(RESULTS))
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args(argv)
     if args.threads:
@@ -130,6 +134,11 @@ def main(argv=None) -> int:
     engine = TrainEngine(cfg, ds_json, rt)
     plain = PlainLoop(cfg)
     sides = {"deepspeed": engine.train_step, "plain_pytorch": plain.train_step}
+    if args.compile:
+        import copy
+        cfg_c = copy.deepcopy(cfg)
+        cfg_c.train.compile = True
+        sides["deepspeed_compiled"] = TrainEngine(cfg_c, ds_json, rt).train_step
     its = {k: itertools.cycle(batches) for k in sides}
     for name, fn in sides.items():
         timed_round(fn, its[name], args.warmup)
@@ -161,21 +170,27 @@ def main(argv=None) -> int:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
         print(f"{name:16s}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}{r['tflops'] * 1e3:>10.1f}{mfu:>8s}")
     print(f"deepspeed / plain = {ratio:.3f} (goal >= 0.9)")
+    compiled = None
+    if "deepspeed_compiled" in rows:
+        compiled = rows["deepspeed_compiled"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
+        print(f"compiled / eager deepspeed = {compiled:.3f}; first losses eager {first_losses['deepspeed']}, "
+              f"compiled {first_losses['deepspeed_compiled']}")
     parts = None
     if args.breakdown and t.grad_accum_steps == 1:
         parts = breakdown(engine, plain, batches[0], args.steps)
         for name, p in parts.items():
             print(f"{name:16s} forward {p['fwd_ms']:.1f} ms, backward {p['bwd_ms']:.1f} ms, step {p['step_ms']:.1f} ms")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({
         "config": args.config, "overrides": args.overrides, "hierarchy": cfg.model.hierarchy,
         "d_model": cfg.model.d_model, "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
         "seq_len": d.seq_len, "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
         "threads": torch.get_num_threads(), "timed_steps": args.steps, "statistic": "median step time",
         "flops_per_token": fpt, "peak_flops": peak, "results": rows, "ratio_deepspeed_over_plain": ratio,
-        "first_losses": first_losses, "breakdown_ms": parts, "machine": platform.platform(),
+        "first_losses": first_losses, "breakdown_ms": parts, "ratio_compiled_over_eager": compiled, "machine": platform.platform(),
         "torch": torch.__version__}, indent=1))
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
     return 0
 
 

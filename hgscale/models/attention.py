@@ -39,7 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hgscale.models.blocked_attention import KEEP_BYTES, blocked_rel_attention
+from hgscale.models import blocked_attention
+from hgscale.models.blocked_attention import blocked_rel_attention
 from hgscale.models.fused_attention import rel_attention_fused
 
 BLOCK = 128  # query rows per block of the CPU path (64-128 measured fastest at T=2048, d_head=64)
@@ -169,7 +170,8 @@ def rel_attention_blocked(qu, qv, k, v, Wr, geo: Geometry, dropout_p=0.0, traini
     its own with the distance table shifted by r."""
     B, H, n, dh = qu.shape
     p = dropout_p if training else 0.0
-    keep = KEEP_BYTES if keep_bytes is None else keep_bytes  # probabilities kept per layer (blocked_attention.py)
+    # probabilities kept per layer; read at call time so that benchmarks can change the budget
+    keep = blocked_attention.KEEP_BYTES if keep_bytes is None else keep_bytes
     if geo.kind == "up":
         m, f = k.shape[2], geo.f
         block = min(block, m)

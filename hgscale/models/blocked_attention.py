@@ -137,7 +137,7 @@ class BlockedRelAttention(torch.autograd.Function):
         ws = _workspaces(qu, plan, 2)
         room = keep_bytes if any(ctx.needs_input_grad[:5]) else 0
         kept = []
-        for idx, (blk, mask) in enumerate(zip(plan, masks)):
+        for idx, (blk, mask) in enumerate(zip(plan, masks, strict=True)):
             i0, b, L = blk[:3]
             size = BH * b * qs * L * qu.element_size()
             keep = len(kept) == idx and size <= room  # a prefix of the blocks: the backward indexes them
@@ -155,6 +155,11 @@ class BlockedRelAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        with torch.autocast(do.device.type, enabled=False):
+            return BlockedRelAttention._backward(ctx, do.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx, do):
         qu, qv, k, v, R, o, *kept = ctx.saved_tensors
         BH, n, dh = qu.shape
         qs = ctx.qs
@@ -166,7 +171,7 @@ class BlockedRelAttention(torch.autograd.Function):
         dqu, dqv = torch.empty_like(qu), torch.empty_like(qv)
         dk, dv, dR = torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(R)
         ws = _workspaces(qu, plan, 3)  # raw term, then p * mask, then the position gradient / p / ds
-        for idx, (blk, mask) in enumerate(zip(plan, masks)):
+        for idx, (blk, mask) in enumerate(zip(plan, masks, strict=True)):
             i0, b, L, W, c0 = blk
             p = kept[idx] if idx < len(kept) else _probs(qu, qv, k, R, blk, qs, ws)  # recomputed if not kept
             do_b, Lk = do[:, i0:L], qs * L
@@ -193,8 +198,12 @@ def blocked_rel_attention(qu, qv, k, v, R, block: int, qs: int = 1, p_drop: floa
     B, H, n, dh = qu.shape
     if p_drop > 0.0 and seed is None:
         seed = int(torch.randint(0, 1 << 62, (1,)).item())
+    dev = qu.device.type  # under autocast the kernel computes in the autocast dtype, else in qu's
+    dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else qu.dtype
     # q, k, v: strided views, not copies, when B = 1 (bmm takes any row stride); R (small) contiguous
-    flat = [t.reshape(B * H, -1, dh) for t in (qu, qv, k, v)]
-    Rf = R.to(qu.dtype).expand(B, *R.shape).reshape(B * H, *R.shape[1:]).contiguous()
+    flat = [t.to(dt).reshape(B * H, -1, dh) for t in (qu, qv, k, v)]
+    Rf = R.to(dt).expand(B, *R.shape).reshape(B * H, *R.shape[1:]).contiguous()
     keep = KEEP_BYTES if keep_bytes is None else keep_bytes
-    return BlockedRelAttention.apply(*flat, Rf, block, qs, p_drop, seed or 0, keep).reshape(B, H, n, dh)
+    with torch.autocast(dev, enabled=False):  # one dtype throughout (softmax writes in place)
+        o = BlockedRelAttention.apply(*flat, Rf, block, qs, p_drop, seed or 0, keep)
+    return o.reshape(B, H, n, dh)

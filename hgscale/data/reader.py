@@ -3,18 +3,18 @@
 The order itself is order.py's (the same for every layout). A worker handles the lanes ``lane % num_workers
 == worker`` of its rank's share of each batch and sends one message per global batch: the windows and
 their slots in the rank's share, so the main process assembles the share in a fixed order whatever the
-timing. Within a lane the windows a rank needs come in increasing order: the worker holds one group of
-each lane it reads and never reads a group twice.
+timing. Within a lane the windows a rank needs come in increasing order: the worker holds the shards of
+one block of each lane it reads and never reads a shard of a lane twice.
 
     shard s:  tokens = concat(samples in file order)           # text: the original contiguous stream
               windows of seq_len + 1 tokens at stride seq_len  # labels are inputs shifted by one
               text:   a random start offset in [0, seq_len) per (seed, e, s), windows in random order
               images: images in random order, the stream wraps by one token so every pixel is a label
-    group:    shuffle_shards shards of one lane, their windows shuffled together
+    block:    shuffle_shards shards' worth of a lane's windows, shuffled together
 
 A corrupt shard skipped under data.on_corrupt='skip' keeps its slots in the order (every rank plans with
-the manifest's counts): they are filled, cycling, with windows of its group's good shards, or of the next
-good shard of the split. This module imports no torch: spawned workers start fast.
+the manifest's counts): they are filled, cycling, with the windows of the next good shard of the epoch.
+This module imports no torch: spawned workers start fast.
 """
 from __future__ import annotations
 
@@ -82,34 +82,22 @@ class _Reader:
         rng = _rng(spec["seed"], epoch, idx, 0xD17A) if spec["shuffle"] else None
         return window_starts(samples, spec["seq_len"], int(spec.get("image_tokens") or 0), rng)
 
-    def group(self, plan: EpochPlan, shards: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
-        """Token streams and the (piece, start) of every window of a group, in the plan's order."""
-        pieces, refs, missing = [], [], []
-        for idx in shards:
-            got = self.shard(plan.epoch, idx)
-            if got is None:
-                missing.append(idx)
-                continue
-            tokens, starts = got
-            refs.append(np.stack([np.full(len(starts), len(pieces), np.int64), starts], 1))  # (n, 2)
-            pieces.append(tokens)
-        good = np.concatenate(refs) if refs else np.zeros((0, 2), np.int64)
-        need = sum(plan.counts[i] for i in missing)
-        if need:
-            if not len(good):
-                pieces, good = self._substitute(plan, shards[-1])
-            refs.append(good[np.arange(need) % len(good)])  # the skipped shards' slots, cycling
-        out = np.concatenate(refs) if refs else np.zeros((0, 2), np.int64)
-        if self.spec["shuffle"] and len(out):
-            out = out[_rng(self.spec["seed"], plan.epoch, shards[0], 0x6A0F).permutation(len(out))]
-        return pieces, out
-
-    def _substitute(self, plan: EpochPlan, after: int) -> tuple[list[np.ndarray], np.ndarray]:
-        n = len(self.spec["shards"])
+    def windows_of(self, plan: EpochPlan, idx: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, window starts) of shard ``idx``, or of the next good shard in the epoch's order when it is
+        skipped as corrupt (its windows then fill the skipped one's slots, cycling)."""
+        got = self.shard(plan.epoch, idx)
+        if got is not None:
+            if len(got[1]) != plan.counts[idx]:
+                raise DataError(f"shard {join(self.spec['root'], self.spec['shards'][idx]['path'])} yields "
+                                f"{len(got[1])} windows, the manifest's token count {plan.counts[idx]}: re-create "
+                                f"the dataset")
+            return got
+        where = int(np.flatnonzero(plan.order == idx)[0])
+        n = len(plan.order)
         for k in range(1, n):
-            got = self.shard(plan.epoch, (after + k) % n)
+            got = self.shard(plan.epoch, int(plan.order[(where + k) % n]))
             if got is not None and len(got[1]):
-                return [got[0]], np.stack([np.zeros(len(got[1]), np.int64), got[1]], 1)
+                return got
         spec = self.spec
         raise DataError(f"worker {spec['worker']} of data-parallel rank {spec['dp_rank']} read a whole epoch of split "
                         f"{spec['split']!r} of {spec['root']} without one window of data.seq_len + 1 = "
@@ -118,18 +106,24 @@ class _Reader:
 
 
 class _Lane:
-    """The group of one lane a worker currently holds."""
+    """The shards of the current block of one lane that a worker holds (a shard that the next block also
+    needs is kept, not read again)."""
 
     def __init__(self, reader: _Reader, plan: EpochPlan, lane: int):
-        self.reader, self.plan, self.lane, self.group = reader, plan, lane, -1
+        self.reader, self.plan, self.lane, self.j = reader, plan, lane, -1
+        self.loaded: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def window(self, index: int, width: int) -> np.ndarray:
-        g, pos = self.plan.locate(self.lane, index)
-        if g != self.group:
-            self.pieces, self.refs = self.reader.group(self.plan, self.plan.groups[self.lane][g])
-            self.group = g
-        k, s = int(self.refs[pos, 0]), int(self.refs[pos, 1])
-        return self.pieces[k][s:s + width]
+        plan = self.plan
+        j, i = divmod(index, plan.block)
+        if j != self.j:
+            need = plan.block_shards(self.lane, j)
+            self.loaded = {s: self.loaded[s] if s in self.loaded else self.reader.windows_of(plan, s) for s in need}
+            self.perm, self.j = plan.block_perm(self.lane, j), j
+        shard, w = plan.source(self.lane, j, int(self.perm[i]))
+        tokens, starts = self.loaded[shard]
+        start = int(starts[w % len(starts)])  # the modulo only matters for a skipped shard's substitute
+        return tokens[start:start + width]
 
 
 def iter_batches(spec: dict, start: list[int]) -> Iterator[dict]:

@@ -23,11 +23,11 @@ from hgscale.distributed.engine import TrainEngine, init_distributed, rendezvous
 def full_state(eng) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from hgscale.reshard import link_zero_optimizer_state
+    from hgscale.reshard import _flat_partitions, link_zero_optimizer_state
 
     out, step = {}, None
     opt = eng.engine.optimizer
-    if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO 1/2 link Adam's state lazily
+    if _flat_partitions(opt) is not None:  # ZeRO 1/2 link Adam's state lazily
         link_zero_optimizer_state(opt)
     for name, p in eng.engine.module.named_parameters():
         canon = f"layers.{name}" if eng.pipeline else name.removeprefix("model.")

@@ -6,8 +6,8 @@
   accumulation doubled: the optimizer state after conversion equals the one DeepSpeed itself loads into the
   original layout, bit for bit, and the losses of steps 4..6 match the uninterrupted run (rtol 2e-3, dropout 0).
   A half-written conversion left beside the checkpoint is never used. Preflight names batch and model changes.
-- 2 stages x 1 (ZeRO-1) -> 1 stage x 2 (ZeRO-2) -> 2 stages x 1 (ZeRO-1), each run continuing the last, on a
-  corpus of ~10 global batches an epoch, so the second conversion starts from a checkpoint after an epoch boundary.
+- 2 stages x 1 (ZeRO-1) -> 1 stage x 2 (ZeRO-2) -> 2 stages x 1 (ZeRO-1), bf16, each run continuing the last, on
+  a corpus of ~10 global batches an epoch, so the second conversion starts from a checkpoint after an epoch boundary.
 """
 import json
 import re
@@ -147,10 +147,12 @@ def small_corpus(work) -> Path:
 
 def test_pipeline_and_zero_layouts_round_trip_across_an_epoch(work, small_corpus):
     pipe = {"pipeline_stages": 2, "zero_stage": 1}
-    cfg = tiny_config(work, small_corpus, "chain.json", train={"steps": 4, "grad_accum_steps": 4},
+    # bf16: the 2-stage runs use DeepSpeed's bf16 optimizer (bf16_zero_pp_rank_* files), the ZeRO-2 one its ZeRO one
+    cfg = tiny_config(work, small_corpus, "chain.json", train={"steps": 4, "grad_accum_steps": 4, "precision": "bf16"},
                       parallel=pipe)
     ckpt = work / "chain_ckpt"
     launch(2, TRAIN, ["--config", str(cfg)])
+    assert (ckpt / "step00000004" / "bf16_zero_pp_rank_0_mp_rank_01_optim_states.pt").is_file()
     dp = launch(2, TRAIN, ["--config", str(cfg), "train.steps=12", "train.grad_accum_steps=2",
                            "parallel.pipeline_stages=1", "parallel.zero_stage=2"])
     assert ("layout changed since step 4: 2 stage(s) x 1 data-parallel, ZeRO-1 -> 1 stage(s) x 2 data-parallel, "

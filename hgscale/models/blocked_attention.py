@@ -156,12 +156,13 @@ class BlockedRelAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
         with torch.autocast(do.device.type, enabled=False):
-            return BlockedRelAttention._backward(ctx, do.to(ctx.saved_tensors[0].dtype))
+            return BlockedRelAttention._backward(ctx, saved, do.to(saved[0].dtype))
 
     @staticmethod
-    def _backward(ctx, do):
-        qu, qv, k, v, R, o, *kept = ctx.saved_tensors
+    def _backward(ctx, saved, do):
+        qu, qv, k, v, R, o, *kept = saved
         BH, n, dh = qu.shape
         qs = ctx.qs
         plan = list(_blocks(n, ctx.block, qs))

@@ -22,6 +22,17 @@ STEPS = 2
 PADDED = {"seq_len": 31}
 
 
+def assert_params_close(got: dict, want: dict, what: str = "") -> None:
+    """Parameters after the Adam steps, atol 2e-5. The tiny config draws weights from N(0, 0.02) (model.init =
+    "normal"). Under trax's larger Glorot init a few coordinates of the relative-position projection came out
+    up to 1.5e-4 apart with equal losses: Adam's first step divides each gradient by its own size, so where a
+    gradient is tiny the float32 round-off of another summation order moves the weight by a visible fraction
+    of lr, and a comparison of parameters no longer separates a wrong gradient from round-off."""
+    assert sorted(got) == sorted(want)
+    for name, value in want.items():
+        assert_close(got[name], value, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{what}{name}: {m}")
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("parallel")
@@ -62,9 +73,7 @@ def test_pipeline_matches_single_process(pipeline, reference_stream):
     ref, pp = reference_stream, pipeline
     for r in pp["ranks"]:  # every stage reports the pipeline's loss
         assert_close(torch.tensor(r["losses"]), torch.tensor(ref["ranks"][0]["losses"]), rtol=1e-5, atol=1e-6)
-    assert sorted(pp["params"]) == sorted(ref["params"])
-    for name, value in ref["params"].items():
-        assert_close(pp["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert_params_close(pp["params"], ref["params"])
     # the shared u/v biases live on stage 0 only and were trained by the blocks of both stages
     assert "layers.0.uv" in torch.load(pp["out"] / "params_rank0.pt")
     assert "layers.0.uv" not in torch.load(pp["out"] / "params_rank1.pt")
@@ -101,10 +110,7 @@ def test_zero_data_parallel_matches_single_process(stage, work, demo_data, refer
     for r in job["ranks"]:
         assert_close(torch.tensor(r["losses"]), torch.tensor(ref["ranks"][0]["losses"]), rtol=1e-5, atol=1e-6)
     assert job["ranks"][0]["hashes"] != job["ranks"][1]["hashes"]  # the two ranks read different rows
-    assert sorted(job["params"]) == sorted(ref["params"])
-    for name, value in ref["params"].items():
-        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5,
-                     msg=lambda m, name=name: f"ZeRO-{stage} {name}: {m}")
+    assert_params_close(job["params"], ref["params"], f"ZeRO-{stage} ")
 
 
 @pytest.mark.parametrize("job", ["pipeline", "zero3"])
@@ -135,8 +141,7 @@ def test_activation_checkpointing_changes_nothing(nprocs, work, demo_data, refer
     ref = reference_stream
     assert_close(torch.tensor(job["ranks"][-1]["losses"]), torch.tensor(ref["ranks"][0]["losses"]),
                  rtol=1e-5, atol=1e-6)
-    for name, value in ref["params"].items():
-        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert_params_close(job["params"], ref["params"])
 
 
 def test_pipeline_times_data_parallel_matches_single_process(work, demo_data, reference_synthetic):  # noqa: F811
@@ -151,6 +156,4 @@ def test_pipeline_times_data_parallel_matches_single_process(work, demo_data, re
     assert by_coord[(0, 0)]["hashes"] != by_coord[(0, 1)]["hashes"]
     for r in job["ranks"]:
         assert_close(torch.tensor(r["losses"]), torch.tensor(ref["ranks"][0]["losses"]), rtol=1e-5, atol=1e-6)
-    assert sorted(job["params"]) == sorted(ref["params"])
-    for name, value in ref["params"].items():
-        assert_close(job["params"][name], value, rtol=1e-4, atol=2e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert_params_close(job["params"], ref["params"])

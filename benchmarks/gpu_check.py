@@ -87,7 +87,8 @@ def check_attention(device, T: int, heads: int, d_head: int) -> dict:
     for dtype in (torch.float32, torch.bfloat16):
         for gname, geo in geos.items():
             torch.manual_seed(0)
-            leaves = [torch.randn(1, heads, n, d_head, device=device) * 0.5 for n in (geo.n_q, geo.n_q, geo.n_k, geo.n_k)]
+            leaves = [torch.randn(1, heads, n, d_head, device=device) * 0.5
+                      for n in (geo.n_q, geo.n_q, geo.n_k, geo.n_k)]
             leaves.append(torch.randn(D, D, device=device) / D ** 0.5)
             grad = torch.randn(1, heads, geo.n_q, d_head, device=device)
             ref_in = [x.clone().requires_grad_() for x in leaves]  # the reference: naive in fp32
@@ -226,7 +227,8 @@ def sizes(tiny: bool) -> dict:
     if tiny:
         debug = {**MODEL_SIZES["debug"], "max_seq_len": 256}
         return {"attn_T": 48, "heads": 2, "d_head": 8, "dropout_n": 256,
-                "small": ModelConfig(**{**debug, "hierarchy": "1@1 1@2 1@1", "downsample": "avg", "upsample": "repeat"}),
+                "small": ModelConfig(**{**debug, "hierarchy": "1@1 1@2 1@1", "downsample": "avg",
+                                        "upsample": "repeat"}),
                 "hourglass": ModelConfig(**debug), "vanilla": ModelConfig(**{**debug, "hierarchy": "4@1"}),
                 "T": 64, "batch": 2}
     small = ModelConfig(**{**MODEL_SIZES["enwik8"], "hierarchy": "1@1 2@3 1@1", "dropout": 0.0, "attn_dropout": 0.0})

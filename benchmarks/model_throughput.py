@@ -186,7 +186,8 @@ def main(argv=None) -> int:
           f"(causal count {analytic_causal:.2f}x), measured/analytic {speedup / analytic:.2f} (goal >= 0.9)")
     for name in ("hourglass", "vanilla"):
         if f"{name}_compiled" in models:
-            models[f"{name}_compiled"]["speedup_over_eager"] = models[name]["step_s"] / models[f"{name}_compiled"]["step_s"]
+            compiled = models[f"{name}_compiled"]
+            compiled["speedup_over_eager"] = models[name]["step_s"] / compiled["step_s"]
             print(f"{name}: compiled / eager speed {models[f'{name}_compiled']['speedup_over_eager']:.3f}x")
     speed = kernels["naive"] / kernels["blocked"]
     print(f"relative attention kernel, one layer, T={args.seq_len}, 8 heads x 64, fwd+bwd: "
@@ -214,7 +215,8 @@ def sweeps(args, argv) -> int:
     import seq_sweep
 
     threads = args.threads or torch.get_num_threads()
-    result = {"command": "python benchmarks/model_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    args_given = argv if argv is not None else sys.argv[1:]
+    result = {"command": "python benchmarks/model_throughput.py " + " ".join(args_given),
               "threads": threads, "d_model": args.sweep_d, "attn_dropout": args.attn_dropout,
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
     if args.sweep:

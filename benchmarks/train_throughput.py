@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         "seq_len": d.seq_len, "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
         "threads": torch.get_num_threads(), "timed_steps": args.steps, "statistic": "median step time",
         "flops_per_token": fpt, "peak_flops": peak, "results": rows, "ratio_deepspeed_over_plain": ratio,
-        "first_losses": first_losses, "breakdown_ms": parts, "ratio_compiled_over_eager": compiled, "machine": platform.platform(),
+        "first_losses": first_losses, "breakdown_ms": parts, "ratio_compiled_over_eager": compiled,
+        "machine": platform.platform(),
         "torch": torch.__version__}, indent=1))
     print(f"wrote {out}")
     return 0

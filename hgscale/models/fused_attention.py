@@ -32,8 +32,8 @@ def flex_usable(device: torch.device) -> bool:
     if device.type != "cuda":
         return False
     try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
         import triton  # noqa: F401
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
     except ImportError:
         return False
     return True

@@ -27,7 +27,7 @@ def test_batches_are_shifted_contiguous_text(ds):
     for x, y in take(ds.stream("train", 4, 128, seed=1), 5):
         assert x.shape == y.shape == (4, 128) and x.dtype == y.dtype == torch.int64
         torch.testing.assert_close(x[:, 1:], y[:, :-1], rtol=0, atol=0)
-        for xr, yr in zip(x, y):  # every window is a real, contiguous piece of the corpus
+        for xr, yr in zip(x, y, strict=True):  # every window is a real, contiguous piece of the corpus
             assert bytes(torch.cat([xr, yr[-1:]]).to(torch.uint8).numpy()) in text
 
 
@@ -35,7 +35,7 @@ def test_order_is_deterministic_in_seed(ds):
     a = take(ds.stream("train", 4, 64, seed=11), 4)
     assert_same(a, take(ds.stream("train", 4, 64, seed=11), 4))
     b = take(ds.stream("train", 4, 64, seed=12), 4)
-    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, b))
+    assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, b, strict=True))
 
 
 def _spec(n_shards: int, tokens: int = 1000, shuffle_shards: int = 2) -> dict:

@@ -432,6 +432,9 @@ class Config:
         out += self.tracking.problems(os.environ.get("MLFLOW_TRACKING_URI", ""))
         if self.checkpoint.resume not in ("auto", "never") and not self.checkpoint.resume:
             out.append("checkpoint.resume is empty: use 'auto', 'never' or a checkpoint path")
+        elif "://" in self.checkpoint.resume:
+            out.append(f"checkpoint.resume = {self.checkpoint.resume!r}: takes 'auto', 'never' or a local checkpoint "
+                       f"path; to resume from a URL set checkpoint.dir to it and checkpoint.resume=auto")
         if t.hang_timeout_s < 0 and t.hang_timeout_s != -1:
             out.append(f"train.hang_timeout_s = {t.hang_timeout_s}: use seconds > 0, -1 (derived) or 0 (off)")
         if p.timeout_s <= 0:

@@ -154,3 +154,11 @@ def test_defaults_round_trip_through_json():
     cfg = config_from_dict(BASE)
     again = config_from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again == cfg and isinstance(again, Config)
+
+
+def test_resume_from_a_url_is_refused_with_the_way_to_do_it():
+    """checkpoint.resume takes a local path; a checkpoint in object storage resumes through checkpoint.dir."""
+    with pytest.raises(ConfigError) as e:
+        config_from_dict(BASE, ["checkpoint.resume=s3://bucket/run/step00000100"])
+    assert ("checkpoint.resume = 's3://bucket/run/step00000100': takes 'auto', 'never' or a local checkpoint path; "
+            "to resume from a URL set checkpoint.dir to it and checkpoint.resume=auto") in str(e.value)

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import shards as fmt
+from .records import StreamSpec
 from .storage import DataError, join, storage_options
 from .stream import Stream, check_start_method
 
@@ -94,7 +95,7 @@ class Dataset:
         if micro_batch_size < 1 or seq_len < 1:
             raise DataError(f"micro_batch_size = {micro_batch_size} and seq_len = {seq_len} must be >= 1")
         shuffle = bool(self._cfg("shuffle", True) if shuffle is None else shuffle)
-        spec = dict(
+        spec = StreamSpec(
             root=self.root, split=split, shards=self._split(split)["shards"], dtype=self.manifest["dtype"],
             modality=self.modality, seq_len=int(seq_len), micro_batch_size=int(micro_batch_size),
             seed=int(self._cfg("seed", 1234) if seed is None else seed), shuffle=shuffle,

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .records import StreamSpec
+
 MAX_LANES = 64
 SHARDS_PER_LANE = 16  # lane boundaries cut at most 1 shard in 16: read amplification <= 1.0625
 
@@ -57,19 +59,19 @@ def shard_windows(num_tokens: int, seed: int, epoch: int, index: int, seq_len: i
 class EpochPlan:
     """Lanes, blocks and the window sequence of one epoch (a pure function of ``spec`` and ``epoch``)."""
 
-    def __init__(self, spec: dict, epoch: int):
-        shards, seed, self.shuffle = spec["shards"], spec["seed"], spec["shuffle"]
+    def __init__(self, spec: StreamSpec, epoch: int):
+        shards, seed, self.shuffle = spec.shards, spec.seed, spec.shuffle
         self.seed, self.epoch, n = seed, epoch, len(shards)
         self.n_lanes = L = lane_count(n)
         self.order = _rng(seed, epoch, 0x5EED).permutation(n) if self.shuffle else np.arange(n)
-        self.counts = [shard_windows(int(s["num_tokens"]), seed, epoch, i, spec["seq_len"], spec["image_tokens"],
+        self.counts = [shard_windows(int(s["num_tokens"]), seed, epoch, i, spec.seq_len, spec.image_tokens,
                                      self.shuffle) for i, s in enumerate(shards)]
         self.ends = np.cumsum([self.counts[s] for s in self.order], dtype=np.int64)  # (n,) concatenation
         self.windows = W = int(self.ends[-1]) if n else 0
         self.rounds, extra = divmod(W, L)  # lanes < extra hold one window more
         self.lane_start = [lane * self.rounds + min(lane, extra) for lane in range(L + 1)]
         self._extra = extra
-        self.block = max(1, round(max(1, int(spec["shuffle_shards"])) * W / max(n, 1)))  # windows per block
+        self.block = max(1, round(max(1, int(spec.shuffle_shards)) * W / max(n, 1)))  # windows per block
 
     def usable(self, global_batch: int, offset: int = 0) -> int:
         """End of the last full batch of ``global_batch`` windows starting at ``offset``."""

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .order import EpochPlan, _rng
+from .records import Batch, StreamSpec, WorkerError
 from .shards import CorruptShard, load_shard
 from .storage import DataError, join
 
@@ -59,7 +60,7 @@ def window_starts(samples: list[np.ndarray], seq_len: int, image_tokens: int, rn
 class _Reader:
     """Loads shards for one worker, counting retries and skipped corrupt shards."""
 
-    def __init__(self, spec: dict, stats: dict, events: list[str]):
+    def __init__(self, spec: StreamSpec, stats: dict, events: list[str]):
         self.spec, self.stats, self.events = spec, stats, events
 
     def _note_retry(self, msg: str) -> None:
@@ -69,18 +70,18 @@ class _Reader:
     def shard(self, epoch: int, idx: int) -> tuple[np.ndarray, np.ndarray] | None:
         """(tokens, window starts) of shard ``idx`` in ``epoch``; None for a skipped corrupt shard."""
         spec = self.spec
-        shard = spec["shards"][idx]
+        shard = spec.shards[idx]
         try:
-            samples = load_shard(spec["root"], shard, spec["dtype"], spec["opts"], self._note_retry)
+            samples = load_shard(spec.root, shard, spec.dtype, spec.opts, self._note_retry)
         except CorruptShard as e:
-            if spec["on_corrupt"] != "skip":
+            if spec.on_corrupt != "skip":
                 raise
             self.stats["skipped_shards"] += 1
-            self.events.append(f"skipped shard {join(spec['root'], shard['path'])} (data.on_corrupt='skip'; "
+            self.events.append(f"skipped shard {join(spec.root, shard['path'])} (data.on_corrupt='skip'; "
                                f"{self.stats['skipped_shards']} skipped so far): {e}")
             return None
-        rng = _rng(spec["seed"], epoch, idx, 0xD17A) if spec["shuffle"] else None
-        return window_starts(samples, spec["seq_len"], int(spec.get("image_tokens") or 0), rng)
+        rng = _rng(spec.seed, epoch, idx, 0xD17A) if spec.shuffle else None
+        return window_starts(samples, spec.seq_len, spec.image_tokens, rng)
 
     def windows_of(self, plan: EpochPlan, idx: int) -> tuple[np.ndarray, np.ndarray]:
         """(tokens, window starts) of shard ``idx``, or of the next good shard in the epoch's order when it is
@@ -88,7 +89,7 @@ class _Reader:
         got = self.shard(plan.epoch, idx)
         if got is not None:
             if len(got[1]) != plan.counts[idx]:
-                raise DataError(f"shard {join(self.spec['root'], self.spec['shards'][idx]['path'])} yields "
+                raise DataError(f"shard {join(self.spec.root, self.spec.shards[idx]['path'])} yields "
                                 f"{len(got[1])} windows, the manifest's token count {plan.counts[idx]}: re-create "
                                 f"the dataset")
             return got
@@ -99,9 +100,9 @@ class _Reader:
             if got is not None and len(got[1]):
                 return got
         spec = self.spec
-        raise DataError(f"worker {spec['worker']} of data-parallel rank {spec['dp_rank']} read a whole epoch of split "
-                        f"{spec['split']!r} of {spec['root']} without one window of data.seq_len + 1 = "
-                        f"{spec['seq_len'] + 1} tokens (shards too small or all skipped); lower data.seq_len or "
+        raise DataError(f"worker {spec.worker} of data-parallel rank {spec.dp_rank} read a whole epoch of split "
+                        f"{spec.split!r} of {spec.root} without one window of data.seq_len + 1 = "
+                        f"{spec.seq_len + 1} tokens (shards too small or all skipped); lower data.seq_len or "
                         f"re-shard")
 
 
@@ -126,51 +127,48 @@ class _Lane:
         return tokens[start:start + width]
 
 
-def iter_batches(spec: dict, start: list[int]) -> Iterator[dict]:
-    """Messages ``{"kind": "batch", "epoch", "offset", "slots", "windows": (k, seq_len + 1), "stats", "events"}``,
-    one per global batch from position ``start`` = [epoch, windows of it consumed]."""
+def iter_batches(spec: StreamSpec, start: list[int]) -> Iterator[Batch]:
+    """This worker's :class:`Batch` of each global batch from position ``start`` = [epoch, windows of it consumed]."""
     stats = {"retries": 0, "skipped_shards": 0}
     events: list[str] = []
     reader = _Reader(spec, stats, events)
-    G, width = spec["global_batch_size"], spec["seq_len"] + 1
+    G, width = spec.global_batch_size, spec.seq_len + 1
     epoch, off = int(start[0]), int(start[1])
     while True:
         plan = EpochPlan(spec, epoch)
         end = plan.usable(G, off)
         if off == 0 and end == 0:
-            raise DataError(f"split {spec['split']!r} of {spec['root']} holds {plan.windows} windows of data.seq_len "
+            raise DataError(f"split {spec.split!r} of {spec.root} holds {plan.windows} windows of data.seq_len "
                             f"+ 1 = {width} tokens per epoch, fewer than one global batch of {G}: lower the batch "
                             f"size or data.seq_len")
         lanes: dict[int, _Lane] = {}
         while off < end:
-            slots = plan.rank_slots(off, G, spec["dp_rank"], spec["dp_size"])  # (G/D, 2)
-            mine = np.flatnonzero(slots[:, 0] % spec["num_workers"] == spec["worker"])
+            slots = plan.rank_slots(off, G, spec.dp_rank, spec.dp_size)  # (G/D, 2)
+            mine = np.flatnonzero(slots[:, 0] % spec.num_workers == spec.worker)
             rows = [lanes.setdefault(int(lane), _Lane(reader, plan, int(lane))).window(int(i), width)
                     for lane, i in slots[mine]]
             windows = np.stack(rows) if rows else np.zeros((0, width), np.int64)
-            yield {"kind": "batch", "epoch": epoch, "offset": off, "slots": mine, "windows": windows,
-                   "stats": dict(stats), "events": events[:]}
+            yield Batch(epoch, off, mine, windows, dict(stats), events[:])
             events.clear()
             off += G
         epoch, off = epoch + 1, 0
 
 
-def produce(spec: dict, start: list[int], put: Callable[[dict], bool]) -> None:
+def produce(spec: StreamSpec, start: list[int], put: Callable[[Batch | WorkerError], bool]) -> None:
     """Run a worker: put batch messages until ``put`` says stop; errors become one message."""
     try:
         for msg in iter_batches(spec, start):
             if not put(msg):
                 return
     except DataError as e:
-        put({"kind": "error", "message": str(e)})
+        put(WorkerError(str(e)))
     except BaseException as e:  # noqa: BLE001 - reported to the main process, which raises it
         import traceback
-        put({"kind": "error", "message": f"data worker {spec['worker']} failed: {type(e).__name__}: {e}",
-             "traceback": traceback.format_exc()})
+        put(WorkerError(f"data worker {spec.worker} failed: {type(e).__name__}: {e}", traceback.format_exc()))
 
 
-def _putter(q, stop) -> Callable[[dict], bool]:
-    def put(msg: dict) -> bool:
+def _putter(q, stop) -> Callable[[Batch | WorkerError], bool]:
+    def put(msg: Batch | WorkerError) -> bool:
         while not stop.is_set():
             try:
                 q.put(msg, timeout=0.1)
@@ -181,7 +179,7 @@ def _putter(q, stop) -> Callable[[dict], bool]:
     return put
 
 
-def worker_main(spec: dict, start: list[int], q, stop, env: dict) -> None:
+def worker_main(spec: StreamSpec, start: list[int], q, stop, env: dict) -> None:
     """Entry point of a worker process. ``env``: the AWS_* variables of the stream's process now (a
     forkserver child would otherwise see those of the moment the server started)."""
     for k in [k for k in os.environ if k.startswith("AWS_")]:
@@ -192,11 +190,11 @@ def worker_main(spec: dict, start: list[int], q, stop, env: dict) -> None:
         q.cancel_join_thread()  # the main process stopped reading: exit without flushing
 
 
-def start_thread(spec: dict, start: list[int], maxsize: int):
+def start_thread(spec: StreamSpec, start: list[int], maxsize: int):
     """In-process producer (num_workers = 0): a prefetching thread. Returns (queue, stop, thread)."""
     q: queue_mod.Queue = queue_mod.Queue(maxsize=maxsize)
     stop = threading.Event()
     t = threading.Thread(target=produce, args=(spec, start, _putter(q, stop)), daemon=True,
-                         name=f"hgscale-data-{spec['split']}")
+                         name=f"hgscale-data-{spec.split}")
     t.start()
     return q, stop, t

@@ -31,6 +31,7 @@ import sys
 from typing import Iterator
 
 from .reader import start_thread, worker_main
+from .records import Batch, StreamSpec, WorkerError
 from .storage import DataError
 
 log = logging.getLogger("hgscale.data")
@@ -80,7 +81,8 @@ def _main_not_reimported():
 
 
 class Stream:
-    def __init__(self, spec: dict, num_workers: int, prefetch_batches: int = 4, start_method: str = "forkserver"):
+    def __init__(self, spec: StreamSpec, num_workers: int, prefetch_batches: int = 4,
+                 start_method: str = "forkserver"):
         self._spec = spec  # everything but worker id/count (see reader.iter_batches)
         self._workers = max(0, int(num_workers))
         self._n = max(1, self._workers)
@@ -88,13 +90,13 @@ class Stream:
         if self._workers:
             check_start_method(start_method)
         self._start_method = start_method
-        G, D, B = spec["global_batch_size"], spec["dp_size"], spec["micro_batch_size"]
+        G, D, B = spec.global_batch_size, spec.dp_size, spec.micro_batch_size
         if G % (D * B):
             raise DataError(f"global batch {G} is not micro_batch_size {B} x data-parallel size {D} x an integer "
                             f"number of accumulation steps")
         self._micro_per_batch = G // (D * B)
-        self._state = {"version": STATE_VERSION, **{k: spec[k] for k in _ORDER + _SPLIT}, "epoch": 0, "offset": 0,
-                       "micro": 0}
+        self._state = {"version": STATE_VERSION, **{k: getattr(spec, k) for k in _ORDER + _SPLIT}, "epoch": 0,
+                       "offset": 0, "micro": 0}
         self._stats = [{"retries": 0, "skipped_shards": 0} for _ in range(self._n)]  # of the active iterator
         self._stats_before = {"retries": 0, "skipped_shards": 0}  # of earlier iterators
         self._active: Iterator | None = None
@@ -153,35 +155,35 @@ class Stream:
         self._stats_before = self.stats
         self._stats = [{"retries": 0, "skipped_shards": 0} for _ in range(self._n)]
         queues, stops, handles = self._start()
-        B, width = self._spec["micro_batch_size"], self._spec["seq_len"] + 1
+        B, width = self._spec.micro_batch_size, self._spec.seq_len + 1
         share = np.zeros((self._micro_per_batch * B, width), np.int64)  # this rank's windows of one batch
         try:
             while True:
                 for i in range(self._n):  # every worker sends one message per global batch
                     msg = self._get(queues[i], handles[i], i)
-                    if msg["kind"] == "error":
-                        if msg.get("traceback"):
-                            log.error("data worker %d: %s", i, msg["traceback"])
-                        raise DataError(msg["message"])
-                    for event in msg["events"]:
+                    if isinstance(msg, WorkerError):
+                        if msg.traceback:
+                            log.error("data worker %d: %s", i, msg.traceback)
+                        raise DataError(msg.message)
+                    for event in msg.events:
                         log.warning("%s", event)
-                    self._stats[i] = msg["stats"]
-                    share[msg["slots"]] = msg["windows"]
+                    self._stats[i] = msg.stats
+                    share[msg.slots] = msg.windows
                 st = self._state
-                st["epoch"], st["offset"] = msg["epoch"], msg["offset"]  # the batch being yielded
+                st["epoch"], st["offset"] = msg.epoch, msg.offset  # the batch being yielded
                 windows = torch.from_numpy(share.copy())  # (G / D, T + 1)
                 for j in range(st["micro"], self._micro_per_batch):
                     rows = windows[j * B:(j + 1) * B]
                     if j + 1 == self._micro_per_batch:  # batch done: the position is the next one
-                        st.update(offset=msg["offset"] + self._spec["global_batch_size"], micro=0)
+                        st.update(offset=msg.offset + self._spec.global_batch_size, micro=0)
                     else:
                         st["micro"] = j + 1
                     yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
         finally:
             self._stop(queues, stops, handles)
 
-    def _spec_for(self, w: int) -> dict:
-        return {**self._spec, "worker": w, "num_workers": self._n}
+    def _spec_for(self, w: int) -> StreamSpec:
+        return self._spec.for_worker(w, self._n)
 
     def _start(self):
         start = [self._state["epoch"], self._state["offset"]]
@@ -199,13 +201,13 @@ class Stream:
                 q, stop = ctx.Queue(maxsize=self._prefetch), ctx.Event()
                 env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
                 p = ctx.Process(target=worker_main, args=(self._spec_for(w), start, q, stop, env), daemon=True,
-                                name=f"hgscale-data-{self._spec['split']}-{w}")
+                                name=f"hgscale-data-{self._spec.split}-{w}")
                 p.start()
                 queues.append(q), stops.append(stop), procs.append(p)
         return queues, stops, procs
 
     @staticmethod
-    def _get(q, handle, i: int) -> dict:
+    def _get(q, handle, i: int) -> Batch | WorkerError:
         while True:
             try:
                 return q.get(timeout=1.0)

@@ -12,6 +12,7 @@ from data_pipelines.shards import DatasetWriter
 from hgscale.config import DataConfig
 from hgscale.data import open_dataset
 from hgscale.data.order import EpochPlan, lane_count
+from hgscale.data.records import StreamSpec
 from tests.batches import assert_same, take
 
 
@@ -38,9 +39,11 @@ def test_order_is_deterministic_in_seed(ds):
     assert not all(torch.equal(p[0], q[0]) for p, q in zip(a, b, strict=True))
 
 
-def _spec(n_shards: int, tokens: int = 1000, shuffle_shards: int = 2) -> dict:
-    return {"shards": [{"num_tokens": tokens + 37 * i} for i in range(n_shards)], "seed": 5, "shuffle": True,
-            "seq_len": 16, "image_tokens": 0, "shuffle_shards": shuffle_shards}
+def _spec(n_shards: int, tokens: int = 1000, shuffle_shards: int = 2) -> StreamSpec:
+    return StreamSpec(root="mem://x", split="train", shards=[{"num_tokens": tokens + 37 * i} for i in range(n_shards)],
+                      dtype="uint8", modality="text", seq_len=16, micro_batch_size=1, seed=5, shuffle=True,
+                      shuffle_shards=shuffle_shards, dp_rank=0, dp_size=1, on_corrupt="error", image_tokens=0,
+                      global_batch_size=1)
 
 
 def test_lanes_are_equal_and_ranks_read_their_own_lanes():

@@ -17,7 +17,7 @@ import sys
 from hgscale.data.storage import DataError, filesystem, join, read_bytes, storage_options, with_retries
 
 from . import run_cli
-from .shards import DatasetWriter, build_manifest, summary
+from .shards import DatasetWriter, add_split_totals, build_manifest, summary
 
 _RECORD = re.compile(r"task-(\d+)-of-(\d+)\.json$")
 
@@ -68,11 +68,7 @@ def merge(url: str, opts: dict | None = None) -> dict:
     docs: dict[str, int] = {}
     bad = 0
     for r in records:
-        for name, s in r["splits"].items():
-            d = splits.setdefault(name, {"num_samples": 0, "num_tokens": 0, "num_bytes": 0, "shards": []})
-            for k in ("num_samples", "num_tokens", "num_bytes"):
-                d[k] += s[k]
-            d["shards"] += s["shards"]
+        add_split_totals(splits, r["splits"])
         for k, v in r["documents"].items():
             docs[k] = docs.get(k, 0) + v
         bad += r["bad_records"]["count"]

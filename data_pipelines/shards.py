@@ -186,6 +186,15 @@ def build_manifest(name: str, modality: str, vocab_size: int, tokenizer: str | N
     return m
 
 
+def add_split_totals(into: dict, splits: dict) -> None:
+    """Add one writer's per-split totals (samples, tokens, bytes, shard list) to ``into`` (split -> totals)."""
+    for name, s in splits.items():
+        d = into.setdefault(name, {"num_samples": 0, "num_tokens": 0, "num_bytes": 0, "shards": []})
+        for k in ("num_samples", "num_tokens", "num_bytes"):
+            d[k] += s[k]
+        d["shards"] += s["shards"]
+
+
 def summary(m: dict, url: str) -> str:
     """One line per split for the command-line tools."""
     lines = [f"wrote {url} ({m['name']}, {m['modality']}, vocab {m['vocab_size']}, {m['dtype']})"]

@@ -34,7 +34,7 @@ import numpy as np
 from hgscale.data.storage import DataError, filesystem, join, read_bytes
 
 from . import run_cli
-from .shards import DEFAULT_SAMPLE_TOKENS, DatasetWriter, add_storage_args, opts_from_args, summary
+from .shards import DEFAULT_SAMPLE_TOKENS, DatasetWriter, add_split_totals, add_storage_args, opts_from_args, summary
 from .sources import FORMATS, TXT_DOCUMENTS, BadRecords, list_inputs, read_documents
 from .tokenizers import TOKENIZERS, make_tokenizer, train_sentencepiece
 
@@ -144,11 +144,7 @@ def _combine(results: list[dict]) -> dict:
     splits: dict[str, dict] = {}
     out = {"documents": dict.fromkeys(SPLITS, 0), "bad_records": {"count": 0, "examples": []}, "inputs": 0}
     for r in results:
-        for name, s in r["splits"].items():
-            d = splits.setdefault(name, {"num_samples": 0, "num_tokens": 0, "num_bytes": 0, "shards": []})
-            for k in ("num_samples", "num_tokens", "num_bytes"):
-                d[k] += s[k]
-            d["shards"] += s["shards"]
+        add_split_totals(splits, r["splits"])
         for k, v in r["documents"].items():
             out["documents"][k] += v
         out["bad_records"]["count"] += r["bad_records"]["count"]

@@ -3,8 +3,10 @@
     tr = Trainer(cfg, ds_json, dataset)   # process group, engine, checkpoint, tracking, data stream
     status = tr.run()                      # 0 finished or preempted (checkpoint saved), 3 NaN loss
 
-What happens at which step is decided by the parts (:mod:`hgscale.distributed.parts`): NaN guard,
-progress log, validation, preemption, checkpointing. The loop itself only runs optimizer steps.
+What happens at which step is decided by the parts, in this order: the profiler (train.profile_steps),
+NaN guard, progress log, validation (per source for a mixture, with the sources' shares), preemption,
+checkpointing, and the hang watchdog (:mod:`hgscale.distributed.parts`, ``mixture_parts``, ``profiling``,
+``watchdog``). The loop itself only runs optimizer steps.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from hgscale.distributed.watchdog import Watchdog
 
 
 class Trainer:
-    def __init__(self, cfg: Config, ds_json: dict, dataset, extra_parts: list[Part] | None = None):
+    def __init__(self, cfg: Config, ds_json: dict, dataset):
         from hgscale.distributed.engine import TrainEngine, init_distributed
 
         preemption = Preemption()  # before the process group: a signal during start-up is not lost
@@ -42,7 +44,7 @@ class Trainer:
         watchdog = [Watchdog(self)] if cfg.train.hang_timeout_s != 0 else []
         profiling = [Profiling(self)] if cfg.train.profile_steps else []
         self.parts: list[Part] = [*profiling, NanGuard(), self.progress, *data_parts(self), preemption,
-                                  Checkpointing(), *(extra_parts or []), *watchdog]  # the watchdog closes last
+                                  Checkpointing(), *watchdog]  # the watchdog closes last
 
     # ------------------------------------------------------------------------------------------ set-up
     def _resume(self) -> dict:

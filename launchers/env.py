@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
-from launchers.faults import record_crash
+from launchers.faults import STOP_STATUSES, record_crash, record_stop
 from launchers.hostlist import HostlistError, expand_hostlist, expand_tasks_per_node
 from launchers.signals import EXIT_HANG, SignalRelay, child_setup, exit_status
 
@@ -169,7 +169,9 @@ def run_rank(cmd: list[str], env: dict[str, str]) -> int:
             continue
         # a rank that died while nobody asked it to stop: the Slurm script excludes its node on requeue
         # (0 done, 2 config/data error, 3 NaN loss, 4 hang: the watchdog reports that one itself)
-        if status not in (0, 2, 3, EXIT_HANG) and not relay.seen:
+        if status in STOP_STATUSES:
+            record_stop(int(env.get("RANK", "0")), status)
+        elif status not in (0, EXIT_HANG) and not relay.seen:
             record_crash(int(env.get("RANK", "0")), status)
         return status
 

@@ -159,6 +159,10 @@ if [ $PREEMPTED -eq 0 ]; then
     while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
     wait "$SRUN_PID"
     rc=$?
+    # a rank that stopped on purpose (2 config/data error, 3 NaN) took the others down with it: srun may report
+    # their status (143) instead of the first rank's, so the ranks' own records decide, and nothing requeues
+    stop=$("$PYTHON" -m launchers.faults stop-status "$HGSCALE_EVENTS_DIR")
+    [ $rc -ne 0 ] && [ -n "$stop" ] && rc=$stop
 fi
 
 if [ $PREEMPTED -eq 1 ]; then

@@ -1,7 +1,7 @@
 """Which node the Slurm script excludes after a failure: the hang report's culprit, else the first rank to die."""
 import json
 
-from launchers.faults import culprit, main, record_crash
+from launchers.faults import culprit, main, record_crash, record_stop, stop_status
 
 
 def test_first_crash_names_the_node(tmp_path, capsys):
@@ -25,3 +25,12 @@ def test_record_crash_needs_an_events_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("HGSCALE_EVENTS_DIR", str(tmp_path / "ev"))
     rec = json.loads(record_crash(1, 139).read_text())
     assert rec["rank"] == 1 and rec["status"] == 139 and rec["host"]
+
+
+def test_a_deliberate_stop_is_told_apart_from_the_ranks_killed_with_it(tmp_path, capsys):
+    """Rank 0 stops on a data error (2); srun then kills rank 1 (143): the attempt stopped, it did not crash."""
+    assert stop_status(tmp_path) is None
+    assert main(["stop-status", str(tmp_path)]) == 0 and capsys.readouterr().out == ""
+    record_stop(0, 2, str(tmp_path))
+    assert stop_status(tmp_path) == 2 and culprit(tmp_path) is None
+    assert main(["stop-status", str(tmp_path)]) == 0 and capsys.readouterr().out == "2\n"

@@ -65,7 +65,7 @@ def test_srun_ranks_allreduce_through_env_mapping(slurm_cluster, tmp_path):
 def _run_script(cluster, tmp_path, *args, env=None):
     job_id = cluster.sbatch(*CPU_JOB, f"--output={tmp_path}/job-%j.log", str(SCRIPT), *args, cwd=tmp_path,
                             env={"HGSCALE_PYTHON": sys.executable, **(env or {})})
-    return job_id, cluster.wait_job(job_id, timeout=90)
+    return job_id, cluster.wait_job(job_id, timeout=180)
 
 
 def _log(tmp_path, job_id) -> str:
@@ -89,7 +89,7 @@ def test_preflight_passes_and_reports_layout(slurm_cluster, tmp_path):
     cfg = _config(tmp_path, pipeline_stages=2)
     job_id = slurm_cluster.sbatch(*CPU_JOB, f"--output={tmp_path}/job-%j.log", "--wrap",
                                   f"{sys.executable} -m launchers.preflight {cfg} train.lr=0.001", cwd=tmp_path)
-    job = slurm_cluster.wait_job(job_id, timeout=90)
+    job = slurm_cluster.wait_job(job_id, timeout=180)
     log = _log(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED", log
     assert "layout 2 tasks = 2 pipeline stage(s) x 1 data-parallel" in log

@@ -123,7 +123,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_same_run(slurm_cluster, 
     _wait_for(log_path, r"rendezvous reachable", timeout=120)  # preflight done: srun starts the ranks now
     time.sleep(1)
     slurm_cluster.cmd("scancel", "--signal=USR1", "--batch", str(job_id))  # what --signal=B:USR1@300 does
-    job = slurm_cluster.wait_job(job_id, timeout=180)
+    job = slurm_cluster.wait_job(job_id, timeout=360)
     log = log_path.read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", log
     assert job["Restarts"] == "1", log
@@ -180,7 +180,7 @@ def test_killed_rank_requeues_resumes_and_logs_every_step_once(slurm_cluster, de
     latest = tmp_path / "ckpt" / "latest"
     _wait_for(latest, r"step00000010", timeout=120)
     os.kill(pid, sig.SIGKILL)
-    job = slurm_cluster.wait_job(job_id, timeout=240)
+    job = slurm_cluster.wait_job(job_id, timeout=360)
     log = log_path.read_text()
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", log
     first, second = log.split("requeueing job", 1)

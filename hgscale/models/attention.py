@@ -256,16 +256,21 @@ class Attention(nn.Module):
         B, n, _ = t.shape
         return t.view(B, n, self.n_heads, self.d_head).transpose(1, 2)
 
-    def forward(self, xq: torch.Tensor, xkv: torch.Tensor | None, uv: torch.Tensor | None, geo: Geometry,
-                kernel: str | None = None) -> torch.Tensor:
-        """xq (B, n_q, D), xkv (B, n_k, D) or None for self-attention; uv (2, H, dh) shared biases."""
+    def project(self, xq: torch.Tensor, xkv: torch.Tensor | None) -> tuple:
+        """q (B, H, n_q, dh), k and v (B, H, n_k, dh) of xq (B, n_q, D) and xkv (B, n_k, D), or of xq alone
+        for self-attention (one fused projection)."""
         D = xq.shape[-1]
         if xkv is None:
             q, k, v = self.qkv(xq).split(D, dim=-1)
         else:
             q = F.linear(xq, self.qkv.weight[:D], self.qkv.bias[:D])
             k, v = F.linear(xkv, self.qkv.weight[D:], self.qkv.bias[D:]).split(D, dim=-1)
-        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, n, dh)
+        return self._heads(q), self._heads(k), self._heads(v)
+
+    def forward(self, xq: torch.Tensor, xkv: torch.Tensor | None, uv: torch.Tensor | None, geo: Geometry,
+                kernel: str | None = None) -> torch.Tensor:
+        """xq (B, n_q, D), xkv (B, n_k, D) or None for self-attention; uv (2, H, dh) shared biases."""
+        q, k, v = self.project(xq, xkv)  # (B, H, n, dh)
         if self.relative:
             scale = 1.0 / math.sqrt(self.d_head)
             qu = torch.add(q, uv[0][:, None]).mul_(scale)  # scale folded into the (n, dh) operands, not (n, n)

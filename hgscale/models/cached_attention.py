@@ -98,14 +98,9 @@ def cached_attention(attn: Attention, xq: torch.Tensor, xkv: torch.Tensor | None
 
     xkv (B, m_k, D): new key/value inputs, appended to ``kv`` first (None: self-attention, the keys are
     the queries' own inputs). kind, f, P as in attention.Geometry; uv (2, H, dh) for relative attention."""
-    B, m, D = xq.shape
+    B, m, _ = xq.shape
     H, dh = attn.n_heads, attn.d_head
-    if xkv is None:
-        q, k, v = attn.qkv(xq).split(D, dim=-1)
-    else:
-        q = F.linear(xq, attn.qkv.weight[:D], attn.qkv.bias[:D])
-        k, v = F.linear(xkv, attn.qkv.weight[D:], attn.qkv.bias[D:]).split(D, dim=-1)
-    q, k, v = attn._heads(q), attn._heads(k), attn._heads(v)  # (B, H, n, dh)
+    q, k, v = attn.project(xq, xkv)  # (B, H, n, dh)
     geo = Geometry(kind, q0 + m, kv.n + k.shape[2], f, P)
     if not attn.relative:
         k = rotate_at(k, kv.n, geo.k_step)

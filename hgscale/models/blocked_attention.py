@@ -9,10 +9,11 @@ followed by a strided view (the Transformer-XL shift without a copy):
     raw[r, c] = (q_{i0+r} + v) . R[c]        c <-> distance c - qs(L-1)          (b, W), W = qs(L+b-1)
     bd[r, j]  = raw[r, j - qs*r + qs(b-1)]   = (q_i + v) . R[j - qs*i]          strides (W - qs, 1)
 
-Memory (flash-attention style): the forward keeps the probabilities of its first query blocks while
-they fit in ``keep_bytes`` per call (KEEP_BYTES: 80 MiB holds all of them for an 8-head layer at
-T = 2,048, 71 MB), and nothing of the others; the backward recomputes the scores and probabilities of
-those blocks from q, k and the position table. Above that budget the memory of one call is
+Memory (flash-attention style): the forward keeps the probabilities of its first query blocks (and
+their attention-dropout masks, one byte per probability) while they fit in ``keep_bytes`` per call
+(KEEP_BYTES: 96 MiB holds all of them for an 8-head layer at T = 2,048: 71 MB, 89 MB with dropout),
+and nothing of the others; the backward recomputes the scores, probabilities and masks of those
+blocks from q, k, the position table and the seed. Above that budget the memory of one call is
 O(n * block) per head instead of O(n^2): at T = 8,192 a 4-head layer keeps 80 MiB, not 570 MB.
 Recomputation costs two GEMMs and a softmax per block in the backward (about +10 % on a d 256 stack
 at T = 2,048), which is why calls that fit the budget keep what they have.
@@ -20,8 +21,9 @@ at T = 2,048), which is why calls that fit the budget keep what they have.
 The backward is written out so that gradients of the key, value and position slices accumulate in place
 into one buffer each, instead of autograd materialising a zero-padded full-size gradient for every slice
 of every block. The blocks of one call share a few workspaces.
-Inputs come pre-scaled by 1/sqrt(d_head). Attention dropout masks are regenerated in the backward from
-a seed instead of being stored.
+Inputs come pre-scaled by 1/sqrt(d_head). Block i's attention-dropout mask is drawn from a generator
+seeded with seed + i alone, so the backward regenerates the mask of any block it did not keep without
+drawing the others'.
 """
 from __future__ import annotations
 
@@ -29,9 +31,9 @@ from functools import lru_cache
 
 import torch
 
-from hgscale.models.dropout import keep_mask, keep_scale
+from hgscale.models.dropout import keep_mask_u8, keep_scale
 
-KEEP_BYTES = 80 << 20  # probabilities kept per call for the backward; the rest are recomputed
+KEEP_BYTES = 96 << 20  # probabilities (and dropout masks) kept per call for the backward; the rest recomputed
 
 
 @lru_cache(maxsize=16)
@@ -85,17 +87,25 @@ def _scatter_diag(ds: torch.Tensor, b: int, L: int, W: int, qs: int, out: torch.
     return draw
 
 
-def _masks(p_drop: float, seed: int, shapes, dtype, device):
-    """Attention-dropout masks of the blocks, one at a time in block order (a generator: only the current
-    block's mask is alive); the backward walks the blocks in the same order, so it regenerates the very
-    same masks from the seed (nothing stored)."""
+def _keep_mask(p_drop: float, seed: int, idx: int, shape, ws: list[torch.Tensor] | None, fresh: bool):
+    """Attention-dropout keep mask of block ``idx`` (uint8 0/1), or None without dropout. From a generator
+    seeded with seed + idx: the same mask in the forward and whenever the backward redraws it. ``ws``:
+    the mask workspaces (random words, mask); with ``fresh`` the mask gets a tensor of its own (kept)."""
     if p_drop == 0.0:
-        yield from (None for _ in shapes)
-        return
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    for shape in shapes:
-        yield keep_mask(shape, p_drop, dtype, device, gen, scaled=False)  # 0/1
+        return None
+    words, buf = ws
+    gen = torch.Generator(device=words.device)
+    gen.manual_seed(seed + idx)
+    return keep_mask_u8(shape, p_drop, words.device, gen, out=None if fresh else _take(buf, *shape), words=words)
+
+
+def _mask_workspaces(like: torch.Tensor, plan, p_drop: float) -> list[torch.Tensor] | None:
+    """Random words (int64, a quarter of the largest block) and one uint8 mask buffer; None without dropout."""
+    if p_drop == 0.0:
+        return None
+    size = like.shape[0] * max(b * W for _, b, _, W, _ in plan)
+    return [torch.empty(size // 4 + 1, dtype=torch.int64, device=like.device),
+            torch.empty(size, dtype=torch.uint8, device=like.device)]
 
 
 def _probs(qu, qv, k, R, blk, qs: int, ws, fresh: bool = False) -> torch.Tensor:
@@ -117,9 +127,9 @@ def _workspaces(like: torch.Tensor, plan, count: int) -> list[torch.Tensor]:
     return [torch.empty(size, dtype=like.dtype, device=like.device) for _ in range(count)]
 
 
-def _dropped(p: torch.Tensor, mask: torch.Tensor | None, buf: torch.Tensor) -> torch.Tensor:
-    """p * mask (unscaled 0/1 mask) in the workspace ``buf``; p itself when there is no dropout."""
-    return p if mask is None else torch.mul(p, mask, out=_take(buf, *p.shape))
+def _dropped(p: torch.Tensor, keep: torch.Tensor | None, buf: torch.Tensor) -> torch.Tensor:
+    """p * keep (the 0/1 mask, unscaled) in the workspace ``buf``; p itself without dropout."""
+    return p if keep is None else torch.mul(p, keep, out=_take(buf, *p.shape))
 
 
 class BlockedRelAttention(torch.autograd.Function):
@@ -133,25 +143,28 @@ class BlockedRelAttention(torch.autograd.Function):
             raise ValueError(f"blocked attention: R has {R.shape[1]} rows and k {k.shape[1]}; "
                              f"expected {qs * (n + block - 1)} and {qs * n}")
         plan = list(_blocks(n, block, qs))
-        masks = _masks(p_drop, seed, [(BH, b, qs * L) for _, b, L, _, _ in plan], qu.dtype, qu.device)
         o = torch.empty_like(qu)
         ws = _workspaces(qu, plan, 2)
+        ws_mask = _mask_workspaces(qu, plan, p_drop)
         room = keep_bytes if any(ctx.needs_input_grad[:5]) else 0
-        kept = []
-        for idx, (blk, mask) in enumerate(zip(plan, masks, strict=True)):
+        per_element = qu.element_size() + (1 if p_drop else 0)  # a probability and its dropout-mask byte
+        kept, kept_masks = [], []
+        for idx, blk in enumerate(plan):
             i0, b, L = blk[:3]
-            size = BH * b * qs * L * qu.element_size()
-            keep = len(kept) == idx and size <= room  # a prefix of the blocks: the backward indexes them
-            p = _probs(qu, qv, k, R, blk, qs, ws, fresh=keep)
-            if keep:
+            size = BH * b * qs * L * per_element
+            store = len(kept) == idx and size <= room  # a prefix of the blocks: the backward indexes them
+            p = _probs(qu, qv, k, R, blk, qs, ws, fresh=store)
+            mask = _keep_mask(p_drop, seed, idx, p.shape, ws_mask, fresh=store)
+            if store:
                 kept.append(p)
+                kept_masks += [] if mask is None else [mask]
                 room -= size
             pm = _dropped(p, mask, ws[0])  # the raw position term in ws[0] is dead by now
             o[:, i0:L] = torch.bmm(pm, v[:, : qs * L])  # (BH, b, dh)
             if mask is not None:  # the 1/keep scale on the (b, dh) result, not the (b, qs*L) mask
                 o[:, i0:L] *= keep_scale(p_drop)
-        ctx.save_for_backward(qu, qv, k, v, R, o, *kept)
-        ctx.block, ctx.qs, ctx.p_drop, ctx.seed = block, qs, p_drop, seed
+        ctx.save_for_backward(qu, qv, k, v, R, o, *kept, *kept_masks)
+        ctx.block, ctx.qs, ctx.p_drop, ctx.seed, ctx.n_kept = block, qs, p_drop, seed, len(kept)
         return o
 
     @staticmethod
@@ -163,30 +176,36 @@ class BlockedRelAttention(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, saved, do):
         qu, qv, k, v, R, o, *kept = saved
+        kept, kept_masks = kept[: ctx.n_kept], kept[ctx.n_kept:]
         BH, n, dh = qu.shape
-        qs = ctx.qs
+        qs, p_drop = ctx.qs, ctx.p_drop
         plan = list(_blocks(n, ctx.block, qs))
-        masks = _masks(ctx.p_drop, ctx.seed, [(BH, b, qs * L) for _, b, L, _, _ in plan], qu.dtype, qu.device)
-        # softmax backward: ds = p * (g - sum_j p_ij g_ij), g = dL/dp = (do v^T) * mask, and
-        # sum_j p_ij g_ij = do_i . o_i because o = (p * mask) v
+        # softmax backward: ds = p * (g * keep - sum_j p_ij g_ij keep_ij), g = do v^T the gradient of the
+        # dropped probabilities p * keep, and sum_j p_ij keep_ij g_ij = do_i . o_i because o = (p * keep) v
         delta = (do * o).sum(-1, keepdim=True)  # (BH, n, 1)
         dqu, dqv = torch.empty_like(qu), torch.empty_like(qv)
         dk, dv, dR = torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(R)
-        ws = _workspaces(qu, plan, 3)  # raw term, then p * mask, then the position gradient / p / ds
-        for idx, (blk, mask) in enumerate(zip(plan, masks, strict=True)):
+        ws = _workspaces(qu, plan, 3)  # raw term, then p * keep, then the position gradient / p / ds
+        ws_mask = _mask_workspaces(qu, plan, p_drop) if len(kept) < len(plan) else None
+        for idx, blk in enumerate(plan):
             i0, b, L, W, c0 = blk
-            p = kept[idx] if idx < len(kept) else _probs(qu, qv, k, R, blk, qs, ws)  # recomputed if not kept
-            do_b, Lk = do[:, i0:L], qs * L
-            if mask is not None:
-                do_b = do_b * keep_scale(ctx.p_drop)  # (BH, b, dh)
-            dv[:, :Lk].baddbmm_(_dropped(p, mask, ws[0]).transpose(1, 2), do_b)
+            Lk = qs * L
+            if idx < len(kept):
+                p, mask = kept[idx], kept_masks[idx] if kept_masks else None
+            else:  # recomputed: probabilities from q, k and R, the mask from the seed
+                p = _probs(qu, qv, k, R, blk, qs, ws)
+                mask = _keep_mask(p_drop, ctx.seed, idx, p.shape, ws_mask, fresh=False)
+            do_b = do[:, i0:L] if mask is None else do[:, i0:L] * keep_scale(p_drop)  # (BH, b, dh)
+            pm = _dropped(p, mask, ws[0])
+            dv[:, :Lk].baddbmm_(pm.transpose(1, 2), do_b)
             ds = torch.bmm(do_b, v[:, :Lk].transpose(1, 2), out=_take(ws[2], BH, b, Lk))  # g, then in place:
-            if mask is not None:  # ds = p * (g * mask - delta)
-                ds.mul_(mask)
-            ds.sub_(delta[:, i0:L]).mul_(p)
+            if mask is None:  # ds = p * (g - delta)
+                ds.sub_(delta[:, i0:L]).mul_(p)
+            else:  # ds = g * (p * keep) - delta * p
+                ds.mul_(pm).addcmul_(p, delta[:, i0:L], value=-1.0)
             dqu[:, i0:L] = torch.bmm(ds, k[:, :Lk])
             dk[:, :Lk].baddbmm_(ds.transpose(1, 2), qu[:, i0:L])
-            draw = _scatter_diag(ds, b, L, W, qs, out=ws[0])  # (BH, b, W); p * mask is dead by now
+            draw = _scatter_diag(ds, b, L, W, qs, out=ws[0])  # (BH, b, W); p * keep is dead by now
             dqv[:, i0:L] = torch.bmm(draw, R[:, c0: c0 + W])
             dR[:, c0: c0 + W].baddbmm_(draw.transpose(1, 2), qv[:, i0:L])
         return dqu, dqv, dk, dv, dR, None, None, None, None, None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -43,6 +44,29 @@ def rendezvous_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+SHM_SEGMENT = "/dev/shm/deepspeed_allreduce_buffer_{uid}_{addr}_{port}_{rank}"  # DeepSpeed's cpu/comm/shm.cpp
+
+
+def release_shm_segment(dist) -> Path | None:
+    """Unlink this rank's DeepSpeed shared-memory allreduce segment once every rank has mapped it.
+
+    With all ranks on one host (LOCAL_SIZE == WORLD_SIZE, CPU backends), DeepSpeed's init creates a 67 MB
+    segment per rank in /dev/shm, maps every rank's, and never unlinks them: each run, finished or killed,
+    would leave them in memory until reboot. After a barrier every rank has mapped every segment, so the
+    names can go: the mappings stay valid, and the memory is freed when the last rank exits, however it
+    exits. Returns the path removed, if any."""
+    if os.environ.get("LOCAL_SIZE") != os.environ.get("WORLD_SIZE"):
+        return None  # ranks on several hosts: DeepSpeed creates no segment
+    path = Path(SHM_SEGMENT.format(uid=os.getuid(), addr=os.environ.get("MASTER_ADDR", ""),
+                                   port=os.environ.get("MASTER_PORT", ""), rank=dist.get_rank()))
+    if dist.get_world_size() > 1:
+        dist.barrier()  # every rank has mapped every segment
+    if not path.exists():
+        return None  # DeepSpeed's shared-memory op is not built here
+    path.unlink(missing_ok=True)
+    return path
+
+
 def init_distributed(cfg: Config) -> Runtime:
     import deepspeed
     import torch.distributed as dist
@@ -57,6 +81,7 @@ def init_distributed(cfg: Config) -> Runtime:
         from datetime import timedelta  # a lost rank ends a collective after parallel.timeout_s, not 30 min
         deepspeed.init_distributed(dist_backend=backend, verbose=False,
                                    timeout=timedelta(seconds=cfg.parallel.timeout_s))
+        release_shm_segment(dist)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if not cuda:
         # peaked softmax tails underflow into denormal floats, which halve CPU GEMM speed

@@ -52,11 +52,19 @@ def command(nprocs: int, script: Path, args: list[str]) -> list[str]:
     return [str(DEEPSPEED), "--num_gpus", str(nprocs), "--master_port", str(free_port()), str(script), *args]
 
 
+def shm_segments() -> set[str]:
+    """DeepSpeed's shared-memory allreduce segments in /dev/shm (hgscale.distributed.engine.SHM_SEGMENT)."""
+    return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
+
+
 def launch(nprocs: int, script: Path, args: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """Run to completion; fails if the run failed or left DeepSpeed shared-memory segments behind."""
+    before = shm_segments()
     r = subprocess.run(command(nprocs, script, args), cwd=ROOT, env=env(), capture_output=True, text=True,
                        timeout=timeout)
     if r.returncode != 0:
         raise AssertionError(f"launch failed ({r.returncode}):\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}")
+    assert shm_segments() <= before, f"the run left /dev/shm segments: {sorted(shm_segments() - before)}"
     return r
 
 

@@ -14,7 +14,7 @@ their attention-dropout masks, one byte per probability) while they fit in ``kee
 (KEEP_BYTES: 96 MiB holds all of them for an 8-head layer at T = 2,048: 71 MB, 89 MB with dropout),
 and nothing of the others; the backward recomputes the scores, probabilities and masks of those
 blocks from q, k, the position table and the seed. Above that budget the memory of one call is
-O(n * block) per head instead of O(n^2): at T = 8,192 a 4-head layer keeps 80 MiB, not 570 MB.
+O(n * block) per head instead of O(n^2): at T = 8,192 a 4-head layer keeps 96 MiB, not 570 MB.
 Recomputation costs two GEMMs and a softmax per block in the backward (about +10 % on a d 256 stack
 at T = 2,048), which is why calls that fit the budget keep what they have.
 

@@ -1,0 +1,98 @@
+"""Where a Hourglass step goes: forward + backward time and FLOP rate of each layer, on its own.
+
+    python benchmarks/layer_times.py --threads 1                               # d 256 "2@1 8@4 2@1", T 1,024
+    python benchmarks/layer_times.py --threads 1 --seq-len 2048 --out benchmarks/results/layer_times_2k.json
+
+The model of the sequence-length sweep (benchmarks/seq_sweep.py: d 256, 4 heads, d_ff 1024, dropout 0.2).
+Each layer of ``HourglassLM.layers`` runs forward + backward on the state it receives in the full model
+(recorded once), layers interleaved over the rounds; CPU time (time.process_time), best round after a
+warm-up. FLOPs per layer are hgscale.models.flops' (attention over the full square); the rate shows
+which layers run below the full-resolution blocks' efficiency. Writes benchmarks/results/layer_times.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from seq_sweep import small_config  # noqa: E402
+
+from hgscale.models import HourglassLM  # noqa: E402
+from hgscale.models.flops import layer_flops  # noqa: E402
+from hgscale.models.hourglass import layer_plan  # noqa: E402
+
+
+def layer_inputs(model: HourglassLM, tokens: torch.Tensor) -> list:
+    """The state each layer receives in a forward of the whole model."""
+    states, state = [], tokens
+    with torch.no_grad():
+        for layer in model.layers:
+            states.append(state)
+            state = layer(state)
+    return states
+
+
+def step(layer, state) -> None:
+    if isinstance(state, tuple):  # leaves of their own, so the backward stops at this layer
+        state = tuple(t.detach().requires_grad_(t.is_floating_point()) for t in state)
+    out = layer(state)
+    out = out if torch.is_tensor(out) else out[0]
+    out.backward(torch.ones_like(out))
+    layer.zero_grad(set_to_none=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hierarchy", default="2@1 8@4 2@1")
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--attn-dropout", type=float, default=None)
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "layer_times.json"))
+    args = ap.parse_args(argv)
+    torch.set_flush_denormal(True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = small_config(args.hierarchy, args.seq_len, args.d, args.attn_dropout)
+    torch.manual_seed(0)
+    model = HourglassLM(cfg).train()
+    states = layer_inputs(model, torch.randint(0, cfg.vocab_size, (1, args.seq_len)))
+    times: list[list[float]] = [[] for _ in model.layers]
+    for r in range(args.rounds + 1):
+        for i, layer in enumerate(model.layers):
+            t = time.process_time()
+            step(layer, states[i])
+            if r:
+                times[i].append(time.process_time() - t)
+    rows = []
+    for item, ts, per_token in zip(layer_plan(cfg), times, layer_flops(cfg, args.seq_len), strict=True):
+        best, flops = min(ts), per_token * args.seq_len
+        rows.append({"layer": " ".join(map(str, item)), "s": best, "flops": flops, "flops_per_s": flops / best})
+    total = sum(r["s"] for r in rows)
+    print(f"{args.hierarchy}, d {args.d}, T={args.seq_len}, {torch.get_num_threads()} threads, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'layer':12s} {'ms':>8s} {'share':>6s} {'GFLOP':>7s} {'GFLOP/s':>8s}")
+    for r in rows:
+        print(f"{r['layer']:12s} {r['s'] * 1e3:8.1f} {r['s'] / total:6.1%} {r['flops'] / 1e9:7.2f} "
+              f"{r['flops_per_s'] / 1e9:8.1f}")
+    print(f"sum {total * 1e3:.0f} ms")
+    out = {"command": "python benchmarks/layer_times.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "hierarchy": args.hierarchy, "seq_len": args.seq_len, "d_model": args.d,
+           "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0], "layers": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -17,7 +17,8 @@ on one layer's shapes. Prints a table; writes benchmarks/results/model_throughpu
 --compile adds compiled copies of both models (hgscale.distributed.compile, regional) to the interleaving
 and reports compiled / eager speed. --sweep (benchmarks/seq_sweep.py, fresh processes, d 256) measures the
 Hourglass ``--sweep-hierarchy`` against the vanilla Transformer of equal depth and of equal training FLOPs
-at each T, and with --sweep-memory each one's peak RSS; --memory the blocked kernel's memory modes
+at each T, with --sweep-memory each one's peak RSS, with --sweep-compile all of them compiled per layer
+(as train.compile=true); --memory the blocked kernel's memory modes
 (probabilities all kept / default budget / all recomputed) on ``--memory-model``: speed side by side, peak
 RSS of one step each. With --sweep or --memory only those run (the enwik8 comparison is skipped).
 """
@@ -144,6 +145,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-hierarchy", default="2@1 8@4 2@1")
     ap.add_argument("--sweep-d", type=int, default=256)
     ap.add_argument("--sweep-memory", action="store_true", help="peak RSS of each sweep model (a process each)")
+    ap.add_argument("--sweep-compile", action="store_true", help="sweep models with per-layer torch.compile")
     ap.add_argument("--memory", default="", help="comma-separated T for the blocked kernel's memory modes")
     ap.add_argument("--memory-model", default="6@1")
     ap.add_argument("--out", default=str(RESULTS))
@@ -221,7 +223,7 @@ def sweeps(args, argv) -> int:
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
     if args.sweep:
         rows = seq_sweep.sweep([int(t) for t in args.sweep.split(",")], args.sweep_hierarchy, args.sweep_d,
-                               args.iters, threads, args.attn_dropout, args.sweep_memory)
+                               args.iters, threads, args.attn_dropout, args.sweep_memory, args.sweep_compile)
         print(f"{'T':>6s} {'model':20s} {'hierarchy':14s} {'step s':>8s} {'tok/s':>8s} {'speed/hg':>9s} "
               f"{'analytic':>9s} {'meas/anal':>9s} {'peak MB':>8s}")
         for r in rows:

@@ -64,6 +64,10 @@ def child(spec: dict) -> dict:
     T, d = spec["T"], spec["d"]
     torch.manual_seed(0)
     models = {h: HourglassLM(small_config(h, T, d, spec.get("attn_dropout"))).train() for h in spec["models"]}
+    if spec.get("compile"):  # train.compile's regional compilation; the warm-up step compiles
+        from hgscale.distributed.compile import compile_layers
+        for m in models.values():
+            compile_layers(m.layers, say=lambda *_: None)
     tokens = torch.randint(0, 256, (1, T + 1))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     times: dict = {}
@@ -89,9 +93,11 @@ def run_child(spec: dict, timeout: float = 3600) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def sweep(lengths, hierarchy: str, d: int, iters: int, threads: int, attn_dropout, memory: bool) -> list[dict]:
+def sweep(lengths, hierarchy: str, d: int, iters: int, threads: int, attn_dropout, memory: bool,
+          compile: bool = False) -> list[dict]:
     """Hourglass vs vanilla of equal depth and of equal FLOPs at each T: speed (one process per T) and,
-    with ``memory``, peak RSS of one step per model (one process each)."""
+    with ``memory``, peak RSS of one step per model (one process each); ``compile``: every model with
+    per-layer torch.compile (hgscale.distributed.compile), as train.compile=true trains."""
     from hgscale.config import parse_hierarchy
     from hgscale.models import flops_per_token
 
@@ -101,13 +107,13 @@ def sweep(lengths, hierarchy: str, d: int, iters: int, threads: int, attn_dropou
         models = {"hourglass": hierarchy, "vanilla_equal_depth": f"{depth}@1",
                   "vanilla_equal_flops": f"{equal_flops_depth(hierarchy, T, d)}@1"}
         spec = {"T": T, "d": d, "models": sorted(set(models.values())), "modes": ["default"], "warmup": 1,
-                "iters": iters, "threads": threads, "attn_dropout": attn_dropout}
+                "iters": iters, "threads": threads, "attn_dropout": attn_dropout, "compile": compile}
         res = run_child(spec)
         fl = {h: flops_per_token(small_config(h, T, d, attn_dropout), T) for h in spec["models"]}
         hg_s = res["step_s"][f"{hierarchy}|default"]
         for name, h in models.items():
             s = res["step_s"][f"{h}|default"]
-            row = {"T": T, "model": name, "hierarchy": h, "step_s": s, "tokens_per_s": T / s,
+            row = {"T": T, "model": name, "hierarchy": h, "compiled": compile, "step_s": s, "tokens_per_s": T / s,
                    "speed_vs_hourglass": hg_s / s, "flops_per_token": fl[h],
                    "analytic_speed_vs_hourglass": fl[hierarchy] / fl[h]}
             row["measured_over_analytic"] = row["speed_vs_hourglass"] / row["analytic_speed_vs_hourglass"]

@@ -13,14 +13,13 @@ Writes benchmarks/results/attention_dropout.json.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -33,14 +32,11 @@ KERNEL = "hgscale/models/blocked_attention.py"
 
 
 def kernel_at(rev: str):
-    """The blocked_attention module as of git revision ``rev``."""
+    """The blocked_attention module as of git revision ``rev``, as a module of its own."""
     src = subprocess.run(["git", "show", f"{rev}:{KERNEL}"], cwd=ROOT, check=True, capture_output=True,
                          text=True).stdout
-    path = Path(tempfile.mkdtemp()) / f"blocked_attention_{rev}.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location(f"blocked_attention_{rev}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = types.ModuleType(f"blocked_attention_{rev}")
+    exec(compile(src, f"{rev}:{KERNEL}", "exec"), module.__dict__)
     return module
 
 

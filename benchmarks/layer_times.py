@@ -8,6 +8,12 @@ Each layer of ``HourglassLM.layers`` runs forward + backward on the state it rec
 (recorded once), layers interleaved over the rounds; CPU time (time.process_time), best round after a
 warm-up. FLOPs per layer are hgscale.models.flops' (attention over the full square); the rate shows
 which layers run below the full-resolution blocks' efficiency. Writes benchmarks/results/layer_times.json.
+
+--split also divides each layer's CPU time between matrix multiplies and everything else (torch.profiler
+self times) and counts the multiply FLOPs the layer really executes (FlopCounterMode: the blocked kernel
+skips masked blocks, so this differs from the analytic count). It shows whether a layer is slow because its
+multiplies run slower, because it executes fewer of the FLOPs the analytic count credits it with, or because
+of per-token work (LayerNorm, GELU, dropout, residual adds) that no FLOP count includes.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +57,32 @@ def step(layer, state) -> None:
     layer.zero_grad(set_to_none=True)
 
 
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::baddbmm_"}
+
+
+def split(layer, state, steps: int = 3) -> dict:
+    """Multiply FLOPs one forward + backward executes, and its CPU seconds per step in multiply kernels
+    and in all other operators (profiler self times, which include the profiler's own overhead)."""
+    with FlopCounterMode(display=False) as counter:
+        step(layer, state)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step(layer, state)
+    matmul = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMUL_OPS)
+    other = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key not in MATMUL_OPS)
+    return {"matmul_flops": counter.get_total_flops(), "matmul_s": matmul / 1e6 / steps,
+            "other_s": other / 1e6 / steps}
+
+
+def print_split(rows: list[dict]) -> None:
+    print(f"{'layer':12s} {'executed/counted':>16s} {'matmul GFLOP/s':>14s} {'matmul ms':>9s} {'other ms':>8s}")
+    for r in rows:
+        if not r["flops"]:  # the embedding multiplies nothing
+            continue
+        print(f"{r['layer']:12s} {r['matmul_flops'] / r['flops']:16.2f} "
+              f"{r['matmul_flops'] / r['matmul_s'] / 1e9:14.1f} {r['matmul_s'] * 1e3:9.1f} {r['other_s'] * 1e3:8.1f}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hierarchy", default="2@1 8@4 2@1")
@@ -57,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--attn-dropout", type=float, default=None)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--split", action="store_true", help="also split each layer's time: multiplies / the rest")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "layer_times.json"))
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
@@ -77,6 +112,9 @@ def main(argv=None) -> int:
     for item, ts, per_token in zip(layer_plan(cfg), times, layer_flops(cfg, args.seq_len), strict=True):
         best, flops = min(ts), per_token * args.seq_len
         rows.append({"layer": " ".join(map(str, item)), "s": best, "flops": flops, "flops_per_s": flops / best})
+    if args.split:
+        for row, layer, state in zip(rows, model.layers, states, strict=True):
+            row.update(split(layer, state))
     total = sum(r["s"] for r in rows)
     print(f"{args.hierarchy}, d {args.d}, T={args.seq_len}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.1f}")
@@ -85,6 +123,8 @@ def main(argv=None) -> int:
         print(f"{r['layer']:12s} {r['s'] * 1e3:8.1f} {r['s'] / total:6.1%} {r['flops'] / 1e9:7.2f} "
               f"{r['flops_per_s'] / 1e9:8.1f}")
     print(f"sum {total * 1e3:.0f} ms")
+    if args.split:
+        print_split(rows)
     out = {"command": "python benchmarks/layer_times.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "hierarchy": args.hierarchy, "seq_len": args.seq_len, "d_model": args.d,
            "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0], "layers": rows}

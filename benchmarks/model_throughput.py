@@ -225,12 +225,17 @@ def sweeps(args, argv) -> int:
         rows = seq_sweep.sweep([int(t) for t in args.sweep.split(",")], args.sweep_hierarchy, args.sweep_d,
                                args.iters, threads, args.attn_dropout, args.sweep_memory, args.sweep_compile)
         print(f"{'T':>6s} {'model':20s} {'hierarchy':14s} {'step s':>8s} {'tok/s':>8s} {'speed/hg':>9s} "
-              f"{'analytic':>9s} {'meas/anal':>9s} {'peak MB':>8s}")
+              f"{'analytic':>9s} {'meas/anal':>9s} {'paired/anal':>11s} {'executed':>9s} {'meas/exec':>9s} "
+              f"{'peak MB':>8s}")
         for r in rows:
             print(f"{r['T']:6d} {r['model']:20s} {r['hierarchy']:14s} {r['step_s']:8.2f} {r['tokens_per_s']:8.0f} "
                   f"{r['speed_vs_hourglass']:9.3f} {r['analytic_speed_vs_hourglass']:9.3f} "
-                  f"{r['measured_over_analytic']:9.3f} {r.get('peak_rss_mb', float('nan')):8.0f}")
-        print("(speed/hg: that model's speed relative to the Hourglass; analytic: the FLOPs ratio that predicts it)")
+                  f"{r['measured_over_analytic']:9.3f} {r['paired_median_over_analytic']:11.3f} "
+                  f"{r['executed_speed_vs_hourglass']:9.3f} "
+                  f"{r['measured_over_executed']:9.3f} {r.get('peak_rss_mb', float('nan')):8.0f}")
+        print("(speed/hg: that model's speed relative to the Hourglass; analytic: the FLOPs ratio that predicts it;"
+              " paired: the median of each round's speed ratio; executed: the ratio of the multiply FLOPs the two steps"
+              " really execute)")
         result["sweep"] = rows
     if args.memory:
         rows = seq_sweep.kernel_modes(args.memory_model, [int(t) for t in args.memory.split(",")], args.sweep_d,

@@ -54,13 +54,29 @@ class _Guarded:
             return self.eager(*args, **kwargs)
 
 
-def compile_layers(layers, say=print, backend: str = BACKEND) -> int:
-    """Give each module of ``layers`` a guarded compiled forward; returns how many (0 without a backend)."""
+def allow_retained_backward() -> None:
+    """Let compiled layers run backward more than once per forward (retain_graph=True).
+
+    DeepSpeed's pipeline engine runs a stage's backward once per floating-point output tensor, retaining
+    the graph for all but the last (a Hourglass stage sends the residual stream, the skip and u/v). AOT
+    autograd's donated buffers (saved tensors reused as backward scratch) refuse a retained graph, so
+    they are switched off; it costs the backward a little memory. torch exposes this switch only as a
+    private config, hence one place here (tests/integration/test_train_compile_profile.py runs it)."""
+    import torch._functorch.config as functorch_config
+
+    functorch_config.donated_buffer = False
+
+
+def compile_layers(layers, say=print, backend: str = BACKEND, retained_backward: bool = False) -> int:
+    """Give each module of ``layers`` a guarded compiled forward; returns how many (0 without a backend).
+    ``retained_backward``: the caller runs backward with retain_graph=True (pipeline stages)."""
     problem = backend_problem(backend)
     if problem:
         say(f"train.compile=true, but torch.compile ({backend}) does not work here: {problem}. "
             f"Training goes on without compilation (install a C++ compiler on CPU, or Triton on GPU).")
         return 0
+    if retained_backward:
+        allow_retained_backward()
     n = 0
     for i, layer in enumerate(layers):
         if isinstance(layer, torch.nn.Module):

@@ -150,7 +150,8 @@ class TrainEngine:
             from hgscale.distributed.compile import compile_layers
 
             say = print if rt.rank == 0 else (lambda *a: None)
-            compile_layers(module.forward_funcs if self.pipeline else module.model.layers, say=say)
+            compile_layers(module.forward_funcs if self.pipeline else module.model.layers, say=say,
+                           retained_backward=self.pipeline)
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds_json, model_parameters=params,
                                                     lr_scheduler=scheduler)

@@ -54,6 +54,15 @@ def named_params(eng) -> dict:
     return {k.removeprefix("model."): v.detach().clone() for k, v in params.items()}
 
 
+def compiled_layers(eng) -> int:
+    """This rank's layers still running their compiled forward (train.compile; 0 without it)."""
+    from hgscale.distributed.compile import guarded
+
+    module = eng.engine.module
+    layers = module.forward_funcs if eng.pipeline else module.model.layers
+    return sum(1 for layer in layers if (g := guarded(layer)) is not None and g.compiled)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", required=True)
@@ -112,7 +121,7 @@ def main():
     (out / f"rank{rt.rank}.json").write_text(json.dumps(
         {"rank": rt.rank, "stage": eng.stage_id, "dp_rank": eng.dp_rank, "reads_data": eng.reads_data,
          "is_first": eng.is_first, "is_last": eng.is_last, "losses": losses, "hashes": hashes,
-         "timings": timings}))
+         "timings": timings, "compiled_layers": compiled_layers(eng)}))
     eng.barrier()
 
 

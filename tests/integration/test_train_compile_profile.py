@@ -12,19 +12,30 @@ from launchers.local import free_port
 from tests.integration.train_helpers import ROOT, demo_data, run_worker, tiny_config  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+PADDED = {"seq_len": 31}  # not a multiple of the total factor: the stages carry padded shapes
 
 
-def test_compiled_layers_train_like_eager(tmp_path, demo_data):  # noqa: F811
-    """Regional compilation (every layer, inductor) through the engine, on top of activation checkpointing:
-    first losses within 0.5 % of eager without either."""
-    cfg = tiny_config(tmp_path, demo_data)
-    eager = run_worker(1, tmp_path / "eager", cfg, "--steps", "3")
-    compiled = run_worker(1, tmp_path / "compiled", cfg, "--steps", "3", "train.compile=true",
-                          "parallel.activation_checkpointing=true")
-    a, b = eager["ranks"][0]["losses"], compiled["ranks"][0]["losses"]
-    assert len(a) == len(b) == 3 and a[0] > 4.0  # a fresh byte-level model: ~ln 256
-    for x, y in zip(a, b, strict=True):
-        assert abs(x - y) <= 0.005 * abs(x), (a, b)
+@pytest.fixture(scope="module")
+def eager_losses(tmp_path_factory, demo_data):  # noqa: F811
+    work = tmp_path_factory.mktemp("eager")
+    cfg = tiny_config(work, demo_data, data=PADDED)
+    return run_worker(1, work / "eager", cfg, "--steps", "3", "--data", "stream")["ranks"][0]["losses"]
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_compiled_layers_train_like_eager(stages, tmp_path, demo_data, eager_losses):  # noqa: F811
+    """Regional compilation (every layer, inductor) through the engine, on top of activation checkpointing,
+    in one process and as a 2-stage pipeline (each stage compiles its own slice of the layers): first losses
+    within 0.5 % of one eager process without either."""
+    par = {"activation_checkpointing": True, **({"pipeline_stages": 2} if stages == 2 else {})}
+    cfg = tiny_config(tmp_path, demo_data, data=PADDED, parallel=par, train={"compile": True})
+    job = run_worker(stages, tmp_path / "compiled", cfg, "--steps", "3", "--data", "stream")
+    a = eager_losses
+    assert len(a) == 3 and a[0] > 4.0  # a fresh byte-level model: ~ln 256
+    for rank in job["ranks"]:  # every stage reports the pipeline's loss
+        b = rank["losses"]
+        assert len(b) == 3 and all(abs(x - y) <= 0.005 * abs(x) for x, y in zip(a, b, strict=True)), (a, b)
+        assert rank["compiled_layers"] > 0  # this rank really compiled its layers
 
 
 def test_profile_steps_on_every_rank_logged_to_mlflow(tmp_path, demo_data, mlflow_server):  # noqa: F811

@@ -19,11 +19,12 @@ import torch
 BACKEND = "inductor"
 
 
-def backend_problem(backend: str = BACKEND) -> str | None:
-    """None if ``backend`` compiles and runs a tiny function here, else why not (one line)."""
+def backend_problem(backend: str = BACKEND, device: torch.device | str = "cpu") -> str | None:
+    """None if ``backend`` compiles and runs a tiny function on ``device``, else why not (one line). The
+    device matters: inductor compiles C++ for CPU tensors and Triton for CUDA ones."""
     try:
         fn = torch.compile(lambda x: torch.sin(x) * 2 + 1, backend=backend, dynamic=False)
-        x = torch.linspace(0, 1, 8)
+        x = torch.linspace(0, 1, 8, device=device)
         if not torch.allclose(fn(x), torch.sin(x) * 2 + 1):
             return "the probe function computed a wrong result"
     except Exception as e:  # noqa: BLE001 - any failure means: no compiled training here
@@ -67,10 +68,12 @@ def allow_retained_backward() -> None:
     functorch_config.donated_buffer = False
 
 
-def compile_layers(layers, say=print, backend: str = BACKEND, retained_backward: bool = False) -> int:
+def compile_layers(layers, say=print, backend: str = BACKEND, retained_backward: bool = False,
+                   device: torch.device | str = "cpu") -> int:
     """Give each module of ``layers`` a guarded compiled forward; returns how many (0 without a backend).
-    ``retained_backward``: the caller runs backward with retain_graph=True (pipeline stages)."""
-    problem = backend_problem(backend)
+    ``device``: where the layers will run (the probe compiles for it); ``retained_backward``: the caller
+    runs backward with retain_graph=True (pipeline stages)."""
+    problem = backend_problem(backend, device)
     if problem:
         say(f"train.compile=true, but torch.compile ({backend}) does not work here: {problem}. "
             f"Training goes on without compilation (install a C++ compiler on CPU, or Triton on GPU).")

@@ -151,7 +151,7 @@ class TrainEngine:
 
             say = print if rt.rank == 0 else (lambda *a: None)
             compile_layers(module.forward_funcs if self.pipeline else module.model.layers, say=say,
-                           retained_backward=self.pipeline)
+                           retained_backward=self.pipeline, device=rt.device)
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds_json, model_parameters=params,
                                                     lr_scheduler=scheduler)

@@ -95,10 +95,11 @@ def _flex(Q, K, v, geo):
 
     if Q.device.type == "cuda" and "fn" not in _FLEX:
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    fn = _FLEX.get("fn", flex_attention) if Q.device.type == "cuda" else flex_attention
-    with warnings.catch_warnings():
+    if Q.device.type == "cuda":  # a warning here means dynamo gave up compiling it: let it be seen
+        return _FLEX["fn"](Q, K, v, block_mask=_block_mask(geo, Q.device), scale=1.0)
+    with warnings.catch_warnings():  # eager by design off CUDA
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        return fn(Q, K, v, block_mask=_block_mask(geo, Q.device), scale=1.0)
+        return flex_attention(Q, K, v, block_mask=_block_mask(geo, Q.device), scale=1.0)
 
 
 def rel_attention_fused(qu, qv, k, v, Wr, geo, dropout_p=0.0, training=False, use_flex: bool | None = None):

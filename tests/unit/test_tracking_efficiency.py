@@ -17,6 +17,7 @@ from hgscale.tracking import (
     ("NVIDIA H100 80GB HBM3", "bf16", 989.4),
     ("NVIDIA H100 PCIe", "bf16", 756.0),          # PCIe before the generic H100 pattern
     ("NVIDIA H200", "bf16", 989.4),
+    ("NVIDIA H200 NVL", "bf16", 835.0),           # the PCIe card: NVL before the generic H200
     ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
     ("NVIDIA A100-SXM4-40GB", "fp32", 19.5),
     ("NVIDIA A10", "bf16", 125.0),                # not mistaken for A100

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hgscale.config import MODEL_SIZES, ModelConfig  # noqa: E402
-from hgscale.distributed.compile import compile_layers, guarded  # noqa: E402
+from hgscale.distributed.compile import compile_layers, still_compiled  # noqa: E402
 from hgscale.distributed.profiling import watch_cuda_oom  # noqa: E402
 from hgscale.models import HourglassLM, flops_per_token  # noqa: E402
 from hgscale.models.attention import REL_KERNELS, Geometry, rel_attention_naive  # noqa: E402
@@ -190,7 +190,7 @@ def check_compile(device, cfg: ModelConfig, tokens, backend: str) -> dict:
         sync(device)
         times[name] = time.perf_counter() - t0
     rel = max(abs(a - b) / abs(a) for a, b in zip(losses["eager"], losses["compiled"], strict=True))
-    still = sum(1 for layer in compiled.layers if (g := guarded(layer)) is not None and g.compiled)
+    still = still_compiled(compiled.layers)
     return {"ok": n == still == len(compiled.layers) and rel <= 0.005, "backend": backend, "layers_compiled": n,
             "layers_compiled_after_steps": still,
             "losses": losses, "max_rel_diff": rel, "seconds_3_steps_incl_compile": times}

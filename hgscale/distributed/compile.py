@@ -92,3 +92,8 @@ def guarded(layer) -> _Guarded | None:
     """The guarded forward compile_layers put on ``layer`` (None if none): for tests and reports."""
     fwd = layer.__dict__.get("forward")
     return fwd if isinstance(fwd, _Guarded) else None
+
+
+def still_compiled(layers) -> int:
+    """How many of ``layers`` still run their compiled forward (none fell back to eager): for reports."""
+    return sum(1 for layer in layers if (g := guarded(layer)) is not None and g.compiled)

@@ -56,11 +56,10 @@ def named_params(eng) -> dict:
 
 def compiled_layers(eng) -> int:
     """This rank's layers still running their compiled forward (train.compile; 0 without it)."""
-    from hgscale.distributed.compile import guarded
+    from hgscale.distributed.compile import still_compiled
 
     module = eng.engine.module
-    layers = module.forward_funcs if eng.pipeline else module.model.layers
-    return sum(1 for layer in layers if (g := guarded(layer)) is not None and g.compiled)
+    return still_compiled(module.forward_funcs if eng.pipeline else module.model.layers)
 
 
 def main():

@@ -32,7 +32,7 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m data_pipelines.demo_corpus --out data/demo
 	$(PY) hgscale/train.py --config configs/demo.json
-	$(PY) -m hgscale.evaluate --checkpoint runs/demo/checkpoints --split test
+	$(PY) -m hgscale evaluate --checkpoint runs/demo/checkpoints --split test
 
 # pytest exits 5 when it collects nothing: report it, do not fail on it
 test: lint

@@ -63,7 +63,7 @@ def start_moto() -> tuple[subprocess.Popen, str]:
 
 
 def measure(cfg, eng, ds_json, it, stream, saves: int, gap: int, first_step: int) -> dict:
-    from hgscale.checkpoint import CheckpointManager
+    from hgscale.checkpoint.manager import CheckpointManager
 
     mgr = CheckpointManager(cfg, eng, ds_json)
     steps, stalls, size = [], [], 0
@@ -88,11 +88,11 @@ def measure(cfg, eng, ds_json, it, stream, saves: int, gap: int, first_step: int
 
 def bench_model(name: str, overrides: list[str], data: str, saves: int, gap: int, tmp: Path) -> dict:
     from hgscale.data import open_dataset
-    from hgscale.distributed.ds_config import deepspeed_config
-    from hgscale.distributed.engine import TrainEngine, init_distributed, rendezvous_env
+    from hgscale.training.ds_config import deepspeed_config
+    from hgscale.training.engine import TrainEngine, init_distributed, world_from_env
 
     cfg = load_config(ROOT / "configs" / "demo.json", [f"data.url={data}", "tracking.enabled=false", *overrides])
-    rendezvous_env()
+    world_from_env()
     ds_json = deepspeed_config(cfg, 1)
     eng = TrainEngine(cfg, ds_json, init_distributed(cfg))
     n_params = sum(p.numel() for p in eng.engine.module.parameters())

@@ -31,8 +31,8 @@ import torch  # noqa: E402
 from data_pipelines.demo_corpus import write_demo_corpus  # noqa: E402
 from data_pipelines.shards import DatasetWriter  # noqa: E402
 from hgscale.config import DataConfig, config_from_dict, load_config  # noqa: E402
+from hgscale.core.storage import storage_options  # noqa: E402
 from hgscale.data import open_dataset  # noqa: E402
-from hgscale.data.storage import storage_options  # noqa: E402
 
 
 def trainer_tokens_per_s(cfg, seconds: float) -> float:

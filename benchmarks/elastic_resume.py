@@ -85,14 +85,14 @@ def source_worker(ckpt: str) -> None:
     """One rank of the 4 x 2 enwik8_xl job: build the engine, initialise Adam's state, save."""
     import torch
 
-    from hgscale.checkpoint import CheckpointManager
+    from hgscale.checkpoint.manager import CheckpointManager
+    from hgscale.checkpoint.reshard import link_zero_optimizer_state
     from hgscale.config import load_config
-    from hgscale.distributed.ds_config import deepspeed_config
-    from hgscale.distributed.engine import TrainEngine, init_distributed, rendezvous_env
-    from hgscale.reshard import link_zero_optimizer_state
+    from hgscale.training.ds_config import deepspeed_config
+    from hgscale.training.engine import TrainEngine, init_distributed, world_from_env
 
     torch.set_num_threads(1)
-    world = rendezvous_env()
+    world = world_from_env()
     cfg = load_config(str(REPO / "configs" / "enwik8_xl.json"),
                       ["data.seq_len=64", f"checkpoint.dir={ckpt}", "tracking.enabled=false"])
     eng = TrainEngine(cfg, deepspeed_config(cfg, world), init_distributed(cfg))
@@ -101,7 +101,7 @@ def source_worker(ckpt: str) -> None:
 
 
 def convert_worker(tag_dir: str) -> None:
-    from hgscale.reshard import convert
+    from hgscale.checkpoint.reshard import convert
 
     t0 = time.perf_counter()
     conv, built = convert(tag_dir)
@@ -112,7 +112,7 @@ def convert_worker(tag_dir: str) -> None:
 
 
 def conversion(work: Path) -> dict:
-    from launchers.local import free_port
+    from hgscale.core.net import free_port
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     ds = Path(sys.executable).parent / "deepspeed"

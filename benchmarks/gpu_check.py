@@ -10,8 +10,8 @@ Checks (each records ok / error and its figures; the exit status is 1 if any fai
   dropout     the model's dropout (fused F.dropout on GPU) drops p of the entries and keeps the mean;
               attention dropout of the blocked and fused kernels averages back to no dropout
   bf16_step   a bf16-autocast training step of a small Hourglass: finite, close to fp32, weights move
-  compile     per-layer torch.compile (hgscale.distributed.compile) on/off: losses within 0.5 %
-  oom         an out-of-memory error writes a memory snapshot (hgscale.distributed.profiling; CUDA only)
+  compile     per-layer torch.compile (hgscale.training.compile) on/off: losses within 0.5 %
+  oom         an out-of-memory error writes a memory snapshot (hgscale.training.profiling; CUDA only)
   train       the enwik8 Hourglass and the vanilla baseline for --steps steps on real text (the Python
               reference manual bytes): tokens/s, TFLOP/s, MFU against the device's peak table
               (hgscale.tracking.efficiency), peak memory, first and last loss
@@ -35,13 +35,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hgscale.config import MODEL_SIZES, ModelConfig  # noqa: E402
-from hgscale.distributed.compile import compile_layers, still_compiled  # noqa: E402
-from hgscale.distributed.profiling import watch_cuda_oom  # noqa: E402
 from hgscale.models import HourglassLM, flops_per_token  # noqa: E402
 from hgscale.models.attention import REL_KERNELS, Geometry, rel_attention_naive  # noqa: E402
 from hgscale.models.dropout import dropout  # noqa: E402
 from hgscale.models.fused_attention import flex_usable, rel_attention_fused  # noqa: E402
 from hgscale.tracking import peak_flops  # noqa: E402
+from hgscale.training.compile import compile_layers, still_compiled  # noqa: E402
+from hgscale.training.profiling import watch_cuda_oom  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gpu_check.json"
 TOL = {torch.float32: 2e-3, torch.bfloat16: 4e-2}  # max error / max |reference|, values and gradients

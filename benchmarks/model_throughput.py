@@ -14,7 +14,7 @@ GEMM, best of samples taken before, between and after the steps), model FLOPs
 speed-up against the analytic FLOPs ratio, and the relative-attention kernels (naive / sdpa / blocked)
 on one layer's shapes. Prints a table; writes benchmarks/results/model_throughput.json.
 
---compile adds compiled copies of both models (hgscale.distributed.compile, regional) to the interleaving
+--compile adds compiled copies of both models (hgscale.training.compile, regional) to the interleaving
 and reports compiled / eager speed. --sweep (benchmarks/seq_sweep.py, fresh processes, d 256) measures the
 Hourglass ``--sweep-hierarchy`` against the vanilla Transformer of equal depth and of equal training FLOPs
 at each T, with --sweep-memory each one's peak RSS, with --sweep-compile all of them compiled per layer
@@ -83,7 +83,7 @@ def bench_models(cfgs: dict, T: int, batch: int, warmup: int, iters: int, peaks:
     if compiled:
         import copy
 
-        from hgscale.distributed.compile import compile_layers
+        from hgscale.training.compile import compile_layers
         for name in list(models):
             twin = copy.deepcopy(models[name])
             if compile_layers(twin.layers):

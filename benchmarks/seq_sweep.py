@@ -78,7 +78,7 @@ def child(spec: dict) -> dict:
 
     executed = {h: executed_flops(train_step, m) for h, m in models.items()} if spec.get("count_flops") else {}
     if spec.get("compile"):  # train.compile's regional compilation; the warm-up step compiles
-        from hgscale.distributed.compile import compile_layers
+        from hgscale.training.compile import compile_layers
         for m in models.values():
             compile_layers(m.layers, say=lambda *_: None)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -116,7 +116,7 @@ def sweep(lengths, hierarchy: str, d: int, iters: int, threads: int, attn_dropou
           compile: bool = False) -> list[dict]:
     """Hourglass vs vanilla of equal depth and of equal FLOPs at each T: speed (one process per T) and,
     with ``memory``, peak RSS of one step per model (one process each); ``compile``: every model with
-    per-layer torch.compile (hgscale.distributed.compile), as train.compile=true trains."""
+    per-layer torch.compile (hgscale.training.compile), as train.compile=true trains."""
     from hgscale.config import parse_hierarchy
     from hgscale.models import flops_per_token
 

@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hgscale.config import load_config  # noqa: E402
-from hgscale.distributed.ds_config import deepspeed_config, lr_multiplier  # noqa: E402
 from hgscale.models import HourglassLM, flops_per_token, lm_loss  # noqa: E402
+from hgscale.training.ds_config import deepspeed_config, lr_multiplier  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
 
@@ -117,8 +117,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
 
     from hgscale.data import open_dataset
-    from hgscale.distributed.engine import TrainEngine, init_distributed
     from hgscale.tracking import peak_flops
+    from hgscale.training.engine import TrainEngine, init_distributed
 
     cfg = load_config(args.config, args.overrides + ["parallel.pipeline_stages=1"])
     ds_json = deepspeed_config(cfg, 1)

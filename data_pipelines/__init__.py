@@ -12,9 +12,9 @@ import sys
 
 def run_cli(main, argv=None) -> int:
     """Run a preparation tool: user errors print one line, not a stack trace."""
-    from hgscale.data.storage import DataError
+    from hgscale.core.storage import StorageError
     try:
         return main(argv) or 0
-    except (DataError, FileNotFoundError, PermissionError) as e:
+    except (StorageError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

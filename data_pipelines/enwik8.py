@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hgscale.data.storage import DataError
+from hgscale.data.errors import DataError
 
 from . import run_cli
 from .shards import DatasetWriter, add_storage_args, opts_from_args, summary

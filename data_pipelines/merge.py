@@ -14,7 +14,8 @@ import json
 import re
 import sys
 
-from hgscale.data.storage import DataError, filesystem, join, read_bytes, storage_options, with_retries
+from hgscale.core.storage import StorageError, filesystem, join, read_bytes, storage_options, with_retries
+from hgscale.data.errors import DataError
 
 from . import run_cli
 from .shards import DatasetWriter, add_split_totals, build_manifest, summary
@@ -28,7 +29,7 @@ def task_records(url: str, opts: dict) -> list[dict]:
     fs.invalidate_cache(tasks_dir)
     try:
         names = with_retries(url, lambda: fs.ls(tasks_dir, detail=False), opts, what="list")
-    except (DataError, FileNotFoundError):
+    except (StorageError, FileNotFoundError):
         names = []
     out = []
     for name in sorted(n for n in names if _RECORD.search(n)):

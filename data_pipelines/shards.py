@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from hgscale.core.storage import filesystem, join, storage_options, with_retries
+from hgscale.data.errors import DataError
 from hgscale.data.shards import (
     DTYPE_EXT,
     FORMAT,
@@ -28,7 +30,6 @@ from hgscale.data.shards import (
     encode_sample,
     sha256,
 )
-from hgscale.data.storage import DataError, filesystem, join, storage_options, with_retries
 
 log = logging.getLogger("data_pipelines")
 

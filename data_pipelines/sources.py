@@ -25,7 +25,8 @@ import json
 import logging
 from typing import Iterator
 
-from hgscale.data.storage import DataError, filesystem, user_error, with_retries
+from hgscale.core.storage import StorageError, filesystem, user_error, with_retries
+from hgscale.data.errors import DataError
 
 log = logging.getLogger("data_pipelines")
 
@@ -74,7 +75,7 @@ def _expand(pat: str, opts: dict) -> list[tuple[str, int]]:
         return entries
     try:
         info = with_retries(pat, lambda: fs.info(path), opts, what="read")
-    except (DataError, FileNotFoundError):
+    except (StorageError, FileNotFoundError):
         raise DataError(f"--input {pat} does not exist; pass existing files, directories or globs") from None
     if info.get("type") != "directory":
         return [(path, info.get("size") or 0)]
@@ -269,7 +270,7 @@ def read_documents(url: str, opts: dict, fmt: str, field: str, txt_document: str
             if doc:
                 n += 1
                 yield doc
-    except DataError:
+    except StorageError:
         raise
     except Exception as e:  # noqa: BLE001 - zlib/bz2/zstd/arrow errors of corrupt or truncated data have no common base
         err = user_error(url, e)

@@ -31,7 +31,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from hgscale.data.storage import DataError, filesystem, join, read_bytes
+from hgscale.core.storage import StorageError, filesystem, join, read_bytes
+from hgscale.data.errors import DataError
 
 from . import run_cli
 from .shards import DEFAULT_SAMPLE_TOKENS, DatasetWriter, add_split_totals, add_storage_args, opts_from_args, summary
@@ -221,7 +222,7 @@ def tokenizer_model(args, plan: Plan, files: list[tuple[str, int]]) -> bytes | N
     if args.tokenizer_model:
         try:
             model = read_bytes(args.tokenizer_model, plan.opts)
-        except DataError as e:
+        except StorageError as e:
             raise DataError(f"--tokenizer-model: {e}") from None
         make_tokenizer("sentencepiece", model, f"--tokenizer-model {args.tokenizer_model}")  # checks it
         return model

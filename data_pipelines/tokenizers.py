@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from hgscale.data.storage import DataError
+from hgscale.data.errors import DataError
 
 DOC_END_BYTE = 0x03
 NEWLINE = "<nl>"

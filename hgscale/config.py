@@ -3,7 +3,7 @@
     cfg = load_config("configs/demo.json", overrides=["train.lr=3e-4", "model.dropout=0.1"])
 
 Rules:
-- every field carries a one-line doc (``fld(default, "doc")``), shown by ``python -m hgscale.config --help-keys``;
+- every field carries a one-line doc (``fld(default, "doc")``), shown by ``hgscale config --help-keys``;
 - unknown keys are errors naming ``section.key`` with the closest valid key;
 - wrong types name the field and the expected type;
 - every problem is gathered and raised once as a :class:`ConfigError`.
@@ -13,31 +13,21 @@ This module imports neither torch nor deepspeed: it runs before any process grou
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
+import math
 import os
 import re
-import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from hgscale.core.loader import ConfigError, build, fld, read_json_file, with_overrides
+from hgscale.core.loader import field_docs as _field_docs
+from hgscale.core.notation import parse_hierarchy, steps_problem
+from hgscale.core.presets import MODEL_SIZES
+from hgscale.core.schedule import lr_schedule_problems
 
-class ConfigError(ValueError):
-    """One or more problems with a configuration; ``problems`` lists each as a sentence."""
-
-    def __init__(self, problems: list[str], source: str = "config"):
-        self.problems = list(problems)
-        head = f"{source}: {len(self.problems)} problem(s)" if len(self.problems) > 1 else f"{source}:"
-        super().__init__(head + ("\n  - " if len(self.problems) > 1 else " ") + "\n  - ".join(self.problems))
-
-
-def fld(default: Any, doc: str, **kw):
-    """A dataclass field with its one-line doc. Mutable defaults are copied per instance."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+__all__ = ["Config", "ConfigError", "MODEL_SIZES", "config_from_dict", "field_docs", "load_config", "parse_hierarchy"]
 
 
 # --------------------------------------------------------------------------------------------- model
@@ -48,84 +38,6 @@ ATTENTION = ("relative", "rotary")
 ATTN_IMPL = ("auto", "sdpa", "blocked", "naive", "fused")
 VANILLA_ATTENTION = ("full", "lsh")
 INIT = ("trax", "normal")
-
-# trax lr_schedules.multifactor factors: those hgscale implements, and the others trax knows (named in errors).
-LR_FACTORS = ("constant", "linear_warmup", "rsqrt_decay", "cosine_decay")
-_TRAX_ONLY_FACTORS = ("rsqrt_normalized_decay", "decay_every", "two_constants")
-LR_SCHEDULES = ("cosine", "rsqrt", "constant")
-
-
-def lr_factors(schedule: str) -> list[str]:
-    """The trax factors of a multifactor schedule string ("constant * linear_warmup * rsqrt_decay"), or []
-    for hgscale's own schedule names. A string with '*' is a trax multifactor string."""
-    return [f.strip() for f in schedule.split("*")] if "*" in schedule else []
-
-
-def lr_schedule_problems(t: "TrainConfig") -> list[str]:
-    """Problems of train.lr_schedule: a trax factor we do not implement is an error, never a silent default."""
-    factors = lr_factors(t.lr_schedule)
-    if not factors:
-        if t.lr_schedule not in LR_SCHEDULES:
-            return [f"train.lr_schedule = {t.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}, or a trax "
-                    f"multifactor string of {', '.join(LR_FACTORS)} such as 'constant * linear_warmup * rsqrt_decay'"]
-        return []
-    out = []
-    for f in factors:
-        if f in _TRAX_ONLY_FACTORS:
-            out.append(f"train.lr_schedule = {t.lr_schedule!r}: the trax factor {f!r} is not implemented by hgscale "
-                       f"(implemented: {', '.join(LR_FACTORS)})")
-        elif f not in LR_FACTORS:
-            out.append(f"train.lr_schedule = {t.lr_schedule!r}: {f!r} is not a trax multifactor factor "
-                       f"(implemented: {', '.join(LR_FACTORS)})")
-    if "constant" not in factors:
-        out.append(f"train.lr_schedule = {t.lr_schedule!r} has no 'constant' factor, so train.lr would be ignored: "
-                   f"add 'constant *'")
-    if "linear_warmup" in factors and t.warmup_steps < 1:
-        out.append(f"train.lr_schedule = {t.lr_schedule!r} has 'linear_warmup', which divides by "
-                   f"train.warmup_steps = {t.warmup_steps}: set it >= 1")
-    return out
-
-
-_LEVEL_RE = re.compile(r"^(\d+)@(\d+)$")
-
-
-def parse_hierarchy(spec: str) -> list[tuple[int, int]]:
-    """Parse the paper's notation ``"5@1 24@3 5@1"`` into ``[(n_layers, cumulative_factor), ...]``.
-
-    The string is a palindrome of factors (layer counts may differ between the way down and up),
-    the outermost factor is 1, factors strictly grow to the middle and each divides the next inner one.
-    Raises ValueError showing the string and what is wrong.
-    """
-    def bad(why: str) -> ValueError:
-        return ValueError(f"model.hierarchy {spec!r}: {why} "
-                          f"(example: \"5@1 24@3 5@1\"; a plain Transformer is \"12@1\")")
-
-    if not isinstance(spec, str) or not spec.strip():
-        raise bad("is empty")
-    levels = []
-    for tok in spec.split():
-        m = _LEVEL_RE.match(tok)
-        if not m:
-            raise bad(f"item {tok!r} is not of the form N@K (N layers at cumulative shortening factor K)")
-        n, k = int(m.group(1)), int(m.group(2))
-        if k < 1:
-            raise bad(f"item {tok!r} has factor {k}; factors are >= 1")
-        levels.append((n, k))
-    if len(levels) % 2 == 0:
-        raise bad(f"has {len(levels)} items; it must have an odd number (way down, middle, way up)")
-    factors = [k for _, k in levels]
-    if factors != factors[::-1]:
-        raise bad(f"factors {factors} are not a palindrome")
-    if factors[0] != 1:
-        raise bad(f"the outermost factor is {factors[0]}; it must be 1 (full resolution)")
-    mid = len(levels) // 2
-    for outer, inner in zip(factors[:mid], factors[1:mid + 1], strict=True):
-        if inner <= outer or inner % outer:
-            raise bad(f"factor {inner} does not strictly grow from {outer} and divide by it")
-    if levels[mid][0] < 1:
-        raise bad("the innermost level has no layers")
-    return levels
-
 
 @dataclass
 class ModelConfig:
@@ -210,32 +122,38 @@ class ModelConfig:
         return out
 
 
-# Named sizes. `debug` is what CPU tests and the demo build on. The paper's sizes follow google/trax
-# trax/supervised/configs/hourglass_<name>.gin (HourglassLM.*; trax passes `dropout` to attention too).
-MODEL_SIZES: dict[str, dict[str, Any]] = {
-    "debug": dict(vocab_size=256, d_model=32, n_heads=2, d_ff=64, hierarchy="1@1 2@2 1@1",
-                  dropout=0.0, max_seq_len=512),
-    "small": dict(d_model=256, n_heads=4, d_ff=1024, hierarchy="2@1 8@3 2@1", max_seq_len=2048),
-    "enwik8": dict(vocab_size=256, d_model=512, n_heads=8, d_ff=2048, hierarchy="5@1 24@3 5@1",
-                   downsample="attention_avg", upsample="attention_repeat", attention="relative",
-                   dropout=0.2, attn_dropout=0.2, max_seq_len=8192),  # trax drops attention probs at `dropout` too
-    "enwik8_baseline": dict(vocab_size=256, d_model=512, n_heads=8, d_ff=2048, hierarchy="34@1",
-                            attention="relative", dropout=0.2, attn_dropout=0.2, max_seq_len=8192),
-    "imagenet32": dict(vocab_size=256, d_model=512, n_heads=8, d_ff=2048, hierarchy="3@1 24@3 3@1",
-                       downsample="attention_linear", upsample="attention_linear", dropout=0.01,
-                       attn_dropout=0.01, max_seq_len=3072),
-    "imagenet64": dict(vocab_size=256, d_model=768, n_heads=8, d_ff=3072, hierarchy="3@1 12@3 3@1",
-                       downsample="linear", upsample="linear", dropout=0.0, max_seq_len=12288,
-                       vanilla_attention="lsh", lsh_chunk_len=256, lsh_n_hashes=2, lsh_chunks_before=1),
-    "cifar10": dict(vocab_size=256, d_model=512, n_heads=8, d_ff=2048, hierarchy="1@1 8@3 1@1",
-                    downsample="attention_linear", upsample="attention_linear", dropout=0.0, max_seq_len=3072),
-    "wiki40b": dict(vocab_size=32000, d_model=512, n_heads=8, d_ff=2048, hierarchy="4@1 8@4 4@1",
-                    downsample="attention_avg", upsample="attention_linear", attention="relative",
-                    dropout=0.0, attn_dropout=0.0, max_seq_len=2048),
-}
-
-
 # ---------------------------------------------------------------------------------------------- data
+
+SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")  # names metrics: val/<name>/bpc, data/share/<name>
+
+
+def mixture_problems(mixture) -> list[str]:
+    """Problems of a ``data.mixture`` list (no I/O): shape, names, weights."""
+    if not isinstance(mixture, list):
+        return [f"data.mixture must be a list of {{\"name\", \"url\", \"weight\"}} objects, got {mixture!r:.60}"]
+    out, names = [], []
+    for i, e in enumerate(mixture):
+        where = f"data.mixture[{i}]"
+        if not isinstance(e, dict) or set(e) != {"name", "url", "weight"}:
+            keys = sorted(e) if isinstance(e, dict) else type(e).__name__
+            out.append(f"{where} must be an object with exactly the keys name, url, weight (got {keys})")
+            continue
+        name, url, w = e["name"], e["url"], e["weight"]
+        if not isinstance(name, str) or not SOURCE_NAME_RE.match(name):
+            out.append(f"{where}.name = {name!r} must be a non-empty string of letters, digits, '_', '.', '-' "
+                       f"(it names metrics such as val/<name>/bpc)")
+        elif name in names:
+            out.append(f"{where}.name = {name!r} is used twice; give every source its own name")
+        names.append(name)
+        if not isinstance(url, str) or not url:
+            out.append(f"{where}.url must be the dataset root of the source (a path, file:// or s3:// URL)")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            out.append(f"{where}.weight = {w!r} must be a number > 0 (weights are relative: 0.8 and 0.2, or 4 and 1)")
+    if not mixture:
+        out.append("data.mixture is an empty list; list at least one source, or use data.url")
+    return out
+
+
 
 @dataclass
 class DataConfig:
@@ -360,7 +278,8 @@ class CheckpointConfig:
     allow_batch_change: bool = fld(False, "Resume with a global batch size other than the checkpoint's (data position "
                                           "kept in windows; the lr schedule continues by step).")
     staging_dir: str = fld("", "Node-local directory for checkpoints of a remote checkpoint.dir (s3://...) before "
-                               "upload; empty: hgscale-staging under the system temp dir.")
+                               "upload; empty: hgscale-staging-<uid> (mode 0700) under $SLURM_TMPDIR, $TMPDIR or the "
+                               "system temp dir.")
 
 
 # ------------------------------------------------------------------------------------------------ top
@@ -396,7 +315,6 @@ class Config:
         if len(t.betas) != 2:
             out.append(f"train.betas = {t.betas} must hold two numbers")
         if t.profile_steps:
-            from hgscale.distributed.profiling import steps_problem
             out += steps_problem(t.profile_steps)
         for name in ("micro_batch_size", "grad_accum_steps", "steps", "log_interval"):
             if getattr(t, name) < 1:
@@ -415,8 +333,7 @@ class Config:
         if d.on_corrupt not in ("error", "skip"):
             out.append(f"data.on_corrupt = {d.on_corrupt!r} is not one of error, skip")
         if d.mixture:
-            from hgscale.data.mixture import entry_problems
-            out += entry_problems(d.mixture)
+            out += mixture_problems(d.mixture)
             if d.url:
                 out.append(f"data.mixture and data.url = {d.url!r} are both set: use data.url for one dataset or "
                            f"data.mixture for several, not both")
@@ -445,35 +362,13 @@ class Config:
                        f"file:///path or s3://bucket/prefix")
         return out
 
-    def check_world(self, world_size: int) -> list[str]:
-        """Problems of the parallel layout and batch arithmetic for a given number of processes."""
-        out = []
-        t, p = self.train, self.parallel
-        if world_size % p.pipeline_stages:
-            out.append(f"world size {world_size} is not divisible by parallel.pipeline_stages = {p.pipeline_stages}: "
-                       f"launch a multiple of {p.pipeline_stages} processes")
-            return out
-        dp = world_size // p.pipeline_stages
-        derived = t.micro_batch_size * t.grad_accum_steps * dp
-        if t.global_batch_size and t.global_batch_size != derived:
-            out.append(f"train.global_batch_size = {t.global_batch_size} != micro_batch_size {t.micro_batch_size} x "
-                       f"grad_accum_steps {t.grad_accum_steps} x data-parallel size {dp} "
-                       f"(= {world_size} processes / {p.pipeline_stages} stages) = {derived}")
-        if not self.model.problems() and p.pipeline_stages > 1:
-            n_layers = self.model.n_layers() + 2 + 2 * (len(self.model.levels()) // 2)
-            if p.pipeline_stages > n_layers:
-                out.append(f"parallel.pipeline_stages = {p.pipeline_stages} exceeds the {n_layers} pipeline layers "
-                           f"of model.hierarchy {self.model.hierarchy!r}")
-        return out
-
-    def validate(self, world_size: int | None = None, source: str = "config") -> "Config":
-        probs = self.problems() + (self.check_world(world_size) if world_size else [])
+    def validate(self, source: str = "config") -> "Config":
+        """Raise one ConfigError with every problem (the layout's, which need the world size, are
+        :class:`hgscale.training.layout.ParallelLayout`'s)."""
+        probs = self.problems()
         if probs:
             raise ConfigError(probs, source)
         return self
-
-    def dp_size(self, world_size: int) -> int:
-        return world_size // self.parallel.pipeline_stages
 
 
 # ------------------------------------------------------------------------------------------- loading
@@ -482,98 +377,11 @@ def _field_type(cls, name: str):
     return typing.get_type_hints(cls)[name]
 
 
-def _type_name(tp) -> str:
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-            list: "a list", dict: "an object"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _coerce(value: Any, tp, path: str, problems: list[str]):
-    """Check ``value`` against ``tp``; ints are accepted for floats. Returns the value or None on error."""
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        list: lambda v: isinstance(v, list),
-        dict: lambda v: isinstance(v, dict),
-    }[tp]
-    if not ok(value):
-        problems.append(f"{path} = {json.dumps(value)} has the wrong type: expected {_type_name(tp)}")
-        return None
-    return float(value) if tp is float else value
-
-
-def _build(cls, data: Any, prefix: str, problems: list[str]):
-    if not isinstance(data, dict):
-        problems.append(f"{prefix or 'config'} must be an object, got {json.dumps(data)[:60]}")
-        return cls()
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    if cls is ModelConfig and "size" in data:
-        size = data["size"]
-        if size and size not in MODEL_SIZES:
-            problems.append(f"model.size = {size!r} is not one of {', '.join(MODEL_SIZES)}")
-        elif size:
-            kwargs.update(MODEL_SIZES[size])
-    for key, value in data.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]}?" if close else \
-                f"; valid keys: {', '.join(names)}"
-            problems.append(f"unknown key {path}{hint}")
-            continue
-        tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value, path, problems)
-        else:
-            v = _coerce(value, tp, path, problems)
-            if v is not None:
-                kwargs[key] = v
-    return cls(**kwargs)
-
-
-def _parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ConfigError([f"override {item!r} is not of the form section.key=value"])
-    key, raw = item.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw  # bare strings: model.hierarchy=12@1
-    return key.strip().split("."), value
-
-
-def _with_overrides(data: dict, overrides: list[str], problems: list[str]) -> dict:
-    for item in overrides or []:
-        try:
-            keys, value = _parse_override(item)
-        except ConfigError as e:
-            problems.extend(e.problems)
-            continue
-        node, cls = data, Config
-        for i, k in enumerate(keys[:-1]):
-            hints = typing.get_type_hints(cls) if cls else {}
-            cls = hints.get(k) if dataclasses.is_dataclass(hints.get(k)) else None
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                problems.append(f"override {item!r}: {'.'.join(keys[:i + 1])} is not a section")
-                break
-        else:
-            # a string given for a numeric field stays a string and fails the type check with its path
-            hints = typing.get_type_hints(cls) if cls else {}
-            if hints.get(keys[-1]) is str and not isinstance(value, str):
-                value = item.split("=", 1)[1]
-            node[keys[-1]] = value
-    return data
-
-
 def config_from_dict(data: dict, overrides: list[str] | None = None, source: str = "config",
                      validate: bool = True) -> Config:
     problems: list[str] = []
-    data = _with_overrides(json.loads(json.dumps(data)), overrides or [], problems)
-    cfg = _build(Config, data, "", problems)
+    data = with_overrides(Config, json.loads(json.dumps(data)), overrides or [], problems)
+    cfg = build(Config, data, "", problems, presets={"model": MODEL_SIZES})
     if problems:
         raise ConfigError(problems + (cfg.problems() if validate else []), source)
     return cfg.validate(source=source) if validate else cfg
@@ -581,54 +389,9 @@ def config_from_dict(data: dict, overrides: list[str] | None = None, source: str
 
 def load_config(path: str | Path, overrides: list[str] | None = None, validate: bool = True) -> Config:
     """Read a JSON config, apply dotted ``key=value`` overrides, check everything, raise once."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file {str(path)!r} does not exist; pass an existing JSON file "
-                           f"(see configs/)"], str(path))
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError([f"is not valid JSON: {e}"], str(path)) from None
-    return config_from_dict(data, overrides, source=str(path), validate=validate)
+    return config_from_dict(read_json_file(path), overrides, source=str(path), validate=validate)
 
 
-def field_docs(cls=Config, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """(dotted key, doc, default) for every field of the tree."""
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}" if prefix else f.name
-        if dataclasses.is_dataclass(hints[f.name]):
-            out += field_docs(hints[f.name], key)
-        else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            out.append((key, f.metadata.get("doc", ""), default))
-    return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hgscale.config [CONFIG] [key=value ...]`` prints the resolved config, or ``--help-keys``."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m hgscale.config",
-                                 description="Print the resolved config of CONFIG with overrides applied, or every "
-                                             "config key with its default and doc.")
-    ap.add_argument("config", nargs="?", help="JSON config file (see configs/)")
-    ap.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=3e-4")
-    ap.add_argument("--help-keys", action="store_true", help="list every config key, its default and its doc")
-    args = ap.parse_args(argv)
-    if args.help_keys or args.config is None:
-        for key, doc, default in field_docs():
-            print(f"{key:36s} {json.dumps(default):>22s}  {doc}")
-        return 0
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(cfg.to_dict(), indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def field_docs() -> list[tuple[str, str, object]]:
+    """(dotted key, doc, default) for every key of the config tree (``hgscale config --help-keys``)."""
+    return _field_docs(Config)

@@ -29,9 +29,10 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
-from launchers.faults import STOP_STATUSES, record_crash, record_stop
+from hgscale.core.status import HANG, STOPS
+from launchers.faults import record_crash, record_stop
 from launchers.hostlist import HostlistError, expand_hostlist, expand_tasks_per_node
-from launchers.signals import EXIT_HANG, SignalRelay, child_setup, exit_status
+from launchers.signals import SignalRelay, child_setup, exit_status
 
 # Ports below Linux's ephemeral range (32768-60999), above the common service ports and Slurm's own.
 PORT_BASE = 20000
@@ -169,9 +170,9 @@ def run_rank(cmd: list[str], env: dict[str, str]) -> int:
             continue
         # a rank that died while nobody asked it to stop: the Slurm script excludes its node on requeue
         # (0 done, 2 config/data error, 3 NaN loss, 4 hang: the watchdog reports that one itself)
-        if status in STOP_STATUSES:
+        if status in STOPS:
             record_stop(int(env.get("RANK", "0")), status)
-        elif status not in (0, EXIT_HANG) and not relay.seen:
+        elif status not in (0, HANG) and not relay.seen:
             record_crash(int(env.get("RANK", "0")), status)
         return status
 

@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-STOP_STATUSES = (2, 3)  # deliberate stops: never requeued
-
 
 def _record(kind: str, rank: int, status: int, events_dir: str | None) -> Path | None:
     events_dir = events_dir or os.environ.get("HGSCALE_EVENTS_DIR")

@@ -15,20 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from hgscale.core.net import free_port
+from hgscale.core.status import HANG
 from launchers.env import rendezvous_env
-from launchers.signals import EXIT_HANG, SignalRelay, child_setup, exit_status
-
-
-def free_port(addr: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind((addr, 0))
-        return s.getsockname()[1]
+from launchers.signals import SignalRelay, child_setup, exit_status
 
 
 def local_rank_envs(nproc: int, master_addr: str, master_port: int) -> list[dict[str, str]]:
@@ -67,10 +61,10 @@ def launch_local(cmd: list[str], nproc: int, master_addr: str = "127.0.0.1", mas
             if bad and failed is None:
                 rank = next(r for r, c in enumerate(codes) if c not in (None, 0))
                 failed = exit_status(bad[0])
-                why = "hung (see its error line)" if failed == EXIT_HANG else f"exited with status {failed}"
+                why = "hung (see its error line)" if failed == HANG else f"exited with status {failed}"
                 print(f"launchers.local: rank {rank} {why}; stopping the other ranks", file=sys.stderr, flush=True)
                 # after a hang the others are stuck in a collective and have dumped their stacks: no grace
-                deadline = time.monotonic() + (min(grace_s, 2.0) if failed == EXIT_HANG else grace_s)
+                deadline = time.monotonic() + (min(grace_s, 2.0) if failed == HANG else grace_s)
                 interrupt(signal.SIGTERM, None)
             if all(c is not None for c in codes):
                 return failed if failed is not None else 0

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 
+from hgscale.core.status import INFRA, USER_ERROR
 from launchers.env import LaunchError, Rendezvous, slurm_rendezvous
 
 PROBE_TIMEOUT_S = float(os.environ.get("HGSCALE_PROBE_TIMEOUT", "20"))
@@ -52,13 +53,13 @@ def check_config(path: str, overrides: list[str], world_size: int):
     """Load and validate the config for ``world_size`` ranks (raises ConfigError); print layout and config."""
     # The trainer's own checks, before any rank starts; neither module imports torch (this takes a second).
     from hgscale.config import load_config
-    from hgscale.distributed.ds_config import deepspeed_config
-    from hgscale.tracking.runinfo import mask_args, mask_secrets
+    from hgscale.core.secrets import mask_args, mask_secrets
+    from hgscale.training.ds_config import deepspeed_config
+    from hgscale.training.layout import ParallelLayout
     cfg = load_config(path, overrides)
-    cfg.validate(world_size, source=path)
+    lay = ParallelLayout.of(cfg, world_size, source=path)
     deepspeed_config(cfg, world_size)  # conflicts between `deepspeed` pass-through keys and generated ones
-    stages = cfg.parallel.pipeline_stages
-    print(f"hgscale: layout {world_size} tasks = {stages} pipeline stage(s) x {cfg.dp_size(world_size)} "
+    print(f"hgscale: layout {world_size} tasks = {lay.stages} pipeline stage(s) x {lay.dp} "
           f"data-parallel; config {os.path.abspath(path)} overrides {' '.join(mask_args(overrides)) or '(none)'}")
     # The job log is read by others: credentials go the way they go in MLflow params (masked).
     print("hgscale: resolved config\n" + json.dumps(mask_secrets(cfg.to_dict()), indent=2), flush=True)
@@ -141,7 +142,7 @@ def probe(addr: str, port: int, timeout_s: float) -> int:
                 raise OSError("no answer from the listener")
     except OSError as e:
         reason = "timed out" if isinstance(e, socket.timeout) else (e.strerror or str(e))
-        return _fail(3, f"node {me} cannot reach MASTER_ADDR {addr} port {port} ({reason})")
+        return _fail(INFRA, f"node {me} cannot reach MASTER_ADDR {addr} port {port} ({reason})")
     return 0
 
 
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--probe"]:
         return probe(argv[1], int(argv[2]), float(argv[3]))
     if not argv or argv[0].startswith("-"):
-        return _fail(2, "usage: python -m launchers.preflight CONFIG.json [key=value ...]")
+        return _fail(USER_ERROR, "usage: python -m launchers.preflight CONFIG.json [key=value ...]")
     from hgscale.config import ConfigError
     try:
         rdv = slurm_rendezvous(os.environ)
@@ -161,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("HGSCALE_SKIP_RENDEZVOUS_CHECK") != "1":
             check_rendezvous(rdv)
     except ConfigError as e:
-        return _fail(2, str(e))
+        return _fail(USER_ERROR, str(e))
     except LaunchError as e:
-        return _fail(3, str(e))
+        return _fail(INFRA, str(e))
     return 0
 
 

@@ -17,7 +17,6 @@ import signal
 import subprocess
 
 FORWARDED = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-EXIT_HANG = 4  # a rank's watchdog (hgscale.distributed.watchdog) found the job hung
 PR_SET_PDEATHSIG = 1
 try:  # loaded here, not in the forked child: a dlopen there could deadlock on a lock another thread held
     _libc = ctypes.CDLL("libc.so.6", use_errno=True)

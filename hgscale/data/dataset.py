@@ -13,9 +13,11 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from hgscale.core.storage import join, storage_options
+
 from . import shards as fmt
+from .errors import DataError
 from .records import StreamSpec
-from .storage import DataError, join, storage_options
 from .stream import Stream, check_start_method
 
 log = logging.getLogger("hgscale.data")
@@ -123,6 +125,15 @@ class Dataset:
         """Windows of seq_len + 1 tokens (stride seq_len) in ``split``; images wrap by one token."""
         n = self.num_tokens(split)
         return n // seq_len if self.modality == "image" else max(0, (n - 1) // seq_len)
+
+    #: (name, weight, dataset) per source of a mixture; None for one dataset
+    sources = None
+
+    def eval_sets(self, split: str, batch_size: int, seq_len: int, dp_rank: int = 0, dp_size: int = 1,
+                  max_batches: int | None = None) -> list[tuple[None, list, float]]:
+        """[(None, this rank's validation batches, bits per nat-token)]: the mixture interface for one dataset."""
+        return [(None, list(self.eval_batches(split, batch_size, seq_len, dp_rank, dp_size, max_batches)),
+                 self.bits_per_nat_token_for(split))]
 
     def eval_batches(self, split: str, batch_size: int, seq_len: int, dp_rank: int = 0, dp_size: int = 1,
                      max_batches: int | None = None) -> Iterator:

@@ -20,45 +20,19 @@ import dataclasses
 import hashlib
 import logging
 import math
-import re
 from typing import Any, Iterator
 
 import numpy as np
 
-from .storage import DataError, read_bytes
+from hgscale.config import mixture_problems
+from hgscale.core.storage import read_bytes
+
+from .errors import DataError
 
 log = logging.getLogger("hgscale.data")
 
 STATE_VERSION = 2
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")  # metric names: val/<name>/bpc, data/share/<name>
 _BLOCK = 4096  # source choices drawn per RNG block: window i's choice needs only block i // _BLOCK
-
-
-def entry_problems(mixture: Any) -> list[str]:
-    """Problems of a ``data.mixture`` list (no I/O): shape, names, weights."""
-    if not isinstance(mixture, list):
-        return [f"data.mixture must be a list of {{\"name\", \"url\", \"weight\"}} objects, got {mixture!r:.60}"]
-    out, names = [], []
-    for i, e in enumerate(mixture):
-        where = f"data.mixture[{i}]"
-        if not isinstance(e, dict) or set(e) != {"name", "url", "weight"}:
-            keys = sorted(e) if isinstance(e, dict) else type(e).__name__
-            out.append(f"{where} must be an object with exactly the keys name, url, weight (got {keys})")
-            continue
-        name, url, w = e["name"], e["url"], e["weight"]
-        if not isinstance(name, str) or not NAME_RE.match(name):
-            out.append(f"{where}.name = {name!r} must be a non-empty string of letters, digits, '_', '.', '-' "
-                       f"(it names metrics such as val/<name>/bpc)")
-        elif name in names:
-            out.append(f"{where}.name = {name!r} is used twice; give every source its own name")
-        names.append(name)
-        if not isinstance(url, str) or not url:
-            out.append(f"{where}.url must be the dataset root of the source (a path, file:// or s3:// URL)")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
-            out.append(f"{where}.weight = {w!r} must be a number > 0 (weights are relative: 0.8 and 0.2, or 4 and 1)")
-    if not mixture:
-        out.append("data.mixture is an empty list; list at least one source, or use data.url")
-    return out
 
 
 def choices(seed: int, start: int, n: int, probs: np.ndarray) -> np.ndarray:
@@ -295,7 +269,7 @@ def _tokenizer_digest(ds) -> str | None:
 
 def open_mixture(data_cfg: Any, open_one) -> Mixture:
     """Open every source of ``data_cfg.mixture`` with ``open_one(source DataConfig)``; they must agree."""
-    problems = entry_problems(data_cfg.mixture)
+    problems = mixture_problems(data_cfg.mixture)
     if problems:
         raise DataError("; ".join(problems))
     sources = []
@@ -315,4 +289,4 @@ def open_mixture(data_cfg: Any, open_one) -> Mixture:
     return Mixture(sources)
 
 
-__all__ = ["Mixture", "MixtureStream", "combine_eval", "entry_problems", "open_mixture"]
+__all__ = ["Mixture", "MixtureStream", "combine_eval", "open_mixture"]

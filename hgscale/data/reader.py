@@ -25,10 +25,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from hgscale.core.storage import StorageError, join
+
+from .errors import DataError
 from .order import EpochPlan, _rng
 from .records import Batch, StreamSpec, WorkerError
 from .shards import CorruptShard, load_shard
-from .storage import DataError, join
 
 
 def window_starts(samples: list[np.ndarray], seq_len: int, image_tokens: int, rng: np.random.Generator | None
@@ -160,7 +162,7 @@ def produce(spec: StreamSpec, start: list[int], put: Callable[[Batch | WorkerErr
         for msg in iter_batches(spec, start):
             if not put(msg):
                 return
-    except DataError as e:
+    except StorageError as e:
         put(WorkerError(str(e)))
     except BaseException as e:  # noqa: BLE001 - reported to the main process, which raises it
         import traceback

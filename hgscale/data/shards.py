@@ -32,7 +32,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .storage import DataError, filesystem, join, read_bytes, with_retries
+from hgscale.core.storage import StorageError, filesystem, join, read_bytes, with_retries
+
+from .errors import DataError
 
 FORMAT = "hgscale-shards"
 VERSION = 1
@@ -129,7 +131,7 @@ def load_manifest(root: str, opts: dict, on_retry: Callable[[str], None] | None 
     url = join(root, "manifest.json")
     try:
         raw = read_bytes(url, opts, on_retry)
-    except DataError as e:
+    except StorageError as e:
         if "no such" in str(e):
             raise DataError(f"no dataset at {root}: {url} does not exist (manifest.json is written last, so the "
                             f"dataset is missing or was not completely written); check data.url or prepare it "

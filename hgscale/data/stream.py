@@ -30,9 +30,9 @@ import signal
 import sys
 from typing import Iterator
 
+from .errors import DataError
 from .reader import start_thread, worker_main
 from .records import Batch, StreamSpec, WorkerError
-from .storage import DataError
 
 log = logging.getLogger("hgscale.data")
 

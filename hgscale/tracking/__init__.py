@@ -5,7 +5,7 @@
 - ``peak_flops`` / ``mfu`` / ``achieved_flops`` / :class:`EfficiencyMeter`: MFU against a GPU peak table or a
   CPU matmul peak measured at start-up (``efficiency``).
 - ``gather_to_rank0`` / ``aggregate``: per-stage timings and per-node resources collected on rank 0 (``gather``).
-- ``names``: the metric names the trainer logs and the plots and ``python -m hgscale.report`` read.
+- ``names``: the metric names the trainer logs and the plots and ``python -m hgscale report`` read.
 """
 from . import names
 from .efficiency import (

@@ -30,7 +30,7 @@ class CheckpointRun:
 
 
 def _unmasked(uri: str) -> str:
-    from hgscale.tracking.runinfo import MASK
+    from hgscale.core.secrets import MASK
 
     # the training URI carried credentials, masked when saved: take them from the environment
     return os.environ.get("MLFLOW_TRACKING_URI", "") if MASK in uri else uri
@@ -38,7 +38,7 @@ def _unmasked(uri: str) -> str:
 
 def save_run_file(run: CheckpointRun | None, out: Path) -> None:
     """Keep ``run`` beside an exported model (credentials in its URI masked)."""
-    from hgscale.tracking.runinfo import mask_value
+    from hgscale.core.secrets import mask_value
 
     if run is not None:
         (Path(out) / RUN_FILE).write_text(json.dumps({"run_id": run.run_id, "step": run.step,
@@ -47,7 +47,7 @@ def save_run_file(run: CheckpointRun | None, out: Path) -> None:
 
 def checkpoint_run(path: str | Path) -> CheckpointRun | None:
     """The run that trained the checkpoint at ``path`` (training or exported directory), or None."""
-    from hgscale.checkpoint import META, CheckpointError, resolve
+    from hgscale.checkpoint.layout import META, CheckpointError, resolve
     from hgscale.config import config_from_dict
 
     path = Path(path)
@@ -77,7 +77,7 @@ def log_to_run(run: CheckpointRun | None, metrics: dict | None = None, artifacts
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from hgscale.tracking.runinfo import mask_value
+    from hgscale.core.secrets import mask_value
 
     try:
         client = MlflowClient(tracking_uri=run.tracking_uri)

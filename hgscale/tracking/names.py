@@ -1,6 +1,6 @@
 """Metric names: what the trainer logs and what plots and reports look for.
 
-The trainer logs with the constants below. Readers (the end-of-run plot, ``python -m hgscale.report``)
+The trainer logs with the constants below. Readers (the end-of-run plot, ``hgscale report``)
 also accept a few common spellings, so runs logged by other tools still plot.
 Validation and test metrics are ``val/<metric>`` and ``test/<metric>`` with the dataset's metric name
 (``bpc``, ``bpd``, ``bits_per_token``).
@@ -21,6 +21,21 @@ SAMPLES_PER_S = "perf/samples_per_s"
 TFLOPS_PER_DEVICE = "perf/tflops_per_device"
 MFU = "perf/mfu"
 PEAK_MEMORY_GB = "memory/peak_gb"
+SKIPPED_STEPS = "train/skipped_steps"     # fp16 steps the loss scaler skipped in the log interval
+BUBBLE_IDEAL = "pipeline/bubble_share_ideal"
+DATA_WAIT_SHARE = "time/data_wait_share"  # shares of step time: waiting for data, forward+backward, optimizer
+FWD_BWD_SHARE = "time/fwd_bwd_share"
+OPTIMIZER_SHARE = "time/optimizer_share"
+VAL_LOSS = "val/loss"
+
+
+def train_metric(metric_name: str) -> str:
+    return f"train/{metric_name}"
+
+
+def data_share(source: str) -> str:
+    """Fraction of the training tokens drawn from one source of a mixture."""
+    return f"data/share/{source}"
 
 
 def val_metric(metric_name: str) -> str:
@@ -38,7 +53,7 @@ ELAPSED_KEYS = (ELAPSED_S, "elapsed_s", "wall_clock_s", "time/wall_s")
 TOKENS_PER_S_KEYS = (TOKENS_PER_S, "tokens_per_s", "tokens_per_sec", "throughput/tokens_per_s")
 MFU_KEYS = (MFU, "mfu", "perf/MFU")
 _VAL_RE = re.compile(r"^(val|valid|validation|eval)[/_](bpc|bpd|bits_per_token|bits_per_byte|bpb)$")
-_VAL_LOSS = ("val/loss", "valid/loss", "eval/loss", "val_loss")
+_VAL_LOSS = (VAL_LOSS, "valid/loss", "eval/loss", "val_loss")
 
 
 def first_present(keys, available) -> str | None:

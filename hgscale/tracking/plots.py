@@ -1,4 +1,4 @@
-"""Curves shared by the end-of-run plot (Tracker) and the comparison report (hgscale.report)."""
+"""Curves shared by the end-of-run plot (Tracker) and the comparison report (hgscale.tracking.report)."""
 from __future__ import annotations
 
 from pathlib import Path

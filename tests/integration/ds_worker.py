@@ -1,4 +1,4 @@
-"""One training job for the parity tests, through the trainer's own engine (hgscale.distributed.engine).
+"""One training job for the parity tests, through the trainer's own engine (hgscale.training.engine).
 
     deepspeed --num_gpus 2 tests/integration/ds_worker.py --config C.json --out DIR --steps 2 --data synthetic
     python tests/integration/ds_worker.py ...                 # one process
@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 
 from hgscale.config import load_config  # noqa: E402
-from hgscale.distributed.ds_config import deepspeed_config  # noqa: E402
-from hgscale.distributed.engine import TrainEngine, init_distributed, rendezvous_env  # noqa: E402
+from hgscale.training.ds_config import deepspeed_config  # noqa: E402
+from hgscale.training.engine import TrainEngine, init_distributed, world_from_env  # noqa: E402
 
 
 def synthetic(cfg, eng, steps):
@@ -56,7 +56,7 @@ def named_params(eng) -> dict:
 
 def compiled_layers(eng) -> int:
     """This rank's layers still running their compiled forward (train.compile; 0 without it)."""
-    from hgscale.distributed.compile import still_compiled
+    from hgscale.training.compile import still_compiled
 
     module = eng.engine.module
     return still_compiled(module.forward_funcs if eng.pipeline else module.model.layers)
@@ -73,7 +73,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    world = rendezvous_env()
+    world = world_from_env()
     cfg = load_config(args.config, args.overrides)
     ds_json = deepspeed_config(cfg, world)
     rt = init_distributed(cfg)
@@ -100,7 +100,7 @@ def main():
         timings.append(eng.timings)
 
     if args.checkpoint:
-        from hgscale.checkpoint import CheckpointManager
+        from hgscale.checkpoint.manager import CheckpointManager
         g = torch.Generator().manual_seed(7)
         x = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch_size, cfg.data.seq_len), generator=g)
         y = torch.roll(x, -1, 1)

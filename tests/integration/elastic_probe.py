@@ -3,7 +3,7 @@
     deepspeed --num_gpus 2 tests/integration/elastic_probe.py --config C.json --out DIR [key=value ...]
 
 checkpoint.resume of the config names the checkpoint; the same layout loads through DeepSpeed, another
-through hgscale.reshard. DIR/state_rank{r}.pt: {HourglassLM name: {"fp32", "exp_avg", "exp_avg_sq"}} of
+through hgscale.checkpoint.reshard. DIR/state_rank{r}.pt: {HourglassLM name: {"fp32", "exp_avg", "exp_avg_sq"}} of
 this rank's parameters (full tensors, gathered from ZeRO partitions) and "adam_step", "global_steps".
 """
 import argparse
@@ -14,16 +14,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from hgscale.checkpoint import CheckpointManager, resume_point  # noqa: E402
+from hgscale.checkpoint.manager import CheckpointManager, resume_point  # noqa: E402
 from hgscale.config import load_config  # noqa: E402
-from hgscale.distributed.ds_config import deepspeed_config  # noqa: E402
-from hgscale.distributed.engine import TrainEngine, init_distributed, rendezvous_env  # noqa: E402
+from hgscale.training.ds_config import deepspeed_config  # noqa: E402
+from hgscale.training.engine import TrainEngine, init_distributed, world_from_env  # noqa: E402
 
 
 def full_state(eng) -> dict:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    from hgscale.reshard import _flat_partitions, link_zero_optimizer_state
+    from hgscale.checkpoint.reshard import _flat_partitions, link_zero_optimizer_state
 
     out, step = {}, None
     opt = eng.engine.optimizer
@@ -54,7 +54,7 @@ def main():
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    world = rendezvous_env()
+    world = world_from_env()
     cfg = load_config(args.config, args.overrides)
     ds_json = deepspeed_config(cfg, world)
     rt = init_distributed(cfg)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from hgscale.checkpoint_store import COMPLETE, LATEST, UPLOADED, RemoteCheckpoints, needed
+from hgscale.checkpoint.remote import COMPLETE, LATEST, UPLOADED, RemoteCheckpoints, needed
 from hgscale.config import config_from_dict
 from tests.integration.train_helpers import ROOT, TRAIN, demo_data, env, metrics, tiny_config  # noqa: F401
 
@@ -146,7 +146,7 @@ def test_bad_credentials_fail_at_start_up_naming_the_url(tmp_path, demo_data, s3
 
 
 def test_missing_bucket_and_unwritable_staging_are_start_up_problems(tmp_path, s3_env):
-    from hgscale.checkpoint_store import start_up_problems
+    from hgscale.checkpoint.remote import start_up_problems
 
     (tmp_path / "file").write_text("a file, not a directory")
     cfg = config_from_dict({"data": {"url": "/d"}, "checkpoint": {"dir": "s3://no-such-bucket-hg/run",

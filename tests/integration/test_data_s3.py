@@ -12,8 +12,8 @@ import torch
 
 from data_pipelines.demo_corpus import write_demo_corpus
 from hgscale.config import DataConfig
+from hgscale.core.storage import storage_options
 from hgscale.data import DataError, open_dataset
-from hgscale.data.storage import storage_options
 from tests.batches import assert_same, take
 
 pytestmark = pytest.mark.integration

@@ -114,7 +114,7 @@ def test_two_ranks_resume_on_one_with_the_same_state_and_losses(work, straight):
 
 
 def test_preflight_names_batch_and_model_changes(work, straight):
-    from hgscale.distributed.preflight import _checkpoint_problems
+    from hgscale.training.preflight import _checkpoint_problems
 
     def problems(*overrides):
         return _checkpoint_problems(load_config(str(straight), list(overrides)), 1)

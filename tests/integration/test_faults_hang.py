@@ -18,7 +18,7 @@ import time
 import psutil
 import pytest
 
-from hgscale.distributed.watchdog import EXIT_HANG
+from hgscale.core.status import HANG as EXIT_HANG
 from tests.integration.train_helpers import ROOT, TRAIN, demo_data, env, metrics, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launchers.local import free_port
+from hgscale.core.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 SCRIPT = Path(__file__).with_name("tracking_ranks.py")

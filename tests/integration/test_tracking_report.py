@@ -1,4 +1,4 @@
-"""`python -m hgscale.report` compares two runs read back from a real MLflow server."""
+"""`python -m hgscale report` compares two runs read back from a real MLflow server."""
 import os
 import subprocess
 import sys
@@ -35,7 +35,7 @@ def test_report_from_two_runs(tmp_path, mlflow_server):
     base = _run(tmp_path, mlflow_server.uri, "baseline", 2e12, 1.0, 0.05)
     out = tmp_path / "report"
     env = dict(os.environ, MLFLOW_TRACKING_URI=mlflow_server.uri, PYTHONPATH=str(ROOT))
-    proc = subprocess.run([sys.executable, "-m", "hgscale.report", "--experiment", "hourglass-vs-baseline",
+    proc = subprocess.run([sys.executable, "-m", "hgscale", "report", "--experiment", "hourglass-vs-baseline",
                            "--runs", "hourglass", base, "--out", str(out)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -61,11 +61,12 @@ def test_report_from_two_runs(tmp_path, mlflow_server):
         {"report/val_vs_flops.png", "report/val_vs_wallclock.png", "report/report.md"}
 
     # a second report ignores the summary run; a bad experiment name is one clear sentence
-    bad = subprocess.run([sys.executable, "-m", "hgscale.report", "--experiment", "no-such-exp", "--no-summary-run"],
+    bad = subprocess.run([sys.executable, "-m", "hgscale", "report", "--experiment", "no-such-exp",
+                          "--no-summary-run"],
                          capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
     assert bad.returncode == 2
     assert "error: experiment 'no-such-exp' does not exist" in bad.stderr and "Traceback" not in bad.stderr
-    bad = subprocess.run([sys.executable, "-m", "hgscale.report", "--experiment", "hourglass-vs-baseline",
+    bad = subprocess.run([sys.executable, "-m", "hgscale", "report", "--experiment", "hourglass-vs-baseline",
                           "--runs", "nope", "--no-summary-run"], capture_output=True, text=True, timeout=60, env=env,
                          cwd=tmp_path)
     assert bad.returncode == 2 and "run 'nope' is not in the experiment" in bad.stderr

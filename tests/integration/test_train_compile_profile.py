@@ -8,7 +8,7 @@ import sys
 import pytest
 from mlflow.tracking import MlflowClient
 
-from launchers.local import free_port
+from hgscale.core.net import free_port
 from tests.integration.train_helpers import ROOT, demo_data, run_worker, tiny_config  # noqa: F401
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]

@@ -1,4 +1,4 @@
-"""`python -m hgscale.evaluate`: the enwik8 sliding-chunk protocol, on a checkpoint `hgscale/train.py` wrote."""
+"""`python -m hgscale evaluate`: the enwik8 sliding-chunk protocol, on a checkpoint `hgscale/train.py` wrote."""
 import json
 import math
 import subprocess
@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from hgscale.config import load_config
-from hgscale.evaluate import sliding_nll
 from hgscale.models import HourglassLM
+from hgscale.models.scoring import sliding_nll
 from tests.integration.train_helpers import ROOT, TRAIN, demo_data, launch, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -50,7 +50,7 @@ def test_evaluate_cli_on_a_training_checkpoint(tmp_path, demo_data):  # noqa: F8
     cfg = tiny_config(tmp_path, demo_data, "ev.json", tracking={"enabled": True})
     launch(1, TRAIN, ["--config", str(cfg)])
     out = tmp_path / "result.json"
-    r = subprocess.run([sys.executable, "-m", "hgscale.evaluate", "--checkpoint", str(tmp_path / "ev_ckpt"),
+    r = subprocess.run([sys.executable, "-m", "hgscale", "evaluate", "--checkpoint", str(tmp_path / "ev_ckpt"),
                         "--split", "test", "--chunk", "32", "--context-chunks", "3", "--max-chunks", "12",
                         "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr
@@ -58,7 +58,7 @@ def test_evaluate_cli_on_a_training_checkpoint(tmp_path, demo_data):  # noqa: F8
     assert res["protocol"] == "sliding" and res["metric"] == "bpc" and res["tokens"] == 12 * 32
     assert f"test bpc {res['value']:.4f}" in r.stdout
 
-    from hgscale.checkpoint import load_any
+    from hgscale.checkpoint.export import load_any
     from hgscale.data import open_dataset
     model, c = load_any(tmp_path / "ev_ckpt")
     tokens = open_dataset(c.data).split_tokens("test")[:12 * 32 + 1]
@@ -78,13 +78,13 @@ def test_evaluate_cli_on_a_training_checkpoint(tmp_path, demo_data):  # noqa: F8
     assert f"logged test/bpc, test/loss to MLflow run {run.info.run_id} at step 4" in r.stdout
 
     # an exported model keeps the link to its run
-    from hgscale.checkpoint import export
+    from hgscale.checkpoint.export import export
     from hgscale.tracking.checkpoint_run import checkpoint_run
     exported = checkpoint_run(export(tmp_path / "ev_ckpt", tmp_path / "export"))
     assert (exported.run_id, exported.step) == (run.info.run_id, 4)
 
 
 def test_evaluate_cli_names_a_missing_checkpoint(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "hgscale.evaluate", "--checkpoint", str(tmp_path / "none")],
+    r = subprocess.run([sys.executable, "-m", "hgscale", "evaluate", "--checkpoint", str(tmp_path / "none")],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "no complete checkpoint at" in r.stderr and "Traceback" not in r.stderr

@@ -117,11 +117,11 @@ def test_zero_data_parallel_matches_single_process(stage, work, demo_data, refer
 def test_export_then_load_gives_the_engine_logits(job, request, tmp_path):
     res = request.getfixturevalue(job)
     out = tmp_path / "export"
-    r = subprocess.run([sys.executable, "-m", "hgscale.checkpoint", "export", "--checkpoint",
+    r = subprocess.run([sys.executable, "-m", "hgscale", "export", "--checkpoint",
                         str(res["ckpt"]), "--out", str(out)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    from hgscale.checkpoint import load_exported
+    from hgscale.checkpoint.export import load_exported
     model, cfg = load_exported(out)
     saved = torch.load(res["out"] / "logits.pt")
     with torch.no_grad():

@@ -120,7 +120,7 @@ def test_interrupted_save_is_ignored_and_cleaned(tmp_path, demo_data):  # noqa: 
     (debris / "COMPLETE").unlink()
     (debris / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
 
-    from hgscale.checkpoint import latest_tag
+    from hgscale.checkpoint.layout import latest_tag
     assert latest_tag(ckpt) == "step00000002"
     (ckpt / "latest").unlink()  # even without the pointer, only complete checkpoints count
     assert latest_tag(ckpt) == "step00000002"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.local import free_port
+from hgscale.core.net import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKER = ROOT / "tests" / "integration" / "ds_worker.py"
@@ -53,7 +53,7 @@ def command(nprocs: int, script: Path, args: list[str]) -> list[str]:
 
 
 def shm_segments() -> set[str]:
-    """DeepSpeed's shared-memory allreduce segments in /dev/shm (hgscale.distributed.engine.SHM_SEGMENT)."""
+    """DeepSpeed's shared-memory allreduce segments in /dev/shm (hgscale.training.engine.SHM_SEGMENT)."""
     return {p.name for p in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*")}
 
 

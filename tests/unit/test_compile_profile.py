@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from hgscale.config import MODEL_SIZES, Config, ModelConfig
-from hgscale.distributed.compile import backend_problem, compile_layers, guarded
-from hgscale.distributed.profiling import StepProfiler, parse_steps, steps_problem
+from hgscale.core.notation import parse_steps, steps_problem
 from hgscale.models import HourglassLM
+from hgscale.training.compile import backend_problem, compile_layers, guarded
+from hgscale.training.profiling import StepProfiler
 
 
 def _failing_backend(gm, example_inputs):

@@ -13,6 +13,7 @@ from hgscale.config import (
     load_config,
     parse_hierarchy,
 )
+from hgscale.training.layout import ParallelLayout
 
 BASE = {"model": {"size": "debug"}, "data": {"url": "/tmp/none", "seq_len": 64}}
 
@@ -118,18 +119,18 @@ def test_batch_arithmetic_prints_the_equation():
     cfg = config_from_dict({**BASE, "train": {"micro_batch_size": 4, "grad_accum_steps": 2, "global_batch_size": 32},
                             "parallel": {"pipeline_stages": 2}})
     with pytest.raises(ConfigError) as e:
-        cfg.validate(world_size=4)
+        ParallelLayout.of(cfg, 4)
     assert ("train.global_batch_size = 32 != micro_batch_size 4 x grad_accum_steps 2 x data-parallel size 2 "
             "(= 4 processes / 2 stages) = 16") in str(e.value)
-    cfg.validate(world_size=8)  # 4 x 2 x 4 = 32
+    ParallelLayout.of(cfg, 8)  # 4 x 2 x 4 = 32
     with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.pipeline_stages = 2"):
-        cfg.validate(world_size=3)
+        ParallelLayout.of(cfg, 3)
 
 
 def test_more_stages_than_layers():
     cfg = config_from_dict({**BASE, "parallel": {"pipeline_stages": 64}})
     with pytest.raises(ConfigError, match="pipeline_stages = 64 exceeds the"):
-        cfg.validate(world_size=64)
+        ParallelLayout.of(cfg, 64)
 
 
 def test_load_config_file_and_errors(tmp_path):

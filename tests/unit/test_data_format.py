@@ -103,14 +103,14 @@ def test_checksum_mismatch_found_by_verify_flag_and_command(demo):
     open_dataset(DataConfig(url=str(demo)))  # sizes agree: the cheap check passes
     with pytest.raises(DataError, match=r"test/shard-000000.tar does not match its sha256"):
         open_dataset(DataConfig(url=str(demo), verify_checksums=True))
-    bad = subprocess.run([sys.executable, "-m", "hgscale.data.verify", str(demo), "--quiet"],
+    bad = subprocess.run([sys.executable, "-m", "hgscale", "verify", str(demo), "--quiet"],
                          capture_output=True, text=True, cwd=REPO, timeout=60)
     assert bad.returncode == 2 and "test/shard-000000.tar does not match its sha256" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
 def test_verify_command_accepts_a_good_dataset(demo):
-    ok = subprocess.run([sys.executable, "-m", "hgscale.data.verify", str(demo), "--quiet"],
+    ok = subprocess.run([sys.executable, "-m", "hgscale", "verify", str(demo), "--quiet"],
                         capture_output=True, text=True, cwd=REPO, timeout=60)
     assert ok.returncode == 0 and "15 shards" in ok.stdout and f"{len(corpus_bytes()):,d} tokens" in ok.stdout
 

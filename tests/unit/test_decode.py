@@ -10,7 +10,7 @@ import torch
 
 from hgscale.config import DOWNSAMPLE, UPSAMPLE, ModelConfig
 from hgscale.models import HourglassLM
-from hgscale.sample import generate
+from hgscale.models.generation import generate
 
 HIERARCHIES = {1: "1@1 1@3 1@1", 2: "1@1 1@2 1@6 1@2 1@1", 3: "1@1 1@2 0@4 1@8 1@4 1@2 1@1"}
 COMBOS = list(itertools.product(DOWNSAMPLE, UPSAMPLE, ("relative", "rotary")))

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from hgscale.config import ConfigError, config_from_dict, load_config
-from hgscale.distributed.ds_config import batch_layout, deepspeed_config, lr_at
+from hgscale.core.schedule import lr_at
+from hgscale.training.ds_config import deepspeed_config
+from hgscale.training.layout import ParallelLayout
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -38,7 +40,7 @@ def test_paper_optimizer_and_batch_arithmetic():
 
 def test_pipeline_layout_divides_world():
     cfg = cfg_of(parallel={"pipeline_stages": 2}, train={"micro_batch_size": 2, "grad_accum_steps": 4})
-    assert batch_layout(cfg, 8)["data_parallel_size"] == 4
+    assert ParallelLayout.of(cfg, 8).dp == 4
     assert deepspeed_config(cfg, 8)["train_batch_size"] == 2 * 4 * 4
 
 
@@ -103,7 +105,7 @@ def test_lr_schedule_shapes():
 def test_lr_schedule_drives_torch_scheduler():
     import torch
 
-    from hgscale.distributed.ds_config import lr_multiplier
+    from hgscale.core.schedule import lr_multiplier
     cfg = cfg_of(train={"lr": 2e-3, "warmup_steps": 5, "steps": 20})
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=cfg.train.lr)
@@ -121,7 +123,7 @@ def test_shipped_configs_generate(tmp_path):
     for name, world in expected_world.items():
         cfg = load_config(ROOT / "configs" / f"{name}.json")
         ds = deepspeed_config(cfg, world)
-        assert ds["train_batch_size"] == batch_layout(cfg, world)["global_batch_size"]
+        assert ds["train_batch_size"] == ParallelLayout.of(cfg, world).global_batch
     xl = load_config(ROOT / "configs" / "enwik8_xl.json")
     assert xl.train.betas == [0.9, 0.98] and xl.train.eps == 1e-9 and xl.train.lr == 4.1e-4
     assert xl.model.hierarchy == "5@1 24@3 5@1" and xl.data.seq_len == 2048 and xl.train.global_batch_size == 8

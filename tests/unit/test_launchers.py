@@ -14,6 +14,7 @@ import time
 import pytest
 
 from hgscale.config import ConfigError
+from hgscale.core.status import INFRA
 from launchers import env as lenv
 from launchers import hostlist, local, preflight
 from launchers.env import LaunchError, master_port_for_job, slurm_rank_env, slurm_rendezvous
@@ -348,7 +349,7 @@ def test_probe_reaches_a_listener_and_names_a_dead_port(capsys):
         t.join()
         srv.close()
     assert seen == [socket.gethostname()]
-    assert preflight.probe("127.0.0.1", port, 2) == 3
+    assert preflight.probe("127.0.0.1", port, 2) == INFRA
     assert f"cannot reach MASTER_ADDR 127.0.0.1 port {port}" in capsys.readouterr().err
 
 

@@ -10,15 +10,15 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from hgscale.config import load_config
-from hgscale.distributed.pipeline import (
+from hgscale.models import HourglassLM, lm_loss
+from hgscale.training.pipeline import (
     _keep_extras_on_grad_path,
     layer_costs,
     layer_names,
     layer_param_counts,
     stage_parts,
 )
-from hgscale.distributed.plan import format_plan, stage_plan
-from hgscale.models import HourglassLM, lm_loss
+from hgscale.training.plan import format_plan, stage_plan
 
 ROOT = Path(__file__).resolve().parents[2]
 XL = ROOT / "configs" / "enwik8_xl.json"
@@ -65,7 +65,7 @@ def test_partition_methods_differ(xl):
 
 
 def test_plan_cli_text_and_json():
-    r = subprocess.run([sys.executable, "-m", "hgscale.distributed.plan", "--config", str(XL), "--stages", "4",
+    r = subprocess.run([sys.executable, "-m", "hgscale", "plan", "--config", str(XL), "--stages", "4",
                         "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout)
@@ -75,7 +75,7 @@ def test_plan_cli_text_and_json():
 
 
 def test_plan_cli_refuses_more_stages_than_layers():
-    r = subprocess.run([sys.executable, "-m", "hgscale.distributed.plan", "--config", str(XL), "--stages", "64"],
+    r = subprocess.run([sys.executable, "-m", "hgscale", "plan", "--config", str(XL), "--stages", "64"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "exceeds the 38 pipeline layers" in r.stderr and "Traceback" not in r.stderr
 

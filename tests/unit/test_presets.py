@@ -6,7 +6,8 @@ import math
 import pytest
 
 from hgscale.config import ConfigError, load_config
-from hgscale.distributed.ds_config import deepspeed_config, lr_at, lr_multiplier
+from hgscale.core.schedule import lr_at, lr_multiplier
+from hgscale.training.ds_config import deepspeed_config
 
 COS, RSQRT = "constant * linear_warmup * cosine_decay", "constant * linear_warmup * rsqrt_decay"
 

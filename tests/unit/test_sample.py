@@ -11,10 +11,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from data_pipelines.shards import DatasetWriter
+from hgscale.commands.sample import main
 from hgscale.config import config_from_dict
-from hgscale.grid import PAD, cell_origin, image_grid, tokens_to_images
 from hgscale.models import HourglassLM
-from hgscale.sample import filter_logits, generate, main, sample_images
+from hgscale.models.generation import filter_logits, generate
+from hgscale.tracking.images import PAD, cell_origin, image_grid, sample_images, tokens_to_images
 
 CFG = {"model": {"size": "debug", "hierarchy": "1@1 1@3 1@1", "max_seq_len": 16,
                  "downsample": "attention_linear", "upsample": "attention_repeat"},

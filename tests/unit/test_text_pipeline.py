@@ -202,7 +202,7 @@ def test_peak_memory_does_not_grow_with_the_corpus(tmp_path):
 
 def test_block_boundaries_change_neither_documents_nor_line_numbers(tmp_path, monkeypatch, docs):
     from data_pipelines import sources
-    from hgscale.data.storage import storage_options
+    from hgscale.core.storage import storage_options
     head = "\n\n".join(docs[:200]) + "\n  \n\n"
     f = tmp_path / "c.txt"
     f.write_bytes(head.encode() + b"\xff bad\nlast doc")

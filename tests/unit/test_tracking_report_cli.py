@@ -1,9 +1,10 @@
-"""hgscale.report: user errors are one sentence and leave nothing behind; the markdown table's formatting."""
+"""hgscale.tracking.report: user errors are one sentence and leave nothing behind; the markdown table's formatting."""
 import socket
 
 import numpy as np
 
-from hgscale import report
+from hgscale.commands import report
+from hgscale.tracking.report import markdown
 
 
 def test_missing_store_is_an_error_and_not_created(tmp_path, capsys):
@@ -37,6 +38,6 @@ def test_markdown_table():
     rows = [{"name": "hg", "run_id": "0123456789ab", "status": "FINISHED", "steps": 100, "metric": "bpc",
              "final_val": 1.23456, "best_val": 1.2, "test": None, "tokens_per_s": 12345.6, "mfu": 0.4567,
              "total_flops": 1.5e15, "val": np.array([1.0])}]
-    md = report.markdown("exp", rows, ["/x/val_vs_flops.png"])
+    md = markdown("exp", rows, ["/x/val_vs_flops.png"])
     assert "| hg (`01234567`) | FINISHED | 100 | 1.2346 | 1.2000 | — | 12,346 | 45.7% | 1.500e+15 |" in md
     assert "final val bpc" in md and "![val_vs_flops](val_vs_flops.png)" in md

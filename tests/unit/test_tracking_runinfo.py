@@ -1,7 +1,8 @@
 """Secret masking, config flattening, manifest summary, metric-name lookup and rank-0 aggregation."""
+from hgscale.core.secrets import MASK, mask_secrets
 from hgscale.tracking import aggregate, gather_to_rank0, names
 from hgscale.tracking.mlflow_sink import clean_key, is_transient
-from hgscale.tracking.runinfo import MASK, command_line, flatten, manifest_summary, mask_secrets
+from hgscale.tracking.runinfo import command_line, flatten, manifest_summary
 
 
 def test_mask_secret_keys_and_values():

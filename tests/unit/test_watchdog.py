@@ -2,7 +2,7 @@
 import pytest
 
 from hgscale.config import ConfigError, config_from_dict
-from hgscale.distributed.watchdog import culprits, derived_timeout, hang_line
+from hgscale.training.watchdog import culprits, derived_timeout, hang_line
 
 
 def beat(step, t, host="h"):

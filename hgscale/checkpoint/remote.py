@@ -6,7 +6,7 @@ once every rank's files are up, remote pruning, and per-rank downloads on resume
     store.upload(tag)                # returns at once; a thread uploads while training goes on
     store.wait()                     # back-pressure before the next save, and at the end of the run
 
-Remote layout (the same as a local checkpoint directory, see hgscale.checkpoint):
+Remote layout (the same as a local checkpoint directory, see hgscale.checkpoint.layout):
 
     s3://bucket/run/latest                     tag of the newest complete checkpoint, written last
     s3://bucket/run/step00000010/...           every rank's files
@@ -15,25 +15,25 @@ Remote layout (the same as a local checkpoint directory, see hgscale.checkpoint)
 
 A process killed during an upload leaves a step directory without COMPLETE: it is never resumed from, and rank 0
 removes it after the next complete checkpoint. Filesystem, endpoint, retries and credentials come from
-:mod:`hgscale.data.storage` (one code path with the data reader): keys stay in the environment, never in an object.
+:mod:`hgscale.core.storage` (one code path with the data reader): keys stay in the environment, never in an object.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from hgscale.data.storage import DataError, filesystem, join, storage_options, user_error, with_retries
+from hgscale.checkpoint.layout import COMPLETE, LATEST, META, RANK_FILE_RE, TAG_RE, UPLOADED
+from hgscale.core.storage import StorageError, filesystem, join, storage_options, user_error, with_retries
 
-COMPLETE, META, LATEST, UPLOADED = "COMPLETE", "hgscale.json", "latest", ".uploaded"
-_TAG_RE = re.compile(r"^step(\d{8,})$")
 _LAYER_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
-_RANK_FILE_RE = re.compile(r"^rank(\d{5})\.pt$")
 
 
 def is_remote(url: str) -> bool:
@@ -41,9 +41,27 @@ def is_remote(url: str) -> bool:
     return "://" in url and url.split("://", 1)[0].lower() in ("s3", "s3a")
 
 
+def default_staging_base() -> Path:
+    """A per-user directory on node-local disk: $SLURM_TMPDIR or $TMPDIR when set, else the system temp dir."""
+    tmp = os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or tempfile.gettempdir()
+    return Path(tmp) / f"hgscale-staging-{os.getuid()}"
+
+
+def private_dir(path: Path) -> Path:
+    """``path`` created with mode 0700, or checked to be this user's and closed to others: in a shared temp dir
+    another local user could otherwise plant files that this rank uploads or resumes from."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise StorageError(f"checkpoint.staging_dir {str(path)!r} is not a private directory of this user (owner uid "
+                           f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}; want uid {os.getuid()}, mode 700): "
+                           f"remove it, or set checkpoint.staging_dir to a directory only you can write")
+    return path
+
+
 def staging_root(cfg, rank: int) -> Path:
-    """checkpoint.staging_dir (default: the system temp dir) / one folder per checkpoint URL / this rank."""
-    base = Path(cfg.checkpoint.staging_dir or Path(tempfile.gettempdir()) / "hgscale-staging")
+    """checkpoint.staging_dir (default: :func:`default_staging_base`) / one folder per checkpoint URL / this rank."""
+    base = Path(cfg.checkpoint.staging_dir) if cfg.checkpoint.staging_dir else default_staging_base()
     url_id = hashlib.sha256(cfg.checkpoint.dir.encode()).hexdigest()[:12]
     return base / url_id / f"rank{rank:05d}"
 
@@ -52,7 +70,7 @@ def needed(name: str, rank: int, stage: int, layers: range | None) -> bool:
     """Whether the rank at pipeline ``stage`` reads ``name`` of a checkpoint on resume: the metadata, its own rank
     file, its stage's files (DeepSpeed names them mp_rank_<stage>; ZeRO reads every data-parallel rank's
     optimizer slice of its stage) and, in a pipeline, the layer files of its stage."""
-    m = _RANK_FILE_RE.match(name)
+    m = RANK_FILE_RE.match(name)
     if m:
         return int(m.group(1)) == rank
     m = _LAYER_RE.match(name)
@@ -85,6 +103,7 @@ class RemoteCheckpoints:
         self.opts = storage_options(cfg.data, timeout_s=max(cfg.data.request_timeout_s, 600.0))
         self.fs, self.path = filesystem(self.url, self.opts)
         self.local = staging_root(cfg, rank)
+        self.cfg_staging = cfg.checkpoint.staging_dir
         self._jobs: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
         self._idle = threading.Event()
@@ -98,10 +117,14 @@ class RemoteCheckpoints:
         process group starts."""
         out = []
         try:
+            if not self.cfg_staging:  # our default base: private to this user (a chosen one is the user's call)
+                private_dir(self.local.parents[1])
             self.local.mkdir(parents=True, exist_ok=True)
             probe = self.local / f".write-test-{self.rank}"
             probe.write_bytes(b"ok")
             probe.unlink()
+        except StorageError as e:
+            out.append(str(e))
         except OSError as e:
             out.append(f"checkpoint.staging_dir {str(self.local.parents[1])!r} is not writable ({e.strerror}): set "
                        f"checkpoint.staging_dir to a node-local directory with room for one checkpoint per node")
@@ -111,7 +134,7 @@ class RemoteCheckpoints:
             try:
                 return self.fs.ls(bucket, detail=False, refresh=True)
             except FileNotFoundError:
-                raise DataError(f"checkpoint.dir = {self.url!r}: bucket {bucket!r} does not exist (or these "
+                raise StorageError(f"checkpoint.dir = {self.url!r}: bucket {bucket!r} does not exist (or these "
                                 f"credentials cannot see it): create it, or fix checkpoint.dir and "
                                 f"data.s3_endpoint_url") from None
         try:
@@ -120,38 +143,40 @@ class RemoteCheckpoints:
                 probe = join(self.path, f".write-test-{time.time_ns()}")
                 self._call(lambda: self.fs.pipe_file(probe, b""), "write to")
                 self._call(lambda: self.fs.rm_file(probe), "delete from")
-        except DataError as e:
+        except StorageError as e:
             out.append(str(e))
         return out
 
     def _call(self, fn, what: str):
         try:
             return with_retries(self.url, fn, self.opts, what=what)
-        except DataError as e:
-            raise DataError(str(e) if str(e).startswith("checkpoint.dir") else f"checkpoint.dir: {e}") from None
+        except StorageError as e:
+            raise StorageError(str(e) if str(e).startswith("checkpoint.dir") else f"checkpoint.dir: {e}") from None
         except OSError as e:
-            err = user_error(self.url, e, what) or DataError(f"cannot {what} {self.url}: {type(e).__name__}: {e}")
-            raise DataError(f"checkpoint.dir: {err}") from None
+            err = user_error(self.url, e, what) or StorageError(f"cannot {what} {self.url}: {type(e).__name__}: {e}")
+            raise StorageError(f"checkpoint.dir: {err}") from None
 
     # --------------------------------------------------------------------------------- reading
     def complete_tags(self) -> list[str]:
         self.fs.invalidate_cache()  # other ranks and jobs write here: no stale listings
         found = self._call(lambda: self.fs.glob(join(self.path, f"step*/{COMPLETE}")), "list")
         tags = {p.rstrip("/").split("/")[-2] for p in found}
-        return sorted((t for t in tags if _TAG_RE.match(t)), key=lambda t: int(_TAG_RE.match(t).group(1)))
+        return sorted((t for t in tags if TAG_RE.match(t)), key=lambda t: int(TAG_RE.match(t).group(1)))
 
     def latest(self) -> str | None:
         """The tag ``latest`` names if it is complete, else the newest complete one, else None."""
         tags = self.complete_tags()
         try:
             named = self._call(lambda: self.fs.cat_file(join(self.path, LATEST)), "read").decode().strip()
-        except DataError:
+        except StorageError:
             named = None
         return named if named in tags else (tags[-1] if tags else None)
 
     def fetch_meta(self, tag: str) -> Path:
         """hgscale.json of ``tag`` into this rank's staging (the layout check reads it before any process group)."""
         dest = self.local / tag / META
+        if not self.cfg_staging:
+            private_dir(self.local.parents[1])
         dest.parent.mkdir(parents=True, exist_ok=True)
         self._call(lambda: self.fs.get_file(join(self.path, f"{tag}/{META}"), str(dest)), "download")
         return dest
@@ -177,6 +202,8 @@ class RemoteCheckpoints:
         """An empty staging root, once the previous upload is done (the loop waits here only if uploads are slower
         than checkpoint.interval); raises an earlier upload's error."""
         self.wait()
+        if not self.cfg_staging:
+            private_dir(self.local.parents[1])
         shutil.rmtree(self.local, ignore_errors=True)
         self.local.mkdir(parents=True, exist_ok=True)
         return self.local
@@ -197,7 +224,7 @@ class RemoteCheckpoints:
 
     def raise_error(self) -> None:
         if self._error is not None:
-            raise DataError(f"checkpoint upload to {self.url} failed: {self._error}")
+            raise StorageError(f"checkpoint upload to {self.url} failed: {self._error}")
 
     def _work(self) -> None:
         while True:
@@ -247,11 +274,11 @@ class RemoteCheckpoints:
         """keep_last complete checkpoints; older incomplete ones are debris of killed saves."""
         complete = self.complete_tags()
         doomed = [t for t in complete[:-self.keep_last] if t != keep]
-        newest = int(_TAG_RE.match(keep).group(1))
+        newest = int(TAG_RE.match(keep).group(1))
         self.fs.invalidate_cache(self.path)
         for p in self._call(lambda: self.fs.ls(self.path, detail=False), "list"):
             name = p.rstrip("/").split("/")[-1]
-            m = _TAG_RE.match(name)
+            m = TAG_RE.match(name)
             if m and name not in complete and int(m.group(1)) < newest:
                 doomed.append(name)
         for t in doomed:
@@ -261,7 +288,7 @@ class RemoteCheckpoints:
 def remote_resume_point(cfg) -> tuple[Path, str] | None:
     """(this rank's staging root, tag) of the newest complete checkpoint at checkpoint.dir, its hgscale.json
     downloaded; None if there is none. Runs before any process group: every storage problem (bucket, credentials,
-    staging dir) is raised here as a DataError naming the URL and the fix."""
+    staging dir) is raised here as a StorageError naming the URL and the fix."""
     import os
 
     store = RemoteCheckpoints(cfg, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))

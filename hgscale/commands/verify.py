@@ -1,4 +1,4 @@
-"""Check a prepared dataset completely: ``python -m hgscale.data.verify URL [--s3-endpoint-url URL]``.
+"""Check a prepared dataset completely: ``hgscale verify URL [--s3-endpoint-url URL]``.
 
 Reads the manifest, checks that every shard exists with its recorded size, then downloads every
 shard and checks its sha256, sample and token counts. Exit status 0 when all agree, 2 otherwise
@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .shards import load_manifest, verify_checksums, verify_sizes
-from .storage import DataError, storage_options
+from hgscale.core.storage import StorageError, storage_options
+from hgscale.data.shards import load_manifest, verify_checksums, verify_sizes
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hgscale.data.verify", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="hgscale verify", description=__doc__.splitlines()[0])
     p.add_argument("url", help="dataset root holding manifest.json (path, file:// or s3:// URL)")
     p.add_argument("--s3-endpoint-url", default="", help="S3 endpoint; default AWS_ENDPOINT_URL")
     p.add_argument("--s3-region", default="", help="S3 region; default AWS_DEFAULT_REGION")
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         manifest = load_manifest(url, opts, warn)
         verify_sizes(url, manifest, opts, warn)
         n = verify_checksums(url, manifest, opts, progress=not args.quiet, on_retry=warn)
-    except DataError as e:
+    except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     tokens = sum(s["num_tokens"] for s in manifest["splits"].values())

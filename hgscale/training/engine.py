@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from hgscale.config import Config
-from hgscale.distributed.ds_config import lr_multiplier
-from hgscale.distributed.pipeline import pipeline_module, stage_parts
+from hgscale.core.net import free_port
+from hgscale.core.schedule import lr_multiplier
 from hgscale.models import HourglassLM, lm_loss
-from launchers.local import free_port
+from hgscale.training.pipeline import pipeline_module, stage_parts
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Runtime:
     backend: str
 
 
-def rendezvous_env() -> int:
+def world_from_env() -> int:
     """World size from the launcher's env; a bare `python` run becomes rank 0 of a world of one."""
     if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
@@ -71,7 +71,7 @@ def init_distributed(cfg: Config) -> Runtime:
     import deepspeed
     import torch.distributed as dist
 
-    world = rendezvous_env()
+    world = world_from_env()
     local_rank = int(os.environ["LOCAL_RANK"])
     cuda = torch.cuda.is_available()
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cuda else "gloo")
@@ -147,7 +147,7 @@ class TrainEngine:
                 checkpoint_layers(model.layers)
             module = LossModel(model)
         if cfg.train.compile:  # regional: per layer of this stage, after checkpointing wrapped them
-            from hgscale.distributed.compile import compile_layers
+            from hgscale.training.compile import compile_layers
 
             say = print if rt.rank == 0 else (lambda *a: None)
             compile_layers(module.forward_funcs if self.pipeline else module.model.layers, say=say,
@@ -160,7 +160,7 @@ class TrainEngine:
             self.stage_id, self.num_stages = self.engine.stage_id, self.engine.num_stages
             self.dp_rank, self.dp_size = grid.data_parallel_id, grid.data_parallel_size
             self.is_first, self.is_last = self.engine.is_first_stage(), self.engine.is_last_stage()
-            from hgscale.distributed.pipe_timing import CommTimer
+            from hgscale.training.pipe_timing import CommTimer
             self.comm = CommTimer(self.engine)
         else:
             self.stage_id, self.num_stages = 0, 1
@@ -168,6 +168,7 @@ class TrainEngine:
             self.is_first = self.is_last = True
         self.reads_data = self.is_first or self.is_last
         self.timings: dict[str, float] = {}
+        self.applied_lr = float("nan")
 
     # ------------------------------------------------------------------------------------ training
     def train_step(self, data_iter) -> float:
@@ -175,6 +176,8 @@ class TrainEngine:
         ``timings`` gets data_s (waiting for batches), compute_s (fwd+bwd), optimizer_s and, in a pipeline,
         wait_s (waiting on the neighbouring stages)."""
         it = _Timed(data_iter, self.rt.device) if data_iter is not None else None
+        # the lr this step's update uses, as the optimizer holds it (the scheduler moves it after the step)
+        self.applied_lr = float(self.engine.get_lr()[0])
         t0 = time.perf_counter()
         if self.pipeline:
             loss = float(self.engine.train_batch(it))

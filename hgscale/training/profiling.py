@@ -12,30 +12,10 @@ https://pytorch.org/memory_viz) before the process exits.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-_SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-def parse_steps(spec: str) -> tuple[int, int]:
-    """'20-22' -> (20, 22); '20' -> (20, 20). ValueError for anything else."""
-    m = _SPEC.match(spec or "")
-    if not m:
-        raise ValueError(spec)
-    a, b = int(m.group(1)), int(m.group(2) or m.group(1))
-    if a < 1 or b < a:
-        raise ValueError(spec)
-    return a, b
-
-
-def steps_problem(spec: str) -> list[str]:
-    try:
-        parse_steps(spec)
-    except ValueError:
-        return [f"train.profile_steps = {spec!r} is not a step range: write 'A-B' with 1 <= A <= B "
-                f"(e.g. '20-22'), or one step 'A'"]
-    return []
+from hgscale.core.notation import parse_steps
+from hgscale.training.callbacks import Callback, Services, StepInfo
 
 
 def _oom_observer(path: Path):
@@ -117,24 +97,24 @@ class StepProfiler:
         return self.done.key_averages().table(sort_by=key, row_limit=n)
 
 
-class Profiling:
-    """The trainer part (hgscale.distributed.parts.Part interface) around a StepProfiler: after the last
-    profiled step every rank has written its trace; rank 0 then logs the folder to MLflow."""
+class Profiling(Callback):
+    """The callback around a StepProfiler: after the last profiled step every rank has written its trace; rank 0
+    then logs the folder to MLflow (``log_artifact``)."""
 
     pauses_clock = True  # writing traces is not training time
 
-    def __init__(self, tr):
-        self.p = StepProfiler(tr.cfg.run_dir, tr.cfg.train.profile_steps, tr.rt.rank, tr.cfg.train.steps,
-                              done=tr.step, say=tr.say)
+    def __init__(self, svc: Services, run_dir: str, spec: str, steps: int, done: int, barrier, log_artifact):
+        self.svc, self.barrier, self.log_artifact = svc, barrier, log_artifact
+        self.p = StepProfiler(run_dir, spec, svc.rank, steps, done=done, say=svc.say)
 
-    def before_step(self, tr, step: int) -> None:
+    def before_step(self, step: int) -> None:
         self.p.on_step_start(step)
 
-    def after_step(self, tr, r) -> None:
-        if self.p.on_step_end(r.step) is not None:
-            tr.eng.barrier()  # COLLECTIVE: every rank profiles the same steps
-            if tr.rt.rank == 0:
-                tr.tracker.log_artifact(self.p.dir, "profiles")
+    def after_step(self, info: StepInfo) -> None:
+        if self.p.on_step_end(info.step) is not None:
+            self.barrier()  # COLLECTIVE: every rank profiles the same steps
+            if self.svc.rank == 0:
+                self.log_artifact(self.p.dir, "profiles")
 
-    def close(self, tr) -> None:
+    def close(self) -> None:
         self.p.abandon()

@@ -2,14 +2,14 @@
 process group starts (``hgscale/train.py`` turns the problems into one error message)."""
 from __future__ import annotations
 
-from hgscale.checkpoint import CheckpointError, resume_point
+from hgscale.checkpoint.layout import CheckpointError
+from hgscale.checkpoint.manager import resume_point
 from hgscale.config import Config
-from hgscale.distributed.ds_config import batch_layout
+from hgscale.core.storage import StorageError
+from hgscale.training.layout import ParallelLayout
 
 
 def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
-    from hgscale.data import DataError
-
     out, d, t = [], cfg.data, cfg.train
     if dataset.vocab_size > cfg.model.vocab_size:
         out.append(f"the dataset at {dataset.root} has vocab_size {dataset.vocab_size} > model.vocab_size = "
@@ -17,11 +17,11 @@ def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
     for field in ("train_split",) + (("valid_split",) if t.eval_interval else ()):
         try:
             dataset.num_tokens(getattr(d, field))
-        except DataError as e:
+        except StorageError as e:
             out.append(str(e))
             continue
         if field == "valid_split":
-            dp = batch_layout(cfg, world_size)["data_parallel_size"]
+            dp = ParallelLayout.unchecked(cfg, world_size).dp
             have = dataset.eval_windows(d.valid_split, d.seq_len)
             if have < t.micro_batch_size * dp:
                 out.append(f"split {d.valid_split!r} of {dataset.root} holds {have} windows of data.seq_len = "
@@ -31,20 +31,18 @@ def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
 
 
 def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
-    from hgscale.checkpoint_store import start_up_problems
-    from hgscale.data import DataError
-
+    from hgscale.checkpoint.remote import start_up_problems
     storage = start_up_problems(cfg)  # s3:// checkpoint.dir: bucket, credentials, staging dir
     if storage:
         return storage
     try:
         where = resume_point(cfg)
-    except (CheckpointError, DataError) as e:
+    except (CheckpointError, StorageError) as e:
         return [str(e)]
     if not where:
         return []
-    from hgscale.distributed.pipeline import stage_parts
-    from hgscale.reshard import resume_problems
+    from hgscale.checkpoint.reshard import resume_problems
+    from hgscale.training.pipeline import stage_parts
 
     p = cfg.parallel  # the layout TrainEngine.topology() will report, known without starting it
     want = {"world_size": world_size, "pipeline_stages": p.pipeline_stages, "zero_stage": p.zero_stage,

@@ -1,4 +1,4 @@
-"""Compare runs by compute: ``python -m hgscale.report --experiment NAME [--runs ID_OR_NAME ...]``.
+"""Compare runs by compute (``hgscale report --experiment NAME [--runs ID_OR_NAME ...]``).
 
 Reads the runs of an MLflow experiment and writes, under ``--out``:
 
@@ -13,20 +13,17 @@ a training config (``--config``) writes to.
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from hgscale.core.secrets import mask_value
 from hgscale.tracking import names
 from hgscale.tracking.plots import at_steps, plot_panels, series
-from hgscale.tracking.runinfo import mask_value
 
-log = logging.getLogger("hgscale.report")
+log = logging.getLogger("hgscale.tracking.report")
 REPORT_TAG = "hgscale.kind"
 
 
@@ -167,49 +164,3 @@ def build_report(tracking_uri: str, experiment: str, run_filter: list[str] | Non
             client.log_artifact(summary_id, str(p), "report")
         client.set_terminated(summary_id)
     return {"markdown": md, "pngs": [flops_png, wall_png], "rows": rows, "summary_run_id": summary_id}
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hgscale.report", description=__doc__.split("\n\n")[0])
-    p.add_argument("--experiment", required=True, help="MLflow experiment name")
-    p.add_argument("--runs", nargs="*", help="run ids or run names to compare (default: every run)")
-    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", ""),
-                   help="tracking server or store (default: MLFLOW_TRACKING_URI)")
-    p.add_argument("--config", default="", help="a training config: use the tracking store it trains into")
-    p.add_argument("--out", default="", help="output directory (default: reports/<experiment>)")
-    p.add_argument("--no-summary-run", action="store_true", help="do not log the report to MLflow")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    if args.config and not args.tracking_uri:
-        from hgscale.config import ConfigError, load_config
-        from hgscale.tracking import resolve_uri
-        try:
-            args.tracking_uri = resolve_uri(load_config(args.config, validate=False))
-        except (ConfigError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    if not args.tracking_uri:
-        print("error: no tracking store given: pass --tracking-uri (http://host:5000 or "
-              "sqlite:///runs/NAME/mlflow.db), --config CONFIG, or set MLFLOW_TRACKING_URI", file=sys.stderr)
-        return 2
-    out = args.out or str(Path("reports") / args.experiment.replace("/", "_"))
-    try:
-        res = build_report(args.tracking_uri, args.experiment, args.runs, out, not args.no_summary_run)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # noqa: BLE001 - a store that does not answer is the user's to fix, not a bug
-        from hgscale.tracking.mlflow_sink import is_transient
-        if not is_transient(e):
-            raise
-        print(f"error: the tracking store at {mask_value(args.tracking_uri)} does not answer; start it or fix "
-              f"--tracking-uri / MLFLOW_TRACKING_URI", file=sys.stderr)
-        return 2
-    print(res["markdown"].read_text())
-    print(f"wrote {res['markdown']}, {', '.join(str(p) for p in res['pngs'])}"
-          + (f"; summary run {res['summary_run_id']}" if res["summary_run_id"] else ""))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

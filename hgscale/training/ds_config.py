@@ -3,36 +3,24 @@
     ds = deepspeed_config(cfg, world_size)      # dict, saved with every checkpoint
 
 Pure: imports neither torch nor deepspeed, so it runs (and fails with a clear message) before any
-process group starts. The learning-rate schedule is not a DeepSpeed scheduler block: DeepSpeed has no
-rsqrt schedule, none of trax's multifactor ones, and its WarmupCosineLR cannot express a zero-step warm-up,
-so :func:`lr_at` is the one formula, handed to DeepSpeed as a client scheduler (``lr_scheduler=``) and used
-for progress lines.
+process group starts. The learning-rate schedule is handed to DeepSpeed as a client scheduler
+(:mod:`hgscale.core.schedule`), not as a scheduler block.
 """
 from __future__ import annotations
 
 import json
-import math
-from typing import Callable
 
-from hgscale.config import Config, ConfigError, TrainConfig, lr_factors
+from hgscale.config import Config, ConfigError
+from hgscale.training.layout import ParallelLayout
 
 # DeepSpeed prints its own step lines every `steps_per_print`; ours are the progress lines.
 _QUIET_STEPS = 2**31 - 1
 
 
-def batch_layout(cfg: Config, world_size: int) -> dict:
-    """Data-parallel size and the batch arithmetic: global = micro x accumulation x data-parallel size."""
-    t, p = cfg.train, cfg.parallel
-    dp = world_size // p.pipeline_stages
-    return {"world_size": world_size, "pipeline_stages": p.pipeline_stages, "data_parallel_size": dp,
-            "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
-            "global_batch_size": t.micro_batch_size * t.grad_accum_steps * dp}
-
-
 def _generated(cfg: Config, world_size: int) -> tuple[dict, dict]:
     """(DeepSpeed dict, {dotted DeepSpeed key: config field it comes from})."""
     t, p = cfg.train, cfg.parallel
-    lay = batch_layout(cfg, world_size)
+    lay = ParallelLayout.unchecked(cfg, world_size)
     src: dict[str, str] = {}
 
     def put(tree: dict, dotted: str, value, field: str):
@@ -44,7 +32,7 @@ def _generated(cfg: Config, world_size: int) -> tuple[dict, dict]:
         src[dotted] = field
 
     ds: dict = {}
-    put(ds, "train_batch_size", lay["global_batch_size"],
+    put(ds, "train_batch_size", lay.global_batch,
         "train.micro_batch_size x train.grad_accum_steps x data-parallel size")
     put(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size")
     put(ds, "gradient_accumulation_steps", t.grad_accum_steps, "train.grad_accum_steps")
@@ -114,7 +102,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     ``cfg.deepspeed`` keys are passed through; one that sets a generated key to a different value is an
     error naming both (set the hgscale field instead). Raises ConfigError with every problem at once.
     """
-    problems = cfg.problems() + cfg.check_world(world_size)
+    problems = cfg.problems() + ParallelLayout.unchecked(cfg, world_size).problems(cfg)
     if problems:
         raise ConfigError(problems)
     ds, src = _generated(cfg, world_size)
@@ -132,50 +120,3 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     if conflicts:
         raise ConfigError(conflicts)
     return _merge(ds, cfg.deepspeed)
-
-
-def _multifactor(t: TrainConfig, factors: list[str], step: int) -> float:
-    """trax ``lr_schedules.multifactor`` at trax's 1-based ``step``: the product of the named factors,
-    floored at train.min_lr (trax's ``minimum``). cosine_decay counts its cycle (train.decay_steps or
-    train.steps) from the end of warm-up and restarts after it, as trax's ``progress % 1``."""
-    lr, warm = 1.0, t.warmup_steps
-    for name in factors:
-        if name == "constant":
-            lr *= t.lr
-        elif name == "linear_warmup":
-            lr *= min(1.0, step / warm)
-        elif name == "rsqrt_decay":
-            lr /= math.sqrt(max(step, warm))
-        elif name == "cosine_decay":
-            progress = max(0.0, (step - warm) / float(t.decay_steps or t.steps))
-            lr *= 0.5 * (1.0 + math.cos(math.pi * (progress % 1.0)))
-        else:  # validation names every factor we do not implement before any process starts
-            raise ValueError(f"trax lr factor {name!r} is not implemented")
-    return max(lr, t.min_lr)
-
-
-def lr_at(cfg: Config, step: int) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warm-up to train.lr, then
-    cosine to train.min_lr over train.decay_steps (default train.steps), rsqrt decay, or constant.
-    A trax multifactor string (``"constant * linear_warmup * rsqrt_decay"``) is trax's formula at
-    trax's step number, which starts at 1 for the first optimizer step."""
-    t = cfg.train
-    factors = lr_factors(t.lr_schedule)
-    if factors:
-        return _multifactor(t, factors, step + 1)
-    peak, warm = t.lr, t.warmup_steps
-    if warm and step < warm:
-        return peak * (step + 1) / warm
-    if t.lr_schedule == "constant":
-        return peak
-    if t.lr_schedule == "rsqrt":
-        return peak * math.sqrt(max(warm, 1) / (step + 1))
-    decay = (t.decay_steps or t.steps) - warm
-    progress = min(1.0, (step - warm) / max(decay, 1))
-    return t.min_lr + (peak - t.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def lr_multiplier(cfg: Config) -> Callable[[int], float]:
-    """``step -> lr/peak`` for torch's LambdaLR (DeepSpeed's client scheduler)."""
-    peak = cfg.train.lr
-    return lambda step: lr_at(cfg, step) / peak if peak else 0.0

@@ -27,8 +27,13 @@ from typing import Any, Callable
 import fsspec
 
 
-class DataError(ValueError):
-    """A problem with data a user can fix (URL, credentials, manifest, shard); the message says how."""
+class StorageError(ValueError):
+    """Storage that cannot be used as asked (a missing object, wrong credentials, an unknown bucket): the message
+    names the URL and the fix. Datasets raise their own kind of it (hgscale.data.DataError)."""
+
+
+class StorageUnavailable(StorageError):
+    """Storage that kept failing after every retry (an outage, not a wrong URL): a requeued job may succeed."""
 
 
 #: Options shared by writers and readers; plain values only (picklable, no secrets).
@@ -125,7 +130,7 @@ _TRANSIENT_ERRNO = {errno.EREMOTEIO, errno.EBUSY, errno.ECONNRESET, errno.ECONNA
 def is_transient(exc: BaseException) -> bool:
     """Connection resets, timeouts, 5xx and throttling: worth another try. Missing objects and
     denied access are not."""
-    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, DataError)):
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, StorageError)):
         return False
     if isinstance(exc, _transient_types()):
         return True
@@ -136,19 +141,19 @@ def is_transient(exc: BaseException) -> bool:
                                     "Connection reset", "Server disconnected"))
 
 
-def user_error(url: str, exc: BaseException, what: str = "read") -> DataError | None:
-    """A DataError naming ``url`` and the fix for errors the user can fix, else None.
+def user_error(url: str, exc: BaseException, what: str = "read") -> StorageError | None:
+    """A StorageError naming ``url`` and the fix for errors the user can fix, else None.
     Never includes credentials: botocore messages name neither the key nor the secret."""
     name = type(exc).__name__
     if isinstance(exc, FileNotFoundError):
         kind = "bucket" if "bucket" in str(exc).lower() else "object"
-        return DataError(f"cannot {what} {url}: no such {kind} (FileNotFoundError); check data.url, that the "
+        return StorageError(f"cannot {what} {url}: no such {kind} (FileNotFoundError); check data.url, that the "
                          f"dataset was written there, and data.s3_endpoint_url")
     if isinstance(exc, PermissionError) or "InvalidAccessKeyId" in str(exc) or "SignatureDoesNotMatch" in str(exc):
-        return DataError(f"cannot {what} {url}: access denied ({_short(exc)}); the storage credentials are wrong "
+        return StorageError(f"cannot {what} {url}: access denied ({_short(exc)}); the storage credentials are wrong "
                          f"or lack permission: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
     if name in ("NoCredentialsError", "PartialCredentialsError"):
-        return DataError(f"cannot {what} {url}: no storage credentials found; set AWS_ACCESS_KEY_ID and "
+        return StorageError(f"cannot {what} {url}: no storage credentials found; set AWS_ACCESS_KEY_ID and "
                          f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
     return None
 
@@ -174,7 +179,7 @@ def with_retries(url: str, fn: Callable[[], Any], opts: dict, on_retry: Callable
             if not is_transient(exc):
                 raise
             if attempt == attempts:
-                raise DataError(f"cannot {what} {url}: storage kept failing after {attempts} attempts "
+                raise StorageUnavailable(f"cannot {what} {url}: storage kept failing after {attempts} attempts "
                                 f"(last error: {type(exc).__name__}: {_short(exc)}); check the endpoint and "
                                 f"network, or raise data.retries") from None
             if on_retry is not None:

@@ -1,4 +1,5 @@
-"""Image grids as PNG files, written with zlib and struct only (no imaging library).
+"""Image grids as PNG files, written with zlib and struct only (no imaging library), and image samples of a
+model: the first images of a split, completions of them, grids beside their originals.
 
     images = tokens_to_images(tokens, (32, 32, 3))    # (N, H*W*C) raster-order bytes -> (N, H, W, C) uint8
     write_png("grid.png", image_grid(images, cols=4))
@@ -11,6 +12,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 PAD = 2        # pixels between cells and around the grid
 FILL = 255     # colour of the padding (white)
@@ -67,3 +69,48 @@ def write_png(path: str | Path, rgb: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(png)
     return path
+
+
+# ---------------------------------------------------------------------------------- image datasets
+
+def image_spec(ds) -> tuple[int, int, int]:
+    """(H, W, C) of an image dataset's samples."""
+    if ds.manifest.get("image_shape"):
+        return tuple(int(v) for v in ds.manifest["image_shape"])
+    side = math.isqrt(int(ds.manifest["sample_tokens"]) // 3)
+    return side, side, 3
+
+
+def first_images(ds, split: str, n: int, tokens_per_image: int) -> np.ndarray:
+    """The first n images of ``split`` (cycled when it has fewer): (n, tokens_per_image) int64."""
+    parts, have = [], 0
+    for part in ds.iter_split(split):
+        parts.append(part)
+        have += len(part)
+        if have >= n * tokens_per_image:
+            break
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    imgs = flat[: len(flat) // tokens_per_image * tokens_per_image].reshape(-1, tokens_per_image).astype(np.int64)
+    if not len(imgs):
+        raise ValueError(f"split {split!r} of {ds.root} holds no whole image of {tokens_per_image} tokens")
+    return imgs[np.arange(n) % len(imgs)]
+
+
+def sample_images(model, originals: np.ndarray, given: int, generator: torch.Generator | None = None,
+                  **kw) -> np.ndarray:
+    """Complete each original (N, T) after its first ``given`` tokens -> (N, T) sampled images."""
+    from hgscale.models.generation import generate
+
+    prompt = torch.from_numpy(originals[:, :given]).to(next(model.parameters()).device)
+    out = generate(model, prompt, originals.shape[1] - given, generator=generator, **kw)
+    return out.cpu().numpy()
+
+
+def images_grid(samples: np.ndarray, shape: tuple[int, int, int], originals: np.ndarray | None = None) -> np.ndarray:
+    """(N, H*W*C) samples -> a grid image: alone (ceil(sqrt(N)) columns) or each beside its original (pairs
+    side by side)."""
+    imgs = tokens_to_images(samples, shape)
+    if originals is None:
+        return image_grid(imgs)
+    pairs = np.stack([imgs, tokens_to_images(originals, shape)], axis=1).reshape(-1, *imgs.shape[1:])
+    return image_grid(pairs, cols=2 * max(1, math.ceil(math.sqrt(len(imgs)))))

@@ -1,17 +1,13 @@
 """Print the pipeline stage plan without starting anything.
 
-    python -m hgscale.distributed.plan --config configs/enwik8_xl.json --stages 4 [--json] [key=value ...]
+    python -m hgscale plan --config configs/enwik8_xl.json --stages 4 [--json] [key=value ...]
 
 Per stage: layers, training FLOPs share, parameters and an activation-memory estimate, for the split
 balanced by per-layer FLOPs (ours) beside DeepSpeed's ``parameters`` split; imbalance = max/mean stage FLOPs.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-
-from hgscale.config import Config, ConfigError, load_config
+from hgscale.config import Config, ConfigError
 
 
 def _stages(parts: list[int], names: list[str], costs: list[float], params: list[int], act: list[float],
@@ -32,8 +28,8 @@ def _stages(parts: list[int], names: list[str], costs: list[float], params: list
 
 def stage_plan(cfg: Config, stages: int) -> dict:
     """The FLOPs-balanced split and DeepSpeed's parameter split of ``cfg`` over ``stages`` stages."""
-    from hgscale.distributed.pipeline import activation_bytes, layer_costs, layer_names, layer_param_counts, partition
     from hgscale.models import flops_per_token
+    from hgscale.training.pipeline import activation_bytes, layer_costs, layer_names, layer_param_counts, partition
 
     names, costs = layer_names(cfg), layer_costs(cfg)
     params = layer_param_counts(cfg)
@@ -71,27 +67,3 @@ def format_plan(plan: dict) -> str:
     lines.append(f"imbalance (max/mean stage FLOPs): {plan['flops']['imbalance']:.3f} by FLOPs, "
                  f"{plan['parameters']['imbalance']:.3f} by parameters")
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m hgscale.distributed.plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--stages", type=int, default=None, help="pipeline stages (default: parallel.pipeline_stages)")
-    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-        stages = args.stages or cfg.parallel.pipeline_stages
-        if stages < 1:
-            raise ConfigError([f"--stages {stages} must be >= 1"])
-        plan = stage_plan(cfg, stages)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan, indent=1) if args.json else format_plan(plan))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

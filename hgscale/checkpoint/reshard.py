@@ -33,26 +33,23 @@ from pathlib import Path
 
 import torch
 
-from hgscale.checkpoint import META, CheckpointError, _atomic_write, _rank_file
+from hgscale.checkpoint.layout import (
+    CONVERTED,
+    CheckpointError,
+    atomic_write,
+    describe,
+    layout_changed,
+    rank_file,
+    read_meta,
+)
 from hgscale.config import Config, config_from_dict
 
-CONVERTED = "elastic"
-LAYOUT_KEYS = ("world_size", "pipeline_stages", "zero_stage", "stage_boundaries")
 # model keys that do not shape the parameters: they may change on resume
 _FREE_MODEL_KEYS = {"dropout", "attn_dropout", "attn_impl", "max_seq_len", "init", "init_std"}
 _STATES = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 # ------------------------------------------------------------------------------------------ checks
-def describe(t: dict) -> str:
-    return (f"{t['pipeline_stages']} stage(s) x {t.get('data_parallel_size', t['world_size'] // t['pipeline_stages'])} "
-            f"data-parallel, ZeRO-{t['zero_stage']}")
-
-
-def layout_changed(have: dict, want: dict) -> bool:
-    return any(have.get(k) != want.get(k) for k in LAYOUT_KEYS)
-
-
 def model_differences(saved: dict, cfg: Config) -> list[str]:
     """'model.KEY saved -> now' for each model key that shapes the parameters and differs."""
     then = dataclasses.asdict(config_from_dict(saved, validate=False).model)
@@ -62,17 +59,16 @@ def model_differences(saved: dict, cfg: Config) -> list[str]:
 
 
 def _batch_problem(where: str, saved_ds: dict, cfg: Config, world_size: int) -> str | None:
-    from hgscale.distributed.ds_config import batch_layout
+    from hgscale.training.layout import ParallelLayout
 
-    lay = batch_layout(cfg, world_size)
-    G, G2, m, dp = saved_ds["train_batch_size"], lay["global_batch_size"], lay["micro_batch_size"], \
-        lay["data_parallel_size"]
+    lay = ParallelLayout.unchecked(cfg, world_size)
+    G, G2, m, dp = saved_ds["train_batch_size"], lay.global_batch, lay.micro, lay.dp
     if G == G2 or cfg.checkpoint.allow_batch_change:
         return None
     m0, a0 = saved_ds["train_micro_batch_size_per_gpu"], saved_ds["gradient_accumulation_steps"]
     was = (f"checkpoint {where} was trained with global batch {G} (micro_batch_size {m0} x grad_accum_steps {a0} "
            f"x data-parallel size {G // (m0 * a0)}); this run has micro_batch_size {m} x grad_accum_steps "
-           f"{lay['grad_accum_steps']} x data-parallel size {dp} = {G2}")
+           f"{lay.accum} x data-parallel size {dp} = {G2}")
     if G % (m * dp) == 0:
         keep = f"set train.grad_accum_steps={G // (m * dp)} ({m} x {G // (m * dp)} x {dp} = {G}) to keep it"
     else:
@@ -84,7 +80,7 @@ def _batch_problem(where: str, saved_ds: dict, cfg: Config, world_size: int) -> 
 
 def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict) -> list[str]:
     """Why the checkpoint in ``tag_dir`` cannot resume this run (topology ``want``); [] when it can."""
-    meta = json.loads((tag_dir / META).read_text())
+    meta = read_meta(tag_dir)
     where = repr(str(tag_dir))
     diff = model_differences(meta["config"], cfg)
     if diff:
@@ -99,7 +95,7 @@ def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict) -> 
         if 3 in (have["zero_stage"], want["zero_stage"]):
             out.append(f"checkpoint {where} was written by {describe(have)}; this run is {describe(want)}: ZeRO-3 "
                        f"checkpoints are not converted between layouts; launch the same layout, or export it "
-                       f"(python -m hgscale.checkpoint export) and start fresh")
+                       f"(hgscale export) and start fresh")
         elif have["zero_stage"] == 0 and meta["config"]["train"]["precision"] == "fp16":
             out.append(f"checkpoint {where} was written with ZeRO-0 and fp16: its fp32 master weights are not "
                        f"converted to another layout; launch the same layout")
@@ -200,7 +196,7 @@ def convert(tag_dir: str | Path) -> tuple[Path, bool]:
     done = converted(tag_dir)
     if done:
         return done, False
-    meta = json.loads((tag_dir / META).read_text())
+    meta = read_meta(tag_dir)
     topo = meta["topology"]
     for old in _pending(tag_dir / CONVERTED):  # debris of an interrupted conversion
         shutil.rmtree(old, ignore_errors=True)
@@ -222,7 +218,7 @@ def convert(tag_dir: str | Path) -> tuple[Path, bool]:
         del params
     info = {"source": topo, "adam_step": step, "time": time.time(), **counters,
             "loss_scaler": _scaler_dict(extra.get("loss_scaler"))}
-    _atomic_write(tmp / "elastic.json", json.dumps(info, indent=1, default=str))
+    atomic_write(tmp / "elastic.json", json.dumps(info, indent=1, default=str))
     final = tag_dir / CONVERTED
     os.replace(tmp, final)  # the directory appears whole or not at all
     return final, True
@@ -297,7 +293,7 @@ def load_resharded(manager, root: Path, tag: str) -> dict:
     every rank loads its parameters; returns what CheckpointManager.load returns."""
     tag_dir = root / tag
     eng = manager.eng
-    meta = json.loads((tag_dir / META).read_text())
+    meta = read_meta(tag_dir)
     reused = True
     if eng.rt.rank == 0:
         t0 = time.perf_counter()
@@ -316,7 +312,7 @@ def load_resharded(manager, root: Path, tag: str) -> dict:
               f"{describe(eng.topology())}; {how}", flush=True)
     # what the ranks of the old layout kept for themselves: the data position is the same on every rank (the
     # order does not depend on the layout), meters count the whole run; RNG streams start anew per rank
-    state = torch.load(_rank_file(tag_dir, 0), weights_only=False)
+    state = torch.load(rank_file(tag_dir, 0), weights_only=False)
     state.pop("rng")
     _reseed(manager.cfg.train.seed, meta["step"], eng.rt.rank)
     eng.barrier()

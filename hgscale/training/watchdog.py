@@ -1,11 +1,12 @@
 """Hang detection: a watchdog thread on every rank, heartbeats through the rendezvous store.
 
-    wd = Watchdog(tr)      # a trainer part; its thread starts at once, it arms after the first completed step
+    wd = Watchdog(progress, rank, world, timeout_s, run_dir)   # a callback; its thread starts at once and arms
+                                                               # after the first completed step
 
 Every rank's thread publishes a heartbeat ``{step, phase, host, pid, time}`` to the TCPStore rank 0 serves for the
 process group (MASTER_ADDR:MASTER_PORT; our own client connection with short timeouts, so a frozen store cannot
 block the thread for long). Progress is what the main thread marks: a step started or done, a part at work
-(``tr.phase``). When a rank sees no progress for ``train.hang_timeout_s`` seconds (or another rank declared a
+(``progress.phase``). When a rank sees no progress for ``train.hang_timeout_s`` seconds (or another rank declared a
 hang in the store) it
 
     1. reads every heartbeat and names the culprits: ranks whose heartbeat stopped (frozen, dead) or, if every
@@ -14,7 +15,8 @@ hang in the store) it
     3. rank 0 (or the lowest rank still alive when rank 0 is the culprit) logs ONE line naming the culprit
        rank(s), host(s) and the last step every rank completed, and writes ``run_dir/hang/report.json`` (and a
        copy into ``$HGSCALE_EVENTS_DIR`` for the Slurm script, which excludes that node);
-    4. ends the process with exit status EXIT_HANG (4): the main thread is stuck in C++, so ``os._exit``.
+    4. ends the process with exit status HANG (4, hgscale.core.status): the main thread is stuck in C++, so
+       ``os._exit``.
 
 The launchers stop the other ranks once one exits non-zero. train.hang_timeout_s = -1 derives the timeout:
 max(300 s, 20 x the median step time); 0 switches the watchdog off.
@@ -32,10 +34,10 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from hgscale.distributed.parts import Part, StepResult
-from launchers.signals import EXIT_HANG  # the launchers know the status too
+from hgscale.core.status import HANG
+from hgscale.training.callbacks import Callback, StepInfo
 
-__all__ = ["EXIT_HANG", "Watchdog", "culprits", "derived_timeout"]
+__all__ = ["Watchdog", "culprits", "derived_timeout"]
 
 HANG_KEY = "hgscale/hang"
 ACK_KEY = "hgscale/hang_ack"
@@ -77,20 +79,33 @@ def hang_line(report: dict) -> str:
     who = ", ".join(one(r) for r in report["ranks"])
     return (f"error: hang: no progress for {report['timeout_s']:.0f} s (train.hang_timeout_s); {who}: "
             f"{report['why']}; last step completed by every rank: {report['step']}; stack dumps in "
-            f"{report['dumps']}; exiting with status {EXIT_HANG}")
+            f"{report['dumps']}; exiting with status {HANG}")
 
 
-class Watchdog(Part):
-    def __init__(self, tr, period_s: float | None = None):
-        self.tr, self.rank, self.world = tr, tr.rt.rank, tr.rt.world_size
-        self.fixed = tr.cfg.train.hang_timeout_s if tr.cfg.train.hang_timeout_s > 0 else None
+class Progress:
+    """What the main thread is doing and since when (written by the trainer, read by the watchdog's thread)."""
+
+    def __init__(self, step: int = 0):
+        self.step, self.phase, self.t = step, "starting", time.monotonic()
+
+    def mark(self, phase: str) -> None:
+        self.phase, self.t = phase, time.monotonic()
+
+
+class Watchdog(Callback):
+    def __init__(self, progress: Progress, rank: int, world: int, hang_timeout_s: float, run_dir: str,
+                 other_progress_t=lambda: 0.0, period_s: float | None = None):
+        """``other_progress_t``: the time of the newest progress made off the main thread (an upload)."""
+        self.progress, self.rank, self.world = progress, rank, world
+        self.other_progress_t = other_progress_t
+        self.fixed = hang_timeout_s if hang_timeout_s > 0 else None
         # one heartbeat (a single store write) and one look for a declared hang per period
         self.period = period_s or min(2.0, (self.fixed or DERIVED_MIN_S) / 10)
         self.stale_s = max(3 * self.period, 10.0)
-        self.dump_dir = Path(tr.cfg.run_dir) / "hang"
+        self.dump_dir = Path(run_dir) / "hang"
         self.host = socket.gethostname()
         self.step_times: list[float] = []
-        self.first_step = tr.step
+        self.first_step = progress.step
         self._stop = threading.Event()
         self.store = self._connect()
         self.thread = threading.Thread(target=self._loop, name="hgscale-watchdog", daemon=True)
@@ -104,10 +119,10 @@ class Watchdog(Part):
                              timeout=timedelta(seconds=max(2 * self.period, 5.0)), wait_for_workers=False)
 
     # ------------------------------------------------------------------------------ main-thread side
-    def after_step(self, tr, r: StepResult) -> None:
-        self.step_times = (self.step_times + [r.timings.get("step_s", 0.0)])[-101:]
+    def after_step(self, info: StepInfo) -> None:
+        self.step_times = (self.step_times + [info.timings.get("step_s", 0.0)])[-101:]
 
-    def close(self, tr) -> None:
+    def close(self) -> None:
         self._stop.set()
 
     def timeout(self) -> float:
@@ -116,11 +131,10 @@ class Watchdog(Part):
     # ------------------------------------------------------------------------------ the thread
     def _progress_t(self) -> float:
         """The main thread's last mark, or a background checkpoint upload's last file, whichever is newer."""
-        remote = getattr(getattr(self.tr, "ckpt", None), "remote", None)
-        return max(self.tr.phase_t, remote.progress_t if remote is not None else 0.0)
+        return max(self.progress.t, self.other_progress_t())
 
     def _beat(self) -> dict:
-        return {"step": self.tr.step, "phase": self.tr.phase, "host": self.host, "pid": os.getpid(),
+        return {"step": self.progress.step, "phase": self.progress.phase, "host": self.host, "pid": os.getpid(),
                 "time": time.time()}
 
     def _loop(self) -> None:
@@ -130,7 +144,7 @@ class Watchdog(Part):
                 declared = self.store.check([HANG_KEY])
             except Exception:  # noqa: BLE001 - the store's host is frozen or gone: judged below by progress
                 declared = False
-            armed = self.tr.step > self.first_step  # the first step (compile, warm-up) is never a hang
+            armed = self.progress.step > self.first_step  # the first step (compile, warm-up) is never a hang
             stalled = time.monotonic() - self._progress_t() > self.timeout()
             if declared or (armed and stalled):
                 self._on_hang(declared)
@@ -182,13 +196,13 @@ class Watchdog(Part):
         self._linger(report, alive)
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(EXIT_HANG)
+        os._exit(HANG)
 
     def _dump(self, report: dict) -> None:
         self.dump_dir.mkdir(parents=True, exist_ok=True)
         with open(self.dump_dir / f"rank{self.rank:05d}.txt", "w") as f:
-            f.write(f"rank {self.rank} on {self.host} (pid {os.getpid()}) at step {self.tr.step}, phase "
-                    f"{self.tr.phase!r}; hang report: {json.dumps(report)}\n\n")
+            f.write(f"rank {self.rank} on {self.host} (pid {os.getpid()}) at step {self.progress.step}, phase "
+                    f"{self.progress.phase!r}; hang report: {json.dumps(report)}\n\n")
             f.flush()
             faulthandler.dump_traceback(file=f, all_threads=True)
 

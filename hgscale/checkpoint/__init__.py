@@ -1,0 +1,10 @@
+"""Checkpointing: one package over a neutral storage layer (:mod:`hgscale.core.storage`).
+
+    layout.py    names and markers (tags, COMPLETE, latest, rank files), durable writes, layout keys
+    manager.py   CheckpointManager: collective save, resume, keep-last-N
+    remote.py    object storage: node-local staging, background upload, attempts, per-rank download
+    reshard.py   elastic resume: a checkpoint of one parallel layout loaded into another
+    export.py    one model on one device: consolidation, safetensors, safe loading
+
+Import the submodules directly (``layout`` and ``remote`` import neither torch nor deepspeed).
+"""

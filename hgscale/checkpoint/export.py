@@ -1,0 +1,135 @@
+"""A training checkpoint as one model on one device: consolidation, safetensors export and loading.
+
+    sd, cfg = consolidated_state_dict("runs/ckpt")          # pipeline or ZeRO 0-3 checkpoint, no process group
+    export("runs/ckpt", "runs/export")                      # model.safetensors + config.json
+    model, cfg = load_any("runs/export" or "runs/ckpt")     # HourglassLM in eval mode
+
+Checkpoints read here may come from someone else (a shared drive, a download): every ``.pt`` file is loaded
+with ``weights_only=True`` and only the classes DeepSpeed's files hold (:func:`safe_load`), so a crafted file
+cannot run code. Resuming one's own run keeps DeepSpeed's loader (README: what trusts what).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from hgscale.checkpoint.layout import CheckpointError, read_meta, resolve
+from hgscale.config import Config, ConfigError, config_from_dict
+
+
+def _allowed_globals() -> list:
+    """Classes besides tensors and containers that DeepSpeed writes into model-state files (argparse namespaces
+    of its config, the loss scaler's enum-free state). Nothing here has a reduce hook that runs code."""
+    import argparse
+    import collections
+
+    return [argparse.Namespace, collections.OrderedDict, torch.Size]
+
+
+def safe_load(path: Path) -> dict:
+    """torch.load of a file someone else may have written: tensors and plain containers only. A file holding
+    anything else (a pickle payload) is a CheckpointError naming it; nothing in it runs."""
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {str(path)!r} is missing: the checkpoint is incomplete") from None
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or EOFError for bad files
+        why = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint file {str(path)!r} cannot be loaded safely ({why}): it holds objects "
+                              f"other than tensors, or is corrupt; only load checkpoints you trust with DeepSpeed "
+                              f"itself") from None
+
+
+def _config(meta: dict, where: str) -> Config:
+    try:
+        return config_from_dict(meta["config"], validate=False)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {where!r} holds a config this hgscale cannot read: {e}") from None
+
+
+def consolidated_state_dict(root: str | Path, tag: str | None = None) -> tuple[dict, Config]:
+    """HourglassLM state dict (fp32) and config of a pipeline or ZeRO 0-3 checkpoint; no process group."""
+    root, tag = resolve(Path(root) / tag if tag else root)
+    tag_dir = root / tag
+    meta = read_meta(tag_dir)
+    cfg = _config(meta, str(tag_dir))
+    topo = meta["topology"]
+    if topo.get("pipeline_stages", 1) > 1:
+        sd = {}
+        for f in sorted(tag_dir.glob("layer_*-model_states.pt")):
+            idx = int(f.name.split("_")[1].split("-")[0])
+            sd.update({f"layers.{idx}.{k}": v for k, v in safe_load(f).items()})
+    elif topo.get("zero_stage") == 3 or (topo.get("zero_stage", 0) > 0 and cfg.train.precision != "fp32"):
+        sd = _fp32_from_zero(root, tag)
+    else:
+        states = safe_load(tag_dir / "mp_rank_00_model_states.pt")
+        if not isinstance(states, dict) or not isinstance(states.get("module"), dict):
+            raise CheckpointError(f"checkpoint file {str(tag_dir / 'mp_rank_00_model_states.pt')!r} holds no "
+                                  f"module weights: the checkpoint is corrupt")
+        sd = {k.removeprefix("model."): v for k, v in states["module"].items()}
+    return {k: v.detach().float().contiguous() for k, v in sd.items()}, cfg
+
+
+def _fp32_from_zero(root: Path, tag: str) -> dict:
+    """ZeRO-3 partitions the weights, and with bf16/fp16 the fp32 masters live in the optimizer files: DeepSpeed's
+    own consolidation reads them (its loader, run under weights_only through torch's default)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    full = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    return {k.removeprefix("model."): v for k, v in full.items()}
+
+
+def _model(cfg: Config, sd: dict, where: str):
+    from hgscale.models import HourglassLM
+
+    model = HourglassLM(cfg.model)
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {where!r} does not match model.hierarchy {cfg.model.hierarchy!r}: "
+                              f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model
+
+
+def export(root: str | Path, out: str | Path, tag: str | None = None) -> Path:
+    """Write ``out/model.safetensors`` and ``out/config.json``; returns ``out``."""
+    from safetensors.torch import save_file
+
+    sd, cfg = consolidated_state_dict(root, tag)
+    _model(cfg, sd, str(root))
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the export directory {str(out)!r} ({e.strerror}): pass another "
+                              f"--out") from None
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "hgscale": "HourglassLM"})
+    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    return out
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu"):
+    """(HourglassLM in eval mode, Config) from an exported directory."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise CheckpointError(f"{str(path)!r} holds no model.safetensors: export a checkpoint first with "
+                              f"hgscale export --checkpoint DIR --out {path}")
+    try:
+        meta = {"config": json.loads((path / "config.json").read_text())}
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{str(path / 'config.json')!r} is missing or corrupt ({e}): export again") from None
+    cfg = _config(meta, str(path))
+    model = _model(cfg, load_file(str(path / "model.safetensors")), str(path))
+    return model.to(device).eval(), cfg
+
+
+def load_any(path: str | Path, device: str | torch.device = "cpu"):
+    """An exported directory or a training checkpoint (consolidated in memory) -> (HourglassLM, Config)."""
+    if (Path(path) / "model.safetensors").is_file():
+        return load_exported(path, device)
+    sd, cfg = consolidated_state_dict(path)
+    return _model(cfg, sd, str(path)).to(device).eval(), cfg

@@ -1,0 +1,40 @@
+"""Exit statuses of hgscale's processes, one meaning each; the trainer, ``launchers/`` and ``slurm/`` share them.
+
+    status  name        meaning                                             what slurm/train_multinode.sh does
+    0       OK          finished, or preempted with a checkpoint saved      requeues a preempted job, else done
+    2       USER_ERROR  config, data or credentials wrong: one error line   stops: a rerun would fail the same way
+    3       NAN         the loss became NaN/Inf; nothing saved after it     stops: lower train.lr, then resume
+    4       HANG        the watchdog found no progress (it names the rank)  requeues, excluding the culprit node
+    5       INFRA       storage unreachable after retries, upload failed,   requeues with back-off, no node
+                        rendezvous failed                                   excluded
+    other   (crash)     a rank died (signal, OOM, bug)                      requeues, excluding the first node
+                                                                            that failed
+
+``python -m hgscale.core.status`` prints ``NAME=STATUS`` lines for the shell scripts.
+"""
+from __future__ import annotations
+
+import sys
+
+OK = 0
+USER_ERROR = 2
+NAN = 3
+HANG = 4
+INFRA = 5
+
+STOPS = (USER_ERROR, NAN)  # deliberate stops: never requeued
+NAMES = {"OK": OK, "USER_ERROR": USER_ERROR, "NAN": NAN, "HANG": HANG, "INFRA": INFRA}
+
+
+class UserError(ValueError):
+    """A problem the user fixes (config, data, credentials): one sentence naming the thing and the fix."""
+
+
+def main() -> int:
+    for name, value in NAMES.items():
+        print(f"{name}={value}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -34,9 +34,11 @@ from hgscale.models.attention import Attention
 from hgscale.models.cached_attention import KVCache, RelTable, cached_attention
 from hgscale.models.resampling import avg_pool
 
-if TYPE_CHECKING:  # hourglass.py imports this module
+if TYPE_CHECKING:
     from hgscale.config import ModelConfig
-    from hgscale.models.hourglass import HourglassLM
+
+# ``model`` below is an HourglassLM, typed as nn.Module: decoding reads only its ``cfg`` and ``layers``, and
+# hourglass.py imports this module (HourglassLM.init_cache / .decode), so this one does not import it back.
 
 
 class _LayerState:
@@ -56,7 +58,7 @@ class _LayerState:
 class DecodeCache:
     """Everything ``decode`` keeps between calls for ``batch_size`` sequences of one model."""
 
-    def __init__(self, model: HourglassLM, batch_size: int, max_len: int | None = None):
+    def __init__(self, model: nn.Module, batch_size: int, max_len: int | None = None):
         cfg = model.cfg
         if int(batch_size) < 1:
             raise ValueError(f"batch_size = {batch_size} must be >= 1")
@@ -123,7 +125,7 @@ def _state_for(layer: nn.Module, cfg: ModelConfig, max_len: int) -> _LayerState:
     return _LayerState(KVCache(rows), rel)
 
 
-def _check(model: HourglassLM, tokens: torch.Tensor, cache: DecodeCache) -> None:
+def _check(model: nn.Module, tokens: torch.Tensor, cache: DecodeCache) -> None:
     if model.training:
         raise RuntimeError("decode runs in eval mode only (dropout would make cached and full logits differ): "
                            "call model.eval() first")
@@ -149,7 +151,7 @@ def _check(model: HourglassLM, tokens: torch.Tensor, cache: DecodeCache) -> None
 
 
 @torch.no_grad()
-def decode(model: HourglassLM, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
+def decode(model: nn.Module, tokens: torch.Tensor, cache: DecodeCache) -> torch.Tensor:
     """tokens (B, n) -> logits (B, n, V) at positions cache.length .. cache.length+n-1; advances the cache."""
     _check(model, tokens, cache)
     layers, states = model.layers, cache.states

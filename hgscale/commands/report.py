@@ -43,8 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # noqa: BLE001 - a store that does not answer is the user's to fix, not a bug
-        from hgscale.tracking.mlflow_sink import is_transient
-        if not is_transient(e):
+        from hgscale.tracking.mlflow_sink import is_transient_tracking_error
+        if not is_transient_tracking_error(e):
             raise
         print(f"error: the tracking store at {mask_value(args.tracking_uri)} does not answer; start it or fix "
               f"--tracking-uri / MLFLOW_TRACKING_URI", file=sys.stderr)

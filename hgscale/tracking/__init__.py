@@ -1,7 +1,7 @@
 """Experiment tracking (MLflow, global rank 0) and compute-efficiency metrics.
 
 - :class:`Tracker`: one MLflow run per job; metrics queued off the training thread and delivered by a
-  background thread that survives tracking-server outages (``mlflow_sink``).
+  background thread that survives tracking-server outages (``mlflow_sink``, its records in ``records``).
 - ``peak_flops`` / ``mfu`` / ``achieved_flops`` / :class:`EfficiencyMeter`: MFU against a GPU peak table or a
   CPU matmul peak measured at start-up (``efficiency``).
 - ``gather_to_rank0`` / ``aggregate``: per-stage timings and per-node resources collected on rank 0 (``gather``).

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from statistics import mean
 
-from .mlflow_sink import clean_key
+from .records import clean_key
 
 
 def gather_to_rank0(obj, group=None) -> list | None:
@@ -37,6 +37,14 @@ def aggregate(records: list[dict]) -> dict[str, float]:
     - ``data/<counter>``: a counter (storage retries, skipped corrupt shards) summed over the ranks of the first
       stage: each data-parallel rank's stream once (a pipeline's last stage reads the same stream again).
     """
+    out = _timing_metrics(records)
+    out.update(_counter_metrics(records))
+    out.update(_system_metrics(records))
+    return out
+
+
+def _timing_metrics(records: list[dict]) -> dict[str, float]:
+    """``time/...`` per step part and stage, and ``pipeline/bubble_share``."""
     out: dict[str, float] = {}
     by_stage: dict[int, list[dict]] = defaultdict(list)
     for r in records:
@@ -57,14 +65,22 @@ def aggregate(records: list[dict]) -> dict[str, float]:
             idle.append(mean(per))
     if idle:
         out["pipeline/bubble_share"] = mean(idle)
+    return out
 
+
+def _counter_metrics(records: list[dict]) -> dict[str, float]:
+    """``data/<counter>`` summed over the first stage's ranks."""
     totals: dict[str, float] = defaultdict(float)
     for r in records:
         if int(r.get("stage", 0)) == 0:
             for k, v in (r.get("counters") or {}).items():
                 totals[f"data/{clean_key(k)}"] += float(v)
-    out.update(totals)
+    return dict(totals)
 
+
+def _system_metrics(records: list[dict]) -> dict[str, float]:
+    """``system/<node>/...`` per node and ``memory/max_rank_peak_gb``."""
+    out: dict[str, float] = {}
     by_node: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         if r.get("system"):

@@ -12,12 +12,11 @@ the timestamp it was logged with, and MLflow stores identical (key, step, timest
 A request the server rejects as invalid (HTTP 4xx) is retried item by item; what still fails is dropped
 with a warning naming it. If ``close`` runs out of time, the records not yet delivered are written to a
 spool file (JSON lines) that the next tracker for the same run replays (a resumed run), so a run that ends
-during an outage loses nothing.
+during an outage loses nothing. The records, their batching and the spool file are in ``records``.
 """
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import queue
@@ -25,80 +24,36 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from .records import (
+    BATCHED,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAMS_TAGS_PER_BATCH,
+    MAX_TAG_LEN,
+    Artifact,
+    Call,
+    Record,
+    Status,
+    append_spool,
+    batch_entities,
+    clean_key,
+    spoolable,
+    take_spooled,
+    with_values,
+)
 from .runinfo import mask_value
 
 log = logging.getLogger(__name__)
 
-MAX_METRICS_PER_BATCH = 1000      # MLflow log_batch limits
-MAX_PARAMS_TAGS_PER_BATCH = 100
-MAX_PARAM_LEN = 6000
-MAX_TAG_LEN = 8000
-MAX_KEY_LEN = 250
 # MLflow 3's UI opens an experiment with this tag as model training, not as GenAI evaluations
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-_BAD_KEY_CHARS = re.compile(r"[^/\w.\- ]")
-
-
-# ------------------------------------------------------------------------------ the records of the queue
-
-@dataclass(frozen=True)
-class Metrics:
-    step: int
-    timestamp_ms: int   # when it was logged: a retried batch is stored once
-    values: dict
-
-
-@dataclass(frozen=True)
-class Params:
-    values: dict
-
-
-@dataclass(frozen=True)
-class Tags:
-    values: dict
-
-
-@dataclass(frozen=True)
-class Artifact:
-    path: str
-    artifact_path: str | None = None
-    staged: bool = False   # ``path`` is a copy in a directory of its own, deleted once uploaded
-
-
-@dataclass(frozen=True)
-class Status:
-    status: str          # FINISHED / KILLED / FAILED
-    end_time_ms: int     # when the run ended, not when the record got through
-
-
-@dataclass(frozen=True)
-class Call:
-    fn: Callable = field(repr=False)   # fn(client, run_id), e.g. the end-of-run plot
 
 
 @dataclass(frozen=True)
 class _End:
-    pass
-
-
-Record = Metrics | Params | Tags | Artifact | Status | Call
-_BATCHED = (Metrics, Params, Tags)
-_SPOOLED = {cls.__name__: cls for cls in (Metrics, Params, Tags, Artifact)}  # Status and Call are not replayed
-
-
-def _with_values(rec, values: dict):
-    return type(rec)(**{**asdict(rec), "values": values})
-
-
-def clean_key(key) -> str:
-    """An MLflow-valid name: alphanumerics, _ - . space and /; no leading or repeated slash."""
-    k = _BAD_KEY_CHARS.sub("_", str(key))
-    k = re.sub(r"/+", "/", k).strip("/") or "_"
-    return k[:MAX_KEY_LEN]
+    """Put last by ``close``: the delivery thread stops once everything before it is sent."""
 
 
 def _said(exc: BaseException) -> str:
@@ -106,8 +61,8 @@ def _said(exc: BaseException) -> str:
     return mask_value(str(exc))
 
 
-def is_transient(exc: BaseException) -> bool:
-    """True for errors worth retrying later: connection trouble, timeouts, HTTP 429 and 5xx."""
+def is_transient_tracking_error(exc: BaseException) -> bool:
+    """True for tracking-server errors worth retrying later: connection trouble, timeouts, HTTP 429 and 5xx."""
     from mlflow.exceptions import MlflowException
 
     if isinstance(exc, MlflowException):
@@ -211,7 +166,7 @@ class MlflowSink:
                     self._ready.set()
                     backoff = 0.2
                 except Exception as e:  # noqa: BLE001
-                    if not is_transient(e):
+                    if not is_transient_tracking_error(e):
                         log.error("MLflow at %s refused to create the run (%s); tracking is off for this run",
                                   self.shown_uri, _said(e)[:500])
                         self.dead = True
@@ -244,7 +199,7 @@ class MlflowSink:
                     log.warning("MLflow at %s is reachable again; delivering queued records", self.shown_uri)
                     self._warned = False
             except Exception as e:  # noqa: BLE001
-                if is_transient(e):
+                if is_transient_tracking_error(e):
                     backoff = self._failed(e, backoff)
                 else:
                     self._one_by_one(n, e)
@@ -284,7 +239,7 @@ class MlflowSink:
                     from mlflow.exceptions import MlflowException
                     raise MlflowException("deleted", error_code="RESOURCE_DOES_NOT_EXIST")
             except Exception as e:  # noqa: BLE001
-                if is_transient(e):
+                if is_transient_tracking_error(e):
                     raise
                 log.warning("MLflow run %s (from the checkpoint) is not in the store at %s or was deleted; "
                             "starting a new run",
@@ -320,31 +275,8 @@ class MlflowSink:
 
     def _make_batch(self, pending):
         """(number of leading items of ``pending`` covered, a callable that sends them)."""
-        if isinstance(pending[0], _BATCHED):
-            from mlflow.entities import Metric, Param, RunTag
-
-            metrics, params, tags = [], [], []
-            n = 0
-            for item in pending:
-                if not isinstance(item, _BATCHED):
-                    break
-                if isinstance(item, Metrics):
-                    new = [Metric(k, v, item.timestamp_ms, item.step) for k, v in item.values.items()]
-                    if len(metrics) + len(new) > MAX_METRICS_PER_BATCH and n:
-                        break
-                    metrics += new
-                else:
-                    entries = self._params_or_tags(item)
-                    p = [Param(k, v) for k, v in entries.get("params", {}).items()]
-                    t = [RunTag(k, v) for k, v in entries.get("tags", {}).items()]
-                    if n and (len(params) + len(p) > MAX_PARAMS_TAGS_PER_BATCH
-                              or len(tags) + len(t) > MAX_PARAMS_TAGS_PER_BATCH):
-                        break
-                    params += p
-                    tags += t
-                n += 1
-                if len(metrics) + len(params) + len(tags) >= MAX_METRICS_PER_BATCH:
-                    break
+        if isinstance(pending[0], BATCHED):
+            n, metrics, params, tags = batch_entities(pending, self._existing_params)
 
             def send():
                 # one item may itself exceed a limit (a config of 300 keys): chunk within the call
@@ -377,34 +309,20 @@ class MlflowSink:
         log.warning("unknown tracking record %r dropped", item)
         return 1, lambda: None
 
-    def _params_or_tags(self, item) -> dict:
-        """Params go to MLflow once; on a resumed run a changed value is recorded as a tag instead of failing."""
-        if isinstance(item, Tags):
-            return {"tags": {clean_key(k): str(v)[:MAX_TAG_LEN] for k, v in item.values.items()}}
-        params, tags = {}, {}
-        for k, v in item.values.items():
-            k, v = clean_key(k), str(v)[:MAX_PARAM_LEN]
-            old = self._existing_params.get(k)
-            if old is None:
-                params[k] = v
-            elif old != v:
-                tags[clean_key(f"param_changed_on_resume/{k}")] = v[:MAX_TAG_LEN]
-        return {"params": params, "tags": tags}
-
     def _one_by_one(self, n: int, first_error: BaseException) -> None:
         """The server rejected a batch as invalid: send its items singly, drop only the ones it still rejects."""
         singles = []
         for _ in range(n):
             item = self._pending.popleft()
-            if isinstance(item, _BATCHED) and len(item.values) > 1:
-                singles += [_with_values(item, {k: v}) for k, v in item.values.items()]
+            if isinstance(item, BATCHED) and len(item.values) > 1:
+                singles += [with_values(item, {k: v}) for k, v in item.values.items()]
             else:
                 singles.append(item)
         for i, single in enumerate(singles):
             try:
                 self._make_batch(collections.deque([single]))[1]()
             except Exception as e:  # noqa: BLE001
-                if is_transient(e):  # the server went away meanwhile: the main loop retries the rest
+                if is_transient_tracking_error(e):  # the server went away meanwhile: the main loop retries the rest
                     self._pending.extendleft(reversed(singles[i:]))
                     return
                 self.dropped += 1
@@ -415,18 +333,15 @@ class MlflowSink:
     # ---------------------------------------------------------------------------------------- spool
 
     def _spool(self) -> None:
-        """Write undelivered metrics/params/tags/artifacts as JSON lines for a resumed run to replay."""
-        items = [i for i in self._pending if type(i).__name__ in _SPOOLED]
+        """Write undelivered metrics/params/tags/artifacts to the spool file for a resumed run to replay."""
+        items = spoolable(self._pending)
         if not items:
             return
         if self.spool_path is None:
             log.warning("%d tracking records could not be delivered to %s and are lost", len(items), self.shown_uri)
             return
         try:
-            self.spool_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.spool_path, "a") as f:
-                for item in items:
-                    f.write(json.dumps({"run_id": self.run_id, "kind": type(item).__name__, **asdict(item)}) + "\n")
+            append_spool(self.spool_path, self.run_id, items)
             log.warning("%d tracking records could not be delivered to %s; kept in %s and sent when the run "
                         "resumes", len(items), self.shown_uri, self.spool_path)
         except OSError as e:
@@ -434,24 +349,10 @@ class MlflowSink:
 
     def _replay_spool(self) -> None:
         """Queue records spooled by an earlier tracker of this run (or of a run that never got an id)."""
-        if self.spool_path is None or not self.spool_path.is_file():
+        if self.spool_path is None:
             return
-        keep, replay = [], []
-        for line in self.spool_path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if rec.get("run_id") in (None, self.resume_run_id) and rec.get("kind") in _SPOOLED:
-                rec.pop("run_id", None)
-                replay.append(_SPOOLED[rec.pop("kind")](**rec))
-            else:
-                keep.append(line)
+        replay = take_spooled(self.spool_path, self.resume_run_id)
         for item in replay:
             self._q.put(item)
-        if keep:
-            self.spool_path.write_text("\n".join(keep) + "\n")
-        else:
-            self.spool_path.unlink()
         if replay:
             log.info("replaying %d tracking records spooled by the previous attempt", len(replay))

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from . import names, runinfo, system
 from .gather import aggregate, gather_to_rank0
-from .mlflow_sink import Artifact, Call, Metrics, MlflowSink, Params, Status, clean_key
+from .mlflow_sink import MlflowSink
+from .records import Artifact, Call, Metrics, Params, Status, clean_key
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """Secret masking, config flattening, manifest summary, metric-name lookup and rank-0 aggregation."""
 from hgscale.core.secrets import MASK, mask_secrets
 from hgscale.tracking import aggregate, gather_to_rank0, names
-from hgscale.tracking.mlflow_sink import clean_key, is_transient
+from hgscale.tracking.mlflow_sink import is_transient_tracking_error
+from hgscale.tracking.records import clean_key
 from hgscale.tracking.runinfo import command_line, flatten, manifest_summary
 
 
@@ -59,12 +60,14 @@ def test_clean_key_and_transient_errors():
     assert clean_key("//a//b/") == "a/b"
     assert len(clean_key("x" * 400)) == 250
     from mlflow.exceptions import MlflowException, RestException
-    assert is_transient(ConnectionError("refused"))
-    assert is_transient(MlflowException("API request to http://x failed with exception Max retries exceeded"))
-    assert is_transient(MlflowException("API request to endpoint /x failed with error code 503 != 200"))
-    assert not is_transient(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad"}))
-    assert is_transient(RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "database is locked"}))
-    assert not is_transient(KeyError("a bug is not an outage"))
+    assert is_transient_tracking_error(ConnectionError("refused"))
+    assert is_transient_tracking_error(
+        MlflowException("API request to http://x failed with exception Max retries exceeded"))
+    assert is_transient_tracking_error(MlflowException("API request to endpoint /x failed with error code 503 != 200"))
+    assert not is_transient_tracking_error(RestException({"error_code": "INVALID_PARAMETER_VALUE", "message": "bad"}))
+    assert is_transient_tracking_error(
+        RestException({"error_code": "TEMPORARILY_UNAVAILABLE", "message": "database is locked"}))
+    assert not is_transient_tracking_error(KeyError("a bug is not an outage"))
 
 
 def test_val_key_lookup():

@@ -12,8 +12,6 @@ Writes benchmarks/results/attention_dropout.json.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -26,6 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import common  # noqa: E402
+
 import hgscale.models.blocked_attention as current  # noqa: E402
 
 KERNEL = "hgscale/models/blocked_attention.py"
@@ -57,17 +57,16 @@ def measure(kernels: dict, ps: list[float], T: int, heads: int, rounds: int, blo
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    common.add_threads(ap)
     ap.add_argument("--against", default="", help="git revision whose kernel runs side by side")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "attention_dropout.json"))
+    common.add_out(ap, "attention_dropout")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.apply_threads(args.threads)
     kernels = {"current": current, **({args.against: kernel_at(args.against)} if args.against else {})}
     res = measure(kernels, [0.2, 0.0], args.seq_len, args.heads, args.rounds)
     print(f"T={args.seq_len}, {args.heads} heads x 64, fwd+bwd, {torch.get_num_threads()} threads, "
@@ -84,13 +83,10 @@ def main(argv=None) -> int:
             a, b = res[f"current|p={p}"], res[f"{args.against}|p={p}"]
             print(f"p={p}: current / {args.against}: min {a['min_s'] / b['min_s']:.3f}, "
                   f"median {a['median_s'] / b['median_s']:.3f}")
-    out = {"command": "python benchmarks/attention_dropout.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "seq_len": args.seq_len, "heads": args.heads, "threads": torch.get_num_threads(),
-           "load_average_1m": os.getloadavg()[0], "torch": torch.__version__, "times": res,
-           "dropout_overhead": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    common.write_result(args.out, {
+        "command": common.command(__file__, argv), "seq_len": args.seq_len, "heads": args.heads,
+        "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0], "torch": torch.__version__,
+        "times": res, "dropout_overhead": summary})
     return 0
 
 

@@ -22,8 +22,6 @@ Prints a table; writes benchmarks/results/generate_throughput.json.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -34,11 +32,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
 from hgscale.config import MODEL_SIZES, ModelConfig, parse_hierarchy  # noqa: E402
 from hgscale.models import HourglassLM, flops_per_token  # noqa: E402
 from hgscale.models.decode import rows_needed  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "generate_throughput.json"
 
 
 def scaled(hierarchy: str, scale: float) -> str:
@@ -112,29 +110,25 @@ def recompute_result(P: int, n: int, lengths: list[int], times: list[float]) -> 
             "cache_bytes": 0, "kv_bytes": 0}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv):
+    ap = common.parser(__doc__)
     ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
     ap.add_argument("--gen", type=int, nargs="+", default=[512, 2048], help="report tokens/s after these many")
     ap.add_argument("--layers-scale", type=float, default=1.0, help="multiply every level's layer count")
     ap.add_argument("--recompute-points", type=int, default=6, help="context lengths at which (b) is timed")
     ap.add_argument("--chunk", type=int, default=32, help="tokens each model generates per turn")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    torch.set_flush_denormal(True)  # denormal softmax tails slow CPU GEMMs down ~2x
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    n, T = max(args.gen), args.prompt + max(args.gen)
-    cfgs = model_configs(args.layers_scale, T)
-    prompt = torch.randint(0, 256, (1, args.prompt), generator=torch.Generator().manual_seed(0))
-    models = {}
-    for name, cfg in cfgs.items():
-        torch.manual_seed(0)
-        models[name] = HourglassLM(cfg).eval()
+    common.add_threads(ap)
+    common.add_out(ap, "generate_throughput")
+    return ap.parse_args(argv)
+
+
+def generate_all(models: dict, prompt: torch.Tensor, n: int, args) -> dict:
+    """Every model's run of ``n`` new tokens after ``prompt``: the cached ones as CachedRun results, the
+    recomputing one (``hourglass_recompute``) from its timed forwards."""
     # Interleaved: every model advances --chunk tokens in turn and (b)'s timed forwards fall between chunks,
     # so a change of machine load hits all of them alike.
     cached = {name: CachedRun(m, prompt, n) for name, m in models.items()}
+    T = args.prompt + n
     seq = torch.cat([prompt, torch.randint(0, 256, (1, n), generator=torch.Generator().manual_seed(1))], dim=1)
     lengths = sorted({int(v) for v in np.linspace(args.prompt, T - 1, args.recompute_points).round()})
     rounds = -(-n // args.chunk)
@@ -151,7 +145,11 @@ def main(argv=None) -> int:
                   + f"; recompute at {L} tokens {times[-1]:.1f} s", flush=True)
     runs = {name: run.result() for name, run in cached.items()}
     runs["hourglass_recompute"] = recompute_result(args.prompt, n, lengths, times)
+    return runs
 
+
+def table_rows(runs: dict, cfgs: dict, models: dict, T: int, gen: list[int]) -> dict:
+    """One row per model (a)..(d): sizes, analytic FLOPs and K/V rows at T, prefill, cache bytes, tokens/s."""
     rows = {}
     order = [("a", "hourglass", "hourglass"), ("b", "hourglass_recompute", "hourglass"),
              ("c", "vanilla_same_depth", "vanilla_same_depth"), ("d", "vanilla_same_flops", "vanilla_same_flops")]
@@ -161,18 +159,25 @@ def main(argv=None) -> int:
                      "causal_train_flops_per_token": flops_per_token(cfg, T, causal=True),
                      "kv_rows_analytic": kv_rows(models[cfg_name], T) if key != "b" else 0,
                      "prefill_s": r["prefill_s"], "cache_bytes": r["cache_bytes"], "kv_bytes": r["kv_bytes"],
-                     "tokens_per_s": {g: g / r["stamps"][g - 1] for g in args.gen},
+                     "tokens_per_s": {g: g / r["stamps"][g - 1] for g in gen},
                      **({"recompute_lengths": r["lengths"], "recompute_step_s": r["step_s"]} if key == "b" else {})}
-    a, b, c, d = (rows[k] for k in "abcd")
-    flops_ratio = c["causal_train_flops_per_token"] / a["causal_train_flops_per_token"]
-    kv_ratio = a["kv_rows_analytic"] / c["kv_rows_analytic"]
-    summary = {"a_over_b": {g: a["tokens_per_s"][g] / b["tokens_per_s"][g] for g in args.gen},
-               "a_over_c": {g: a["tokens_per_s"][g] / c["tokens_per_s"][g] for g in args.gen},
-               "a_over_d": {g: a["tokens_per_s"][g] / d["tokens_per_s"][g] for g in args.gen},
-               "analytic_flops_ratio_c_over_a": flops_ratio, "analytic_kv_rows_ratio_a_over_c": kv_ratio,
-               "cache_bytes_ratio_a_over_c": a["cache_bytes"] / c["cache_bytes"],
-               "kv_bytes_ratio_a_over_c": a["kv_bytes"] / c["kv_bytes"]}
+    return rows
 
+
+def summarize(rows: dict, gen: list[int]) -> dict:
+    """Measured speed ratios of (a) against the others, and the analytic ratios they are held to."""
+    a, b, c, d = (rows[k] for k in "abcd")
+    return {"a_over_b": {g: a["tokens_per_s"][g] / b["tokens_per_s"][g] for g in gen},
+            "a_over_c": {g: a["tokens_per_s"][g] / c["tokens_per_s"][g] for g in gen},
+            "a_over_d": {g: a["tokens_per_s"][g] / d["tokens_per_s"][g] for g in gen},
+            "analytic_flops_ratio_c_over_a": c["causal_train_flops_per_token"] / a["causal_train_flops_per_token"],
+            "analytic_kv_rows_ratio_a_over_c": a["kv_rows_analytic"] / c["kv_rows_analytic"],
+            "cache_bytes_ratio_a_over_c": a["cache_bytes"] / c["cache_bytes"],
+            "kv_bytes_ratio_a_over_c": a["kv_bytes"] / c["kv_bytes"]}
+
+
+def print_report(args, rows: dict, summary: dict) -> None:
+    flops_ratio, kv_ratio = summary["analytic_flops_ratio_c_over_a"], summary["analytic_kv_rows_ratio_a_over_c"]
     print(f"\nprompt {args.prompt}, batch 1, fp32, greedy, {torch.get_num_threads()} thread(s), "
           f"load average {os.getloadavg()[0]:.1f}")
     head = " ".join(f"{'tok/s @' + str(g):>12s}" for g in args.gen)
@@ -190,14 +195,27 @@ def main(argv=None) -> int:
     print(f"cache memory (a)/(c): {summary['cache_bytes_ratio_a_over_c']:.3f} (K/V alone "
           f"{summary['kv_bytes_ratio_a_over_c']:.3f}); analytic K/V rows ratio {kv_ratio:.3f} (goal: <= it)")
 
-    result = {"command": "python benchmarks/generate_throughput.py " + " ".join(argv if argv is not None
-                                                                                 else sys.argv[1:]),
-              "prompt": args.prompt, "gen": args.gen, "layers_scale": args.layers_scale,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": platform.machine(),
-              "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0], "rows": rows, "summary": summary}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_flush_denormal(True)  # denormal softmax tails slow CPU GEMMs down ~2x
+    common.apply_threads(args.threads)
+    n, T = max(args.gen), args.prompt + max(args.gen)
+    cfgs = model_configs(args.layers_scale, T)
+    prompt = torch.randint(0, 256, (1, args.prompt), generator=torch.Generator().manual_seed(0))
+    models = {}
+    for name, cfg in cfgs.items():
+        torch.manual_seed(0)
+        models[name] = HourglassLM(cfg).eval()
+    runs = generate_all(models, prompt, n, args)
+    rows = table_rows(runs, cfgs, models, T, args.gen)
+    summary = summarize(rows, args.gen)
+    print_report(args, rows, summary)
+    common.write_result(args.out, {
+        "command": common.command(__file__, argv), "prompt": args.prompt, "gen": args.gen,
+        "layers_scale": args.layers_scale, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": platform.machine(), "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+        "rows": rows, "summary": summary})
     return 0
 
 

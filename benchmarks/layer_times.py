@@ -17,8 +17,6 @@ of per-token work (LayerNorm, GELU, dropout, residual adds) that no FLOP count i
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -31,6 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import common  # noqa: E402
 from seq_sweep import small_config  # noqa: E402
 
 from hgscale.models import HourglassLM  # noqa: E402
@@ -84,19 +83,18 @@ def print_split(rows: list[dict]) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = common.parser(__doc__)
     ap.add_argument("--hierarchy", default="2@1 8@4 2@1")
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--d", type=int, default=256)
     ap.add_argument("--attn-dropout", type=float, default=None)
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    common.add_threads(ap)
     ap.add_argument("--split", action="store_true", help="also split each layer's time: multiplies / the rest")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "layer_times.json"))
+    common.add_out(ap, "layer_times")
     args = ap.parse_args(argv)
     torch.set_flush_denormal(True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.apply_threads(args.threads)
     cfg = small_config(args.hierarchy, args.seq_len, args.d, args.attn_dropout)
     torch.manual_seed(0)
     model = HourglassLM(cfg).train()
@@ -125,12 +123,9 @@ def main(argv=None) -> int:
     print(f"sum {total * 1e3:.0f} ms")
     if args.split:
         print_split(rows)
-    out = {"command": "python benchmarks/layer_times.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "hierarchy": args.hierarchy, "seq_len": args.seq_len, "d_model": args.d,
-           "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0], "layers": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2))
-    print(f"wrote {args.out}")
+    common.write_result(args.out, {
+        "command": common.command(__file__, argv), "hierarchy": args.hierarchy, "seq_len": args.seq_len,
+        "d_model": args.d, "threads": torch.get_num_threads(), "load_average_1m": os.getloadavg()[0], "layers": rows})
     return 0
 
 

@@ -24,8 +24,6 @@ RSS of one step each. With --sweep or --memory only those run (the enwik8 compar
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -36,11 +34,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+
 from hgscale.config import MODEL_SIZES, ModelConfig, parse_hierarchy  # noqa: E402
 from hgscale.models import HourglassLM, flops_per_token  # noqa: E402
 from hgscale.models.attention import REL_KERNELS, Geometry  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results" / "model_throughput.json"
 
 
 def matmul_peak(n: int = 2048, reps: int = 5) -> float:
@@ -127,14 +125,14 @@ def bench_kernels(T: int, heads: int, d_head: int, d_model: int, reps: int) -> d
     return best
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv):
+    ap = common.parser(__doc__)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--layers-scale", type=float, default=1.0, help="multiply every level's layer count")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--iters", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    common.add_threads(ap)
     ap.add_argument("--impl", default="auto", help="model.attn_impl for both models")
     ap.add_argument("--attn-dropout", type=float, default=None,
                     help="override model.attn_dropout (the enwik8 sizes use the paper's 0.2)")
@@ -148,30 +146,28 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep-compile", action="store_true", help="sweep models with per-layer torch.compile")
     ap.add_argument("--memory", default="", help="comma-separated T for the blocked kernel's memory modes")
     ap.add_argument("--memory-model", default="6@1")
-    ap.add_argument("--out", default=str(RESULTS))
-    args = ap.parse_args(argv)
-    if args.sweep or args.memory:
-        return sweeps(args, argv)
-    # Denormal floats (softmax tails of peaked attention) run ~2x slower through CPU GEMMs; flush them
-    # to zero, as a CPU training process should.
-    torch.set_flush_denormal(not args.keep_denormals)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    common.add_out(ap, "model_throughput")
+    return ap.parse_args(argv)
 
-    # best step times against the best GEMM rate seen in the same run: both at the least-loaded moments
-    peaks = [matmul_peak()]
-    cfgs = model_configs(args.layers_scale, args.impl, args.attn_dropout)
-    models = bench_models(cfgs, args.seq_len, args.batch, args.warmup, args.iters, peaks, args.compile)
-    kernels = bench_kernels(args.seq_len, 8, 64, 512, args.kernel_reps)
-    peak = max(peaks + [matmul_peak()])
+
+def compare(models: dict, peak: float) -> dict:
+    """Adds each model's MFU (full-square and causal count) against ``peak`` and a compiled copy's speed-up
+    over its eager model; returns the Hourglass / vanilla ratios, measured and analytic."""
     hg, van = models["hourglass"], models["vanilla"]
-    analytic = van["flops_per_token"] / hg["flops_per_token"]
-    speedup = hg["tokens_per_s"] / van["tokens_per_s"]
     for m in models.values():
         m["mfu"] = m["model_flops_per_s"] / peak
         m["mfu_causal"] = m["causal_flops_per_s"] / peak
-    analytic_causal = van["causal_flops_per_token"] / hg["causal_flops_per_token"]
+    for name in ("hourglass", "vanilla"):
+        if f"{name}_compiled" in models:
+            compiled = models[f"{name}_compiled"]
+            compiled["speedup_over_eager"] = models[name]["step_s"] / compiled["step_s"]
+    return {"analytic_flops_ratio": van["flops_per_token"] / hg["flops_per_token"],
+            "analytic_causal_flops_ratio": van["causal_flops_per_token"] / hg["causal_flops_per_token"],
+            "measured_speedup": hg["tokens_per_s"] / van["tokens_per_s"]}
 
+
+def print_report(args, cfgs: dict, models: dict, peak: float, ratios: dict, kernels: dict) -> None:
+    analytic, speedup = ratios["analytic_flops_ratio"], ratios["measured_speedup"]
     print(f"dropout {cfgs['hourglass'].dropout}, attention dropout {cfgs['hourglass'].attn_dropout}, "
           f"T={args.seq_len}, batch {args.batch}")
     print(f"fp32 matmul peak (2048^3): {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads, "
@@ -185,30 +181,43 @@ def main(argv=None) -> int:
     print("(MFU counts attention over the full square, as FlopCounterMode and fused kernels do; "
           "'MFU causal' only the visible half)")
     print(f"speed-up hourglass/vanilla: measured {speedup:.2f}x, analytic FLOPs ratio {analytic:.2f}x "
-          f"(causal count {analytic_causal:.2f}x), measured/analytic {speedup / analytic:.2f} (goal >= 0.9)")
+          f"(causal count {ratios['analytic_causal_flops_ratio']:.2f}x), measured/analytic {speedup / analytic:.2f} "
+          f"(goal >= 0.9)")
     for name in ("hourglass", "vanilla"):
         if f"{name}_compiled" in models:
-            compiled = models[f"{name}_compiled"]
-            compiled["speedup_over_eager"] = models[name]["step_s"] / compiled["step_s"]
             print(f"{name}: compiled / eager speed {models[f'{name}_compiled']['speedup_over_eager']:.3f}x")
     speed = kernels["naive"] / kernels["blocked"]
     print(f"relative attention kernel, one layer, T={args.seq_len}, 8 heads x 64, fwd+bwd: "
           + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in kernels.items())
           + f"; blocked is {speed:.1f}x faster than naive")
 
-    argv_used = argv if argv is not None else sys.argv[1:]
-    result = {"command": "python benchmarks/model_throughput.py " + " ".join(argv_used),
-              "seq_len": args.seq_len, "batch": args.batch, "layers_scale": args.layers_scale,
-              "dropout": cfgs["hourglass"].dropout, "attn_dropout": cfgs["hourglass"].attn_dropout,
-              "threads": torch.get_num_threads(), "flush_denormal": not args.keep_denormals,
-              "torch": torch.__version__, "machine": platform.machine(), "cpu_count": os.cpu_count(),
-              "load_average_1m": os.getloadavg()[0], "matmul_peak_flops": peak, "matmul_peak_samples": peaks,
-              "models": models, "analytic_flops_ratio": analytic, "analytic_causal_flops_ratio": analytic_causal,
-              "measured_speedup": speedup, "speedup_over_analytic": speedup / analytic,
-              "relative_attention_kernel_s": kernels}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(f"wrote {args.out}")
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.sweep or args.memory:
+        return sweeps(args, argv)
+    # Denormal floats (softmax tails of peaked attention) run ~2x slower through CPU GEMMs; flush them
+    # to zero, as a CPU training process should.
+    torch.set_flush_denormal(not args.keep_denormals)
+    common.apply_threads(args.threads)
+
+    # best step times against the best GEMM rate seen in the same run: both at the least-loaded moments
+    peaks = [matmul_peak()]
+    cfgs = model_configs(args.layers_scale, args.impl, args.attn_dropout)
+    models = bench_models(cfgs, args.seq_len, args.batch, args.warmup, args.iters, peaks, args.compile)
+    kernels = bench_kernels(args.seq_len, 8, 64, 512, args.kernel_reps)
+    peak = max(peaks + [matmul_peak()])
+    ratios = compare(models, peak)
+    print_report(args, cfgs, models, peak, ratios, kernels)
+    common.write_result(args.out, {
+        "command": common.command(__file__, argv), "seq_len": args.seq_len, "batch": args.batch,
+        "layers_scale": args.layers_scale, "dropout": cfgs["hourglass"].dropout,
+        "attn_dropout": cfgs["hourglass"].attn_dropout, "threads": torch.get_num_threads(),
+        "flush_denormal": not args.keep_denormals, "torch": torch.__version__, "machine": platform.machine(),
+        "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0], "matmul_peak_flops": peak,
+        "matmul_peak_samples": peaks, "models": models, **ratios,
+        "speedup_over_analytic": ratios["measured_speedup"] / ratios["analytic_flops_ratio"],
+        "relative_attention_kernel_s": kernels})
     return 0
 
 
@@ -217,8 +226,7 @@ def sweeps(args, argv) -> int:
     import seq_sweep
 
     threads = args.threads or torch.get_num_threads()
-    args_given = argv if argv is not None else sys.argv[1:]
-    result = {"command": "python benchmarks/model_throughput.py " + " ".join(args_given),
+    result = {"command": common.command(__file__, argv),
               "threads": threads, "d_model": args.sweep_d, "attn_dropout": args.attn_dropout,
               "torch": torch.__version__, "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0]}
     if args.sweep:
@@ -246,10 +254,7 @@ def sweeps(args, argv) -> int:
             print(f"{r['T']:6d} {r['hierarchy']:8s} {r['mode']:12s} {step} {r['peak_rss_mb']:12.0f} "
                   f"{r['model_rss_mb']:13.0f}")
         result["memory"] = rows
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    common.write_result(args.out, result)
     return 0
 
 

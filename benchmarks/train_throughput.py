@@ -12,9 +12,7 @@ Prints a table; writes benchmarks/results/train_throughput.json. Goal: DeepSpeed
 """
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import platform
 import statistics
 import sys
@@ -24,11 +22,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hgscale.config import load_config  # noqa: E402
-from hgscale.models import HourglassLM, flops_per_token, lm_loss  # noqa: E402
-from hgscale.training.ds_config import deepspeed_config, lr_multiplier  # noqa: E402
+import common  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"
+from hgscale.config import load_config  # noqa: E402
+from hgscale.core.schedule import lr_multiplier  # noqa: E402
+from hgscale.models import HourglassLM, flops_per_token, lm_loss  # noqa: E402
+from hgscale.training.ds_config import deepspeed_config  # noqa: E402
 
 
 class PlainLoop:
@@ -100,36 +99,85 @@ def timed_round(step_fn, it, steps: int) -> tuple[float, list[float]]:
     return time.perf_counter() - t0, losses
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse_args(argv):
+    ap = common.parser(__doc__)
     ap.add_argument("--config", default="configs/demo.json")
     ap.add_argument("--steps", type=int, default=40, help="timed optimizer steps per side")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    common.add_threads(ap)
     ap.add_argument("--breakdown", action="store_true", help="also time forward / backward / optimizer step apart "
                     "(needs train.grad_accum_steps=1)")
     ap.add_argument("--compile", action="store_true", help="also time a DeepSpeed engine with train.compile=true "
                     "(per-layer torch.compile; its first steps include the compilation, so use --warmup >= 2)")
-    ap.add_argument("--out", default=str(RESULTS))
+    common.add_out(ap, "train_throughput")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    return ap.parse_args(argv)
 
+
+def read_batches(cfg) -> list:
+    """Eight optimizer steps' micro-batches of the training split, read once and replayed to every side."""
     from hgscale.data import open_dataset
+
+    t, d = cfg.train, cfg.data
+    ds = open_dataset(d)
+    stream = ds.stream(d.train_split, t.micro_batch_size, d.seq_len, 0, 1, seed=d.seed, num_workers=0)
+    batches = list(itertools.islice(iter(stream), t.grad_accum_steps * 8))
+    if hasattr(stream, "close"):
+        stream.close()
+    return batches
+
+
+def time_sides(sides: dict, batches: list, warmup: int, steps: int) -> tuple[dict, dict]:
+    """({side: seconds of each timed step}, {side: its first three losses})."""
+    its = {k: itertools.cycle(batches) for k in sides}
+    for name, fn in sides.items():
+        timed_round(fn, its[name], warmup)
+    times = {k: [] for k in sides}
+    first_losses = {k: [] for k in sides}
+    order = list(sides)
+    for i in range(steps):  # one step each, taking turns (and swapping who goes first) so load bursts hit both
+        for name in (order if i % 2 == 0 else order[::-1]):
+            dt, losses = timed_round(sides[name], its[name], 1)
+            times[name].append(dt)
+            if len(first_losses[name]) < 3:
+                first_losses[name] += losses
+    return times, first_losses
+
+
+def side_rows(times: dict, tokens: int, fpt: float, peak: float | None) -> dict:
+    """Per side: tokens/s at the median step time, the mean, model TFLOP/s and MFU (None without a peak)."""
+    rows = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        tps = tokens / med
+        rows[name] = {"tokens_per_s": tps, "step_s": med, "step_s_mean": statistics.fmean(ts),
+                      "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None}
+    return rows
+
+
+def print_table(cfg, rows: dict, peak: float | None, ratio: float) -> None:
+    t, d = cfg.train, cfg.data
+    print(f"model {cfg.model.hierarchy!r} d={cfg.model.d_model}, batch {t.micro_batch_size} x accum "
+          f"{t.grad_accum_steps} x {d.seq_len} tokens, {t.precision}, ZeRO-{cfg.parallel.zero_stage}, "
+          f"{torch.get_num_threads()} threads, peak {peak / 1e9 if peak else float('nan'):.0f} GFLOP/s")
+    print(f"{'loop':16s}{'tokens/s':>12s}{'step ms':>10s}{'GFLOP/s':>10s}{'MFU':>8s}")
+    for name, r in rows.items():
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
+        print(f"{name:16s}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}{r['tflops'] * 1e3:>10.1f}{mfu:>8s}")
+    print(f"deepspeed / plain = {ratio:.3f} (goal >= 0.9)")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    common.apply_threads(args.threads)
+
     from hgscale.tracking import peak_flops
     from hgscale.training.engine import TrainEngine, init_distributed
 
     cfg = load_config(args.config, args.overrides + ["parallel.pipeline_stages=1"])
     ds_json = deepspeed_config(cfg, 1)
     t, d = cfg.train, cfg.data
-    ds = open_dataset(d)
-    stream = ds.stream(d.train_split, t.micro_batch_size, d.seq_len, 0, 1, seed=d.seed, num_workers=0)
-    n_batches = t.grad_accum_steps * 8
-    batches = list(itertools.islice(iter(stream), n_batches))  # replayed to both sides
-    if hasattr(stream, "close"):
-        stream.close()
-
+    batches = read_batches(cfg)
     rt = init_distributed(cfg)
     engine = TrainEngine(cfg, ds_json, rt)
     plain = PlainLoop(cfg)
@@ -139,37 +187,13 @@ def main(argv=None) -> int:
         cfg_c = copy.deepcopy(cfg)
         cfg_c.train.compile = True
         sides["deepspeed_compiled"] = TrainEngine(cfg_c, ds_json, rt).train_step
-    its = {k: itertools.cycle(batches) for k in sides}
-    for name, fn in sides.items():
-        timed_round(fn, its[name], args.warmup)
-    times = {k: [] for k in sides}
-    first_losses = {k: [] for k in sides}
-    order = list(sides)
-    for i in range(args.steps):  # one step each, taking turns (and swapping who goes first) so load bursts hit both
-        for name in (order if i % 2 == 0 else order[::-1]):
-            dt, losses = timed_round(sides[name], its[name], 1)
-            times[name].append(dt)
-            if len(first_losses[name]) < 3:
-                first_losses[name] += losses
+    times, first_losses = time_sides(sides, batches, args.warmup, args.steps)
 
-    tokens = t.grad_accum_steps * t.micro_batch_size * d.seq_len  # per optimizer step
     fpt = flops_per_token(cfg.model, d.seq_len)
     peak = peak_flops(rt.device, cfg.tracking.peak_tflops, t.precision)
-    rows = {}
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        tps = tokens / med
-        rows[name] = {"tokens_per_s": tps, "step_s": med, "step_s_mean": statistics.fmean(ts),
-                      "tflops": fpt * tps / 1e12, "mfu": fpt * tps / peak if peak else None}
+    rows = side_rows(times, t.grad_accum_steps * t.micro_batch_size * d.seq_len, fpt, peak)  # tokens per step
     ratio = rows["deepspeed"]["tokens_per_s"] / rows["plain_pytorch"]["tokens_per_s"]
-    print(f"model {cfg.model.hierarchy!r} d={cfg.model.d_model}, batch {t.micro_batch_size} x accum "
-          f"{t.grad_accum_steps} x {d.seq_len} tokens, {t.precision}, ZeRO-{cfg.parallel.zero_stage}, "
-          f"{torch.get_num_threads()} threads, peak {peak / 1e9 if peak else float('nan'):.0f} GFLOP/s")
-    print(f"{'loop':16s}{'tokens/s':>12s}{'step ms':>10s}{'GFLOP/s':>10s}{'MFU':>8s}")
-    for name, r in rows.items():
-        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "n/a"
-        print(f"{name:16s}{r['tokens_per_s']:>12,.0f}{r['step_s'] * 1e3:>10.1f}{r['tflops'] * 1e3:>10.1f}{mfu:>8s}")
-    print(f"deepspeed / plain = {ratio:.3f} (goal >= 0.9)")
+    print_table(cfg, rows, peak, ratio)
     compiled = None
     if "deepspeed_compiled" in rows:
         compiled = rows["deepspeed_compiled"]["tokens_per_s"] / rows["deepspeed"]["tokens_per_s"]
@@ -180,9 +204,7 @@ def main(argv=None) -> int:
         parts = breakdown(engine, plain, batches[0], args.steps)
         for name, p in parts.items():
             print(f"{name:16s} forward {p['fwd_ms']:.1f} ms, backward {p['bwd_ms']:.1f} ms, step {p['step_ms']:.1f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({
+    common.write_result(args.out, {
         "config": args.config, "overrides": args.overrides, "hierarchy": cfg.model.hierarchy,
         "d_model": cfg.model.d_model, "micro_batch_size": t.micro_batch_size, "grad_accum_steps": t.grad_accum_steps,
         "seq_len": d.seq_len, "precision": t.precision, "zero_stage": cfg.parallel.zero_stage,
@@ -190,8 +212,7 @@ def main(argv=None) -> int:
         "flops_per_token": fpt, "peak_flops": peak, "results": rows, "ratio_deepspeed_over_plain": ratio,
         "first_losses": first_losses, "breakdown_ms": parts, "ratio_compiled_over_eager": compiled,
         "machine": platform.platform(),
-        "torch": torch.__version__}, indent=1))
-    print(f"wrote {out}")
+        "torch": torch.__version__}, indent=1)
     return 0
 
 

@@ -19,11 +19,12 @@ def test_two_ranks_one_run(tmp_path, mlflow_server):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(SCRIPT), str(tmp_path / "run"), mlflow_server.uri, exp]
+           str(SCRIPT), str(tmp_path / "run"), mlflow_server.uri, exp, str(tmp_path / "results")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = {r["rank"]: r for r in (json.loads(line.split("RESULT ", 1)[1])
-                                      for line in proc.stdout.splitlines() if "RESULT " in line)}
+    files = sorted((tmp_path / "results").glob("*.json"))
+    assert [f.name for f in files] == ["rank0.json", "rank1.json"], files
+    results = {r["rank"]: r for r in (json.loads(f.read_text()) for f in files)}
     assert set(results) == {0, 1}
     run_id = results[0]["run_id"]
     assert run_id and results[0]["closed"] and results[1]["run_id"] is None

@@ -1,15 +1,28 @@
 """Two-rank job for test_tracking_distributed: every rank builds a Tracker; only rank 0 may create a run.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/integration/tracking_ranks.py RUN_DIR URI EXPERIMENT
+    python -m torch.distributed.run --nproc_per_node 2 tests/integration/tracking_ranks.py RUN_DIR URI EXPERIMENT OUT
+
+Each rank writes OUT/rank{r}.json: {"rank", "run_id", "closed"}. A file per rank, not a line on stdout: the
+ranks share one stdout, where their lines can run into each other.
 """
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from hgscale.config import Config
 from hgscale.tracking import Tracker, names
+
+
+def write_result(out: Path, rank: int, result: dict) -> None:
+    """OUT/rank{r}.json, complete or absent: written to a temporary name, then renamed."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".rank{rank}.json.tmp"
+    tmp.write_text(json.dumps(result))
+    os.replace(tmp, out / f"rank{rank}.json")
 
 
 def main():
@@ -34,7 +47,7 @@ def main():
                                      "wait_s": 0.05 - 0.01 * rank}, stage=rank)
     ok = tr.close()
     dist.barrier()
-    print("RESULT " + json.dumps({"rank": rank, "run_id": tr.run_id, "closed": ok}), flush=True)
+    write_result(Path(sys.argv[4]), rank, {"rank": rank, "run_id": tr.run_id, "closed": ok})
     dist.destroy_process_group()
 
 

@@ -12,7 +12,7 @@ import sys
 
 def run_cli(main, argv=None) -> int:
     """Run a preparation tool: user errors print one line, not a stack trace."""
-    from hgscale.core.storage import StorageError
+    from hgscale.data.io import StorageError
     try:
         return main(argv) or 0
     except (StorageError, FileNotFoundError, PermissionError) as e:

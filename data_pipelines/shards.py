@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from hgscale.core.storage import filesystem, join, storage_options, with_retries
 from hgscale.data.errors import DataError
+from hgscale.data.io import filesystem, join, storage_options, with_retries
 from hgscale.data.shards import (
     DTYPE_EXT,
     FORMAT,

@@ -25,8 +25,8 @@ import json
 import logging
 from typing import Iterator
 
-from hgscale.core.storage import StorageError, filesystem, user_error, with_retries
 from hgscale.data.errors import DataError
+from hgscale.data.io import StorageError, filesystem, user_error, with_retries
 
 log = logging.getLogger("data_pipelines")
 

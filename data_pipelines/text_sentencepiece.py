@@ -20,7 +20,7 @@ def prepare(inputs: list[str], out: str, vocab_size: int = 8000, model_type: str
             overwrite: bool = True, **more: str) -> dict:
     """The library form of the command line: returns the manifest. ``more``: other options of
     data_pipelines.text by their long names (``txt_document="line"``)."""
-    from hgscale.core.storage import storage_options
+    from hgscale.data.io import storage_options
     from hgscale.data.shards import load_manifest
     argv = ["--input", *inputs, "--out", out, "--tokenizer", "sentencepiece", "--vocab-size", str(vocab_size),
             "--model-type", model_type, "--valid-fraction", str(valid_fraction), "--test-fraction",

@@ -36,7 +36,7 @@ def prepare(args: argparse.Namespace):
     from hgscale.training.ds_config import deepspeed_config
     from hgscale.training.engine import world_from_env
     from hgscale.training.layout import ParallelLayout
-    from hgscale.training.preflight import preflight
+    from hgscale.training.preflight import convert_for_layout, preflight, read_amplification_warning
 
     cfg = load_config(args.config, args.overrides)
     world = world_from_env()
@@ -46,6 +46,10 @@ def prepare(args: argparse.Namespace):
     problems = preflight(cfg, dataset, world)
     if problems:
         raise ConfigError(problems, args.config)
+    warning = read_amplification_warning(cfg, dataset, world)
+    if warning and os.environ.get("RANK", "0") == "0":
+        print(warning, file=sys.stderr, flush=True)
+    convert_for_layout(cfg, world, int(os.environ.get("RANK", "0")))
     return cfg, ds_json, dataset
 
 

@@ -73,11 +73,34 @@ def consolidated_state_dict(root: str | Path, tag: str | None = None) -> tuple[d
     return {k: v.detach().float().contiguous() for k, v in sd.items()}, cfg
 
 
+# What DeepSpeed's optimizer files hold besides tensors and containers: plain records without code of their own
+_DEEPSPEED_GLOBALS = {"deepspeed.utils.tensor_fragment.fragment_address", "deepspeed.runtime.zero.config.ZeroStageEnum",
+                      "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                      "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "argparse.Namespace"}
+
+
+def vet(path: Path) -> None:
+    """Refuse a file that names any class outside torch's safe set and the records DeepSpeed writes (a pickle
+    payload needs a callable such as os.system): the check reads the pickle's globals, it runs nothing."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except Exception as e:  # noqa: BLE001 - not a torch zip file, or truncated
+        raise CheckpointError(f"checkpoint file {str(path)!r} cannot be loaded safely (not a readable torch file: "
+                              f"{type(e).__name__}); it is corrupt or was not written by DeepSpeed") from None
+    bad = sorted(set(found) - _DEEPSPEED_GLOBALS)
+    if bad:
+        raise CheckpointError(f"checkpoint file {str(path)!r} cannot be loaded safely: it names {bad[0]}, which is "
+                              f"not part of a DeepSpeed checkpoint; only load checkpoints you trust with DeepSpeed "
+                              f"itself")
+
+
 def _fp32_from_zero(root: Path, tag: str) -> dict:
     """ZeRO-3 partitions the weights, and with bf16/fp16 the fp32 masters live in the optimizer files: DeepSpeed's
-    own consolidation reads them (its loader, run under weights_only through torch's default)."""
+    own consolidation reads them, after every file it reads has been vetted (:func:`vet`)."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    for f in sorted((root / tag).glob("*_states.pt")):
+        vet(f)
     full = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
     return {k.removeprefix("model."): v for k, v in full.items()}
 

@@ -11,6 +11,7 @@ import json
 import random
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -91,13 +92,16 @@ class CheckpointManager:
         self.rank = engine.rt.rank
         self.remote = None
         if is_remote(cfg.checkpoint.dir):  # each rank writes to node-local staging; a thread uploads it
-            self.remote = RemoteCheckpoints(cfg, self.rank, engine.rt.world_size)
+            attempt = engine.from_rank0(uuid.uuid4().hex[:12])  # COLLECTIVE: one id per job attempt
+            self.remote = RemoteCheckpoints(cfg, self.rank, engine.rt.world_size, attempt)
             self.root = self.remote.local
 
     def save(self, step: int, rank_state: dict, run_id: str | None, extra: dict | None = None) -> Path:
         tag = tag_for(step)
         if self.remote is not None:
             self.remote.stage()  # after the previous upload: staging holds one checkpoint per rank
+            if self.rank == 0:
+                self.remote.clear(tag)  # an earlier attempt's files of this step: before any rank uploads
         tag_dir = self.root / tag
         if self.rank == 0 or self.remote is not None:
             if tag_dir.exists():  # debris of an interrupted save of this same step
@@ -109,6 +113,7 @@ class CheckpointManager:
         if self.rank == 0:
             # checkpoints get copied and shared: credentials in URLs or passthrough keys stay out of them
             meta = {"step": step, "run_id": run_id, "time": time.time(), "config": mask_secrets(self.cfg.to_dict()),
+                    "attempt": self.remote.attempt if self.remote is not None else None,
                     "deepspeed": mask_secrets(self.ds_json), "topology": self.eng.topology(), **(extra or {})}
             atomic_write(tag_dir / META, json.dumps(meta, indent=1))
         if self.remote is not None:  # COMPLETE and latest follow once every rank's upload is done
@@ -142,8 +147,8 @@ class CheckpointManager:
         tag_dir = root / tag
         meta = read_meta(tag_dir)
         changed = layout_changed(meta["topology"], self.eng.topology())
-        if self.remote is not None:  # only the files this rank reads (all of them for a layout conversion)
-            self.remote.download(tag, meta, everything=changed)
+        if self.remote is not None:  # only the files this rank reads (for a layout change: the conversion)
+            self.remote.download(tag, meta, converted=changed)
         if changed:  # train.py's preflight checked it can be converted
             from hgscale.checkpoint.reshard import load_resharded
             return load_resharded(self, root, tag)

@@ -10,12 +10,18 @@ Remote layout (the same as a local checkpoint directory, see hgscale.checkpoint.
 
     s3://bucket/run/latest                     tag of the newest complete checkpoint, written last
     s3://bucket/run/step00000010/...           every rank's files
-    s3://bucket/run/step00000010/.uploaded/rank00003   one empty marker per rank, after its files
-    s3://bucket/run/step00000010/COMPLETE      rank 0, once every marker is there; then ``latest``, then pruning
+    s3://bucket/run/step00000010/.uploaded/<attempt>/rank00003   one empty marker per rank, after its files
+    s3://bucket/run/step00000010/COMPLETE      rank 0, once the markers of ranks 0..W-1 of this attempt are there
+                                               (it holds the attempt id); then ``latest``, then pruning
 
-A process killed during an upload leaves a step directory without COMPLETE: it is never resumed from, and rank 0
-removes it after the next complete checkpoint. Filesystem, endpoint, retries and credentials come from
-:mod:`hgscale.core.storage` (one code path with the data reader): keys stay in the environment, never in an object.
+Every job attempt has its own id (rank 0's, shared at start-up). Before a save rank 0 clears the remote tag, so a
+checkpoint never mixes the files of two attempts: an attempt killed mid-upload leaves its files and markers behind,
+and a requeued attempt reaching the same step (on any layout) removes them before its ranks upload. A step
+directory without COMPLETE is never resumed from; rank 0 removes such debris after the next complete checkpoint.
+A resume on another layout converts once (rank 0) and uploads the conversion as ``<tag>/elastic/`` beside it.
+
+Filesystem, endpoint, retries and credentials come from :mod:`hgscale.core.storage` (one code path with the data
+reader): keys stay in the environment, never in an object.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from hgscale.checkpoint.layout import COMPLETE, LATEST, META, RANK_FILE_RE, TAG_RE, UPLOADED
+from hgscale.checkpoint.layout import COMPLETE, CONVERTED, LATEST, META, RANK_FILE_RE, TAG_RE, UPLOADED
 from hgscale.core.storage import StorageError, filesystem, join, storage_options, user_error, with_retries
 
 _LAYER_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
@@ -78,7 +84,18 @@ def needed(name: str, rank: int, stage: int, layers: range | None) -> bool:
         return layers is None or int(m.group(1)) in layers
     if "mp_rank_" in name:
         return f"mp_rank_{stage:02d}" in name
-    return not name.startswith(".") and name != COMPLETE
+    return not name.startswith(".") and name not in (COMPLETE, CONVERTED)
+
+
+def for_conversion(name: str, rank: int) -> bool:
+    """Whether ``name`` is read when a checkpoint of another layout is loaded from its conversion: the metadata and
+    rank 0's file (the data position and meters are the same on every rank); the conversion itself comes apart."""
+    return name in (META, "rank00000.pt")
+
+
+def source_file(name: str) -> bool:
+    """Whether rank 0 reads ``name`` to build a conversion: every file of the checkpoint, no markers."""
+    return not name.startswith(".") and name not in (COMPLETE, CONVERTED)
 
 
 def stage_of(meta: dict, rank: int) -> tuple[int, range | None]:
@@ -95,8 +112,8 @@ def stage_of(meta: dict, rank: int) -> tuple[int, range | None]:
 
 
 class RemoteCheckpoints:
-    def __init__(self, cfg, rank: int, world_size: int):
-        self.url, self.rank, self.world = cfg.checkpoint.dir.rstrip("/"), rank, world_size
+    def __init__(self, cfg, rank: int, world_size: int, attempt: str = ""):
+        self.url, self.rank, self.world, self.attempt = cfg.checkpoint.dir.rstrip("/"), rank, world_size, attempt
         self.keep_last = max(cfg.checkpoint.keep_last, 1)
         # completing a multi-GB multipart upload can take minutes server-side: a data-sized read timeout would
         # abort finished uploads
@@ -181,18 +198,63 @@ class RemoteCheckpoints:
         self._call(lambda: self.fs.get_file(join(self.path, f"{tag}/{META}"), str(dest)), "download")
         return dest
 
-    def download(self, tag: str, meta: dict, everything: bool = False) -> Path:
-        """Only the files this rank reads on resume (or all); returns this rank's staging root."""
+    def download(self, tag: str, meta: dict, converted: bool = False) -> Path:
+        """The files this rank reads on resume (of a conversion, with ``converted``: :func:`for_conversion` and the
+        conversion directory); returns this rank's staging root."""
         stage, layers = stage_of(meta, self.rank)
+        if converted:
+            self._get_files(tag, lambda n: for_conversion(n, self.rank))
+            self._get_tree(f"{tag}/{CONVERTED}", self.local / tag / CONVERTED)
+        else:
+            self._get_files(tag, lambda n: needed(n, self.rank, stage, layers))
+        return self.local
+
+    def _get_files(self, tag: str, wanted) -> None:
+        """The files of remote ``tag`` whose name ``wanted`` takes (never the pseudo-directories), into staging."""
         self.fs.invalidate_cache()
-        names = [p.rstrip("/").split("/")[-1] for p in
-                 self._call(lambda: self.fs.ls(join(self.path, tag), detail=False), "list")]
+        entries = self._call(lambda: self.fs.ls(join(self.path, tag), detail=True), "list")
         dest = self.local / tag
         dest.mkdir(parents=True, exist_ok=True)
-        for name in names:
-            if everything or needed(name, self.rank, stage, layers):
+        for e in entries:
+            name = e["name"].rstrip("/").split("/")[-1]
+            if e.get("type") == "file" and wanted(name) and not (dest / name).is_file():
                 self._call(lambda n=name: self.fs.get_file(join(self.path, f"{tag}/{n}"), str(dest / n)), "download")
-        return self.local
+
+    def _get_tree(self, rel: str, dest: Path) -> None:
+        """Every object under remote ``rel`` into ``dest`` (a conversion: its params, then elastic.json)."""
+        self.fs.invalidate_cache()
+        base = join(self.path, rel)
+        for f in sorted(self._call(lambda: self.fs.find(base), "list")):
+            out = dest / f[len(base):].lstrip("/")
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self._call(lambda f=f, out=out: self.fs.get_file(f, str(out)), "download")
+
+    def remote_conversion(self, tag: str) -> bool:
+        """Whether a finished conversion of ``tag`` is on the store (its elastic.json is uploaded last)."""
+        return self._exists(join(self.path, f"{tag}/{CONVERTED}/elastic.json"))
+
+    def share_conversion(self, tag: str, build) -> Path:
+        """Before any process group: the conversion of ``tag`` in this rank's staging. The store's, if it has one
+        (a later resume reuses it); else rank 0 downloads the checkpoint, builds it with ``build(tag_dir)`` and
+        uploads it (elastic.json last), while the other ranks wait for it on the store."""
+        local = self.local / tag / CONVERTED
+        if not self.remote_conversion(tag):
+            if self.rank == 0:
+                self._get_files(tag, source_file)
+                build(self.local / tag)
+                for f in sorted(p for p in local.rglob("*") if p.is_file() and p.name != "elastic.json"):
+                    self._put(f, f"{tag}/{CONVERTED}/{f.relative_to(local).as_posix()}")
+                self._put(local / "elastic.json", f"{tag}/{CONVERTED}/elastic.json")
+                return local
+            while not self.remote_conversion(tag):  # rank 0 converts; a launcher ends this rank if rank 0 dies
+                time.sleep(1.0)
+        if not (local / "elastic.json").is_file():
+            self._get_tree(f"{tag}/{CONVERTED}", local)
+        return local
+
+    def _put(self, f: Path, rel: str) -> None:
+        self._call(lambda: self.fs.put_file(str(f), join(self.path, rel)), "upload to")
+        self.progress_t = time.monotonic()
 
     def drop_local(self, tag: str) -> None:
         shutil.rmtree(self.local / tag, ignore_errors=True)
@@ -243,26 +305,37 @@ class RemoteCheckpoints:
     def _upload_one(self, tag: str) -> None:
         src = self.local / tag
         for f in sorted(p for p in src.rglob("*") if p.is_file()):
-            rel = f.relative_to(src).as_posix()
-            self._call(lambda f=f, rel=rel: self.fs.put_file(str(f), join(self.path, f"{tag}/{rel}")), "upload to")
-            self.progress_t = time.monotonic()
-        self._call(lambda: self.fs.pipe_file(join(self.path, f"{tag}/{UPLOADED}/rank{self.rank:05d}"), b""),
-                   "upload to")
+            self._put(f, f"{tag}/{f.relative_to(src).as_posix()}")
+        self._call(lambda: self.fs.pipe_file(self._marker(tag, self.rank), b""), "upload to")
+
+    def _marker(self, tag: str, rank: int) -> str:
+        return join(self.path, f"{tag}/{UPLOADED}/{self.attempt}/rank{rank:05d}")
+
+    def clear(self, tag: str) -> None:
+        """Rank 0, before a save of ``tag`` (and before any rank uploads): remove what an earlier attempt left
+        under it, so the checkpoint holds this attempt's files only."""
+        target = join(self.path, tag)
+        if self._exists(target):
+            self._call(lambda: self.fs.rm(target, recursive=True), "delete from")
+            self.fs.invalidate_cache(target)
 
     def _complete(self, tag: str, poll_s: float = 0.5) -> None:
-        """Rank 0: every rank's marker, then COMPLETE, then ``latest``, then pruning. Waits as long as ranks are
-        uploading; a rank that died leaves the checkpoint incomplete, and the job's end stops this thread."""
-        marks = join(self.path, f"{tag}/{UPLOADED}")
+        """Rank 0: the markers of exactly ranks 0..W-1 of this attempt, then COMPLETE, then ``latest``, then pruning.
+        Waits as long as ranks are uploading; a rank that died leaves the checkpoint incomplete, and the job's end
+        stops this thread."""
+        marks = join(self.path, f"{tag}/{UPLOADED}/{self.attempt}")
+        want = {f"rank{r:05d}" for r in range(self.world)}
         seen = 0
         while True:
-            have = self._call(lambda: self.fs.ls(marks, detail=False, refresh=True), "list") \
-                if self._exists(marks) else []
-            if len(have) >= self.world:
+            have = {p.rstrip("/").split("/")[-1] for p in self._call(
+                lambda: self.fs.ls(marks, detail=False, refresh=True), "list")} if self._exists(marks) else set()
+            if want <= have:
                 break
-            if len(have) > seen:  # another rank finished: progress (a frozen rank's marker never comes)
-                seen, self.progress_t = len(have), time.monotonic()
+            if len(have & want) > seen:  # another rank finished: progress (a frozen rank's marker never comes)
+                seen, self.progress_t = len(have & want), time.monotonic()
             time.sleep(poll_s)
-        self._call(lambda: self.fs.pipe_file(join(self.path, f"{tag}/{COMPLETE}"), b""), "upload to")
+        self._call(lambda: self.fs.pipe_file(join(self.path, f"{tag}/{COMPLETE}"), self.attempt.encode()),
+                   "upload to")
         self._call(lambda: self.fs.pipe_file(join(self.path, LATEST), tag.encode()), "upload to")
         self._prune(keep=tag)
 

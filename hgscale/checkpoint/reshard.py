@@ -78,8 +78,35 @@ def _batch_problem(where: str, saved_ds: dict, cfg: Config, world_size: int) -> 
     return f"{was}: {keep}, or set checkpoint.allow_batch_change=true to continue with global batch {G2}"
 
 
-def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict) -> list[str]:
-    """Why the checkpoint in ``tag_dir`` cannot resume this run (topology ``want``); [] when it can."""
+def missing_files(tag_dir: Path, meta: dict) -> list[str]:
+    """The DeepSpeed and hgscale files a conversion of ``tag_dir`` reads that are not there."""
+    topo = meta["topology"]
+    stages, dp = topo["pipeline_stages"], topo.get("data_parallel_size", topo["world_size"] // topo["pipeline_stages"])
+    want = [f"mp_rank_{s:02d}_model_states.pt" for s in range(stages)] + ["rank00000.pt"]
+    if topo["zero_stage"] in (1, 2) or meta["config"]["train"]["precision"] == "bf16":
+        want += [f"zero_pp_rank_{d}_mp_rank_{s:02d}_optim_states.pt" for s in range(stages) for d in range(dp)
+                 if _partition_file(tag_dir, d, s) is None]
+    return [f for f in want if not (tag_dir / f).is_file()]
+
+
+def conversion_problem(tag_dir: Path, meta: dict) -> str | None:
+    """A finished conversion beside ``tag_dir`` that was made from another step (copied in by hand)."""
+    conv = converted(tag_dir)
+    if conv is None:
+        return None
+    try:
+        step = json.loads((conv / "elastic.json").read_text()).get("step")
+    except (OSError, json.JSONDecodeError):
+        step = "unreadable"
+    if step != meta["step"]:
+        return (f"checkpoint {str(tag_dir)!r} holds a conversion {str(conv)!r} of step {step}, not of its step "
+                f"{meta['step']}: remove {str(conv)!r} (it is rebuilt from the checkpoint)")
+    return None
+
+
+def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict, local: bool = True) -> list[str]:
+    """Why the checkpoint in ``tag_dir`` cannot resume this run (topology ``want``); [] when it can. ``local``: the
+    checkpoint's files are here (a remote one has only its hgscale.json staged before any process group)."""
     meta = read_meta(tag_dir)
     where = repr(str(tag_dir))
     diff = model_differences(meta["config"], cfg)
@@ -99,6 +126,19 @@ def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict) -> 
         elif have["zero_stage"] == 0 and meta["config"]["train"]["precision"] == "fp16":
             out.append(f"checkpoint {where} was written with ZeRO-0 and fp16: its fp32 master weights are not "
                        f"converted to another layout; launch the same layout")
+        elif want["zero_stage"] == 0 and cfg.train.precision == "fp16":
+            # DeepSpeed's fp16 optimizer keeps fp32 masters of its own: loading the module alone would leave them
+            # at the fresh initialisation, and the first step would throw the trained weights away
+            out.append(f"checkpoint {where} was written by {describe(have)}; this run is {describe(want)} with fp16, "
+                       f"whose fp32 master weights a conversion does not fill: use parallel.zero_stage=1 or 2 (or "
+                       f"train.precision=fp32 / bf16), or launch the checkpoint's layout")
+        elif local and converted(tag_dir) is None and missing_files(tag_dir, meta):
+            gone = missing_files(tag_dir, meta)
+            out.append(f"checkpoint {where} lacks {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}, which a "
+                       f"conversion to {describe(want)} reads: copy the whole checkpoint directory, or launch its "
+                       f"layout ({describe(have)}) if only other ranks' files are missing")
+        elif local and conversion_problem(tag_dir, meta):
+            out.append(conversion_problem(tag_dir, meta))
     return out
 
 
@@ -130,28 +170,29 @@ def _partition_file(tag_dir: Path, dp_rank: int, stage: int) -> Path | None:
     return None
 
 
-def _zero_stage_state(tag_dir: Path, stage: int, dp: int, shapes: list[dict]) -> tuple[dict, float, dict]:
-    """ZeRO 1/2: {name: {fp32, exp_avg, exp_avg_sq}} of one pipeline stage from its dp partitions."""
-    pieces: dict[str, dict[str, list]] = {}
-    step, scaler = None, {}
-    for d in range(dp):
-        f = _partition_file(tag_dir, d, stage)
-        osd = torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-        for g, mapping in enumerate(osd["param_slice_mappings"]):
-            flat = {"fp32": osd["single_partition_of_fp32_groups"][g], **{
-                k: osd["base_optimizer_state"]["state"][g][k] for k in _STATES[1:]}}
-            step = float(osd["base_optimizer_state"]["state"][g]["step"])
-            for name, frag in mapping.items():
-                for k, t in flat.items():  # moments keep the alignment padding at the end: slices skip it
-                    pieces.setdefault(name, {s: [] for s in _STATES})[k].append(
-                        t.narrow(0, frag.start, frag.numel).clone())
-        scaler = {"loss_scaler": osd.get("loss_scaler")}
-        del osd
-    out = {}
-    for group in shapes:
+def _load_mapped(f: Path) -> dict:
+    """A DeepSpeed file with its tensors memory-mapped: slices are read from disk when touched, so a conversion holds
+    one parameter's state at a time, not a partition's (our own run's files: DeepSpeed's loader trust)."""
+    return torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+
+
+def _zero_stage_state(tag_dir: Path, stage: int, dp: int, shapes: list[dict]):
+    """ZeRO 1/2: yields (name, {fp32, exp_avg, exp_avg_sq}) of one pipeline stage parameter by parameter, each
+    gathered from the dp partitions that hold a fragment of it; then (None, (adam step, loss scaler))."""
+    osds = [_load_mapped(_partition_file(tag_dir, d, stage))["optimizer_state_dict"] for d in range(dp)]
+    step = None
+    for g, group in enumerate(shapes):
+        flats = []  # per partition: its flat fp32 and moments of group g (moments keep the alignment padding)
+        for osd in osds:
+            state = osd["base_optimizer_state"]["state"][g]
+            flats.append({"fp32": osd["single_partition_of_fp32_groups"][g], **{k: state[k] for k in _STATES[1:]}})
+            step = float(state["step"])
         for name, shape in group.items():
-            out[name] = {k: torch.cat(v).view(shape) for k, v in pieces.pop(name).items()}
-    return out, step, scaler
+            frags = [(flat, osd["param_slice_mappings"][g][name]) for flat, osd in zip(flats, osds, strict=True)
+                     if name in osd["param_slice_mappings"][g]]
+            yield name, {k: torch.cat([flat[k].narrow(0, fr.start, fr.numel) for flat, fr in frags]).view(shape)
+                         for k in _STATES}
+    yield None, (step, osds[-1].get("loss_scaler"))
 
 
 def _zero0_stage_state(tag_dir: Path, states: dict, meta: dict, stage: int) -> tuple[dict, float]:
@@ -202,26 +243,47 @@ def convert(tag_dir: str | Path) -> tuple[Path, bool]:
         shutil.rmtree(old, ignore_errors=True)
     tmp = tag_dir / f".{CONVERTED}.tmp{os.getpid()}"
     (tmp / "params").mkdir(parents=True)
-    step, extra, counters = 0.0, {}, None
+    step, scaler, counters = 0.0, None, None
     for stage, f in enumerate(_stage_files(tag_dir)):
-        states = torch.load(f, map_location="cpu", weights_only=False)
+        states = _load_mapped(f)
         if counters is None:
             counters = {k: states.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}
             counters["lr_scheduler"] = states.get("lr_scheduler")
         if _partition_file(tag_dir, 0, stage) is None:  # torch's optimizer state, unpartitioned
             params, step = _zero0_stage_state(tag_dir, states, meta, stage)
+            params = list(params.items())
         else:
-            params, step, extra = _zero_stage_state(tag_dir, stage, topo["data_parallel_size"], states["param_shapes"])
+            params = _zero_stage_state(tag_dir, stage, topo["data_parallel_size"], states["param_shapes"])
         del states
-        for name, st in params.items():
+        for name, st in params:
+            if name is None:
+                step, scaler = st
+                continue
             torch.save(st, tmp / "params" / f"{_canonical(name)}.pt")
-        del params
-    info = {"source": topo, "adam_step": step, "time": time.time(), **counters,
-            "loss_scaler": _scaler_dict(extra.get("loss_scaler"))}
+    info = {"source": topo, "step": meta["step"], "adam_step": step, "time": time.time(), **counters,
+            "loss_scaler": _scaler_dict(scaler)}
     atomic_write(tmp / "elastic.json", json.dumps(info, indent=1, default=str))
     final = tag_dir / CONVERTED
     os.replace(tmp, final)  # the directory appears whole or not at all
     return final, True
+
+
+def convert_before_start(tag_dir: Path, rank: int, poll_s: float = 1.0, say=print) -> Path:
+    """Rank 0 converts ``tag_dir`` (or reuses its conversion); every other rank waits until the finished conversion
+    appears (it is renamed into place whole). No process group: a launcher ends the waiting ranks if rank 0 dies."""
+    if rank == 0:
+        t0 = time.perf_counter()
+        conv, built = convert(tag_dir)
+        if built:
+            say(f"converted {tag_dir} for this layout in {time.perf_counter() - t0:.1f} s (kept in {conv})",
+                flush=True)
+        return conv
+    t0 = time.monotonic()
+    while (conv := converted(tag_dir)) is None:
+        time.sleep(poll_s)
+        if int(time.monotonic() - t0) % 300 == 0:
+            say(f"rank {rank}: waiting for rank 0 to convert {tag_dir} ({time.monotonic() - t0:.0f} s)", flush=True)
+    return conv
 
 
 def _scaler_dict(scaler) -> dict | None:
@@ -282,10 +344,21 @@ def _load_into_engine(eng, conv: Path, info: dict) -> None:
         if scaler and hasattr(ds.optimizer, "loss_scaler"):
             for k, v in scaler.items():
                 setattr(ds.optimizer.loss_scaler, k, type(getattr(ds.optimizer.loss_scaler, k))(v))
-    if info.get("lr_scheduler") is not None:
-        ds.lr_scheduler.load_state_dict(info["lr_scheduler"])
+    restore_schedule(ds, info.get("lr_scheduler"))
     ds.global_steps, ds.global_samples = int(info["global_steps"]), int(info["global_samples"])
     ds.skipped_steps = int(info.get("skipped_steps") or 0)
+
+
+def restore_schedule(ds, state: dict | None) -> None:
+    """The lr scheduler's state, and the lr it implies in the optimizer's param groups. ``LambdaLR.load_state_dict``
+    restores the step count but leaves the groups at the freshly built scheduler's lr (that of step 0): the first
+    update after a conversion would run at it. DeepSpeed's own load restores the groups with the optimizer."""
+    if state is None:
+        return
+    sched = ds.lr_scheduler
+    sched.load_state_dict(state)
+    for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr(), strict=True):
+        group["lr"] = lr
 
 
 def load_resharded(manager, root: Path, tag: str) -> dict:

@@ -7,10 +7,9 @@
 See dataset.py (API), stream.py (workers, resume), reader.py (order), shards.py (format), errors.py
 (DataError); storage (fsspec, retries, S3) is hgscale.core.storage.
 """
-from hgscale.core.storage import register_gopen, storage_options
-
 from .dataset import Dataset, open_dataset
 from .errors import DataError
+from .io import register_gopen, storage_options
 from .shards import CorruptShard, load_manifest
 from .stream import Stream
 

@@ -13,10 +13,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from hgscale.core.storage import join, storage_options
-
 from . import shards as fmt
 from .errors import DataError
+from .io import join, storage_options
 from .records import StreamSpec
 from .stream import Stream, check_start_method
 

@@ -25,9 +25,9 @@ from typing import Any, Iterator
 import numpy as np
 
 from hgscale.config import mixture_problems
-from hgscale.core.storage import read_bytes
 
 from .errors import DataError
+from .io import read_bytes
 
 log = logging.getLogger("hgscale.data")
 

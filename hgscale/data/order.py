@@ -17,13 +17,15 @@ the global batch size G: never on the data-parallel size D, the workers, or the 
 A batch is whole rounds of consecutive lanes (for G a multiple of L; else G/L-th rounds), so with D dividing L
 rank r reads only lanes r L/D ... (r + 1) L/D - 1, all epoch long: each shard is read once, except those a
 lane boundary cuts (at most L - 1 of them, read twice): read amplification <= 1 + (L - 1) / n_shards, at
-most 1.0625 for any D <= L. MosaicML Streaming fixes the order for a "canonical node" count and reads well
-only when the physical node count divides it or is divided by it; its shards are whole per node, so
-unequal shards leave nodes unequal work at the epoch's end. Here the lanes are a fact of the dataset,
-exactly equal, and any layout reads the one order.
+most 1.0625 when D divides L. Otherwise the ranks share the lanes their slices cut: each such lane is read by
+two ranks (:func:`lane_reads`: 3 ranks on 16 lanes read 1.125 of the split, 6 read 1.25, 12 read 1.5), and
+with more ranks than lanes every rank reads whole lanes for a part of each (one lane: the whole split each).
+MosaicML Streaming fixes the order for a "canonical node" count and reads well only when the physical node count
+divides it or is divided by it; its shards are whole per node, so unequal shards leave nodes unequal work at the
+epoch's end. Here the lanes are a fact of the dataset, exactly equal, and any layout reads the one order.
 
-A position is (epoch, windows of that epoch already consumed): it survives any layout change, and a change
-of G (batches then start at that window; the epoch ends at the last full batch of the new size).
+A position is (epoch, windows of that epoch already consumed): it survives any layout change, and a change of G
+(batches then start at that window; the epoch ends at the last full batch of the new size).
 """
 from __future__ import annotations
 
@@ -43,6 +45,14 @@ def lane_count(n_shards: int) -> int:
     """Lanes of a split: the largest power of two <= min(MAX_LANES, n_shards / SHARDS_PER_LANE), at least 1."""
     n = max(1, min(MAX_LANES, int(n_shards) // SHARDS_PER_LANE))
     return 1 << (n.bit_length() - 1)
+
+
+def lane_reads(n_lanes: int, dp_size: int) -> float:
+    """Lanes read by all ranks together per epoch, over the lanes there are (1.0 = each read once): rank r's slice
+    of every batch covers lanes [r L/D, (r + 1) L/D), and a rank reads every lane its slice touches."""
+    L, D = n_lanes, dp_size
+    touched = sum(-(-(r + 1) * L // D) - (r * L // D) for r in range(D))  # ceil(end) - floor(start) per rank
+    return touched / L
 
 
 def shard_windows(num_tokens: int, seed: int, epoch: int, index: int, seq_len: int, image_tokens: int,

@@ -25,9 +25,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from hgscale.core.storage import StorageError, join
-
 from .errors import DataError
+from .io import StorageError, join
 from .order import EpochPlan, _rng
 from .records import Batch, StreamSpec, WorkerError
 from .shards import CorruptShard, load_shard

@@ -265,6 +265,13 @@ class TrainEngine:
     def barrier(self) -> None:
         self.dist.barrier()
 
+    def from_rank0(self, value):
+        """Rank 0's ``value`` on every rank (a picklable object: an attempt id)."""
+        box = [value]
+        if self.rt.world_size > 1:
+            self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def topology(self) -> dict:
         return {"world_size": self.rt.world_size, "pipeline_stages": self.num_stages,
                 "data_parallel_size": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,

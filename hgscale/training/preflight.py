@@ -30,8 +30,39 @@ def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
     return out
 
 
+def read_amplification_warning(cfg: Config, dataset, world_size: int) -> str | None:
+    """A warning when this many data-parallel ranks read more than 1 + 1/16 of the training split per epoch
+    (the data order's lanes: hgscale/data/order.py), with what would read less."""
+    from hgscale.data.order import SHARDS_PER_LANE, lane_count, lane_reads
+
+    try:
+        n_shards = len(dataset.manifest["splits"][cfg.data.train_split]["shards"])
+    except (AttributeError, KeyError, TypeError):
+        return None  # a mixture: each source has its own lanes
+    dp, lanes = ParallelLayout.unchecked(cfg, world_size).dp, lane_count(n_shards)
+    reads = lane_reads(lanes, dp)
+    if reads <= 1.0625:
+        return None
+    good = [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= lanes and lanes % d == 0]
+    return (f"warning: {dp} data-parallel ranks read about {reads:.2f}x the {n_shards}-shard split "
+            f"{cfg.data.train_split!r} per epoch (its {lanes} lane(s) are shared by ranks): a data-parallel size "
+            f"dividing {lanes} ({', '.join(map(str, good))}) reads it once, and more shards ({SHARDS_PER_LANE} per "
+            f"lane, up to 64 lanes) allow more ranks")
+
+
+def _layout(cfg: Config, world_size: int) -> dict:
+    """The topology TrainEngine.topology() will report, known without starting it."""
+    from hgscale.training.pipeline import stage_parts
+
+    p = cfg.parallel
+    return {"world_size": world_size, "pipeline_stages": p.pipeline_stages, "zero_stage": p.zero_stage,
+            "data_parallel_size": world_size // p.pipeline_stages,
+            "stage_boundaries": stage_parts(cfg, p.pipeline_stages) if p.pipeline_stages > 1 else None}
+
+
 def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
-    from hgscale.checkpoint.remote import start_up_problems
+    from hgscale.checkpoint.remote import is_remote, start_up_problems
+
     storage = start_up_problems(cfg)  # s3:// checkpoint.dir: bucket, credentials, staging dir
     if storage:
         return storage
@@ -42,14 +73,34 @@ def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
     if not where:
         return []
     from hgscale.checkpoint.reshard import resume_problems
-    from hgscale.training.pipeline import stage_parts
 
-    p = cfg.parallel  # the layout TrainEngine.topology() will report, known without starting it
-    want = {"world_size": world_size, "pipeline_stages": p.pipeline_stages, "zero_stage": p.zero_stage,
-            "data_parallel_size": world_size // p.pipeline_stages,
-            "stage_boundaries": stage_parts(cfg, p.pipeline_stages) if p.pipeline_stages > 1 else None}
     # another layout is converted on resume; a different model, batch or an unconvertible layout is not
-    return resume_problems(where[0] / where[1], cfg, world_size, want)
+    return resume_problems(where[0] / where[1], cfg, world_size, _layout(cfg, world_size),
+                           local=not is_remote(cfg.checkpoint.dir))
+
+
+def convert_for_layout(cfg: Config, world_size: int, rank: int) -> None:
+    """Before any process group: the checkpoint to resume from, converted to this run's layout if it has another
+    (rank 0 converts, streaming, in this one process; the other ranks wait for the finished conversion), so no
+    collective timeout bounds a conversion of a large model. On object storage the conversion is uploaded beside
+    the checkpoint, and every rank downloads it."""
+    from hgscale.checkpoint.layout import layout_changed, read_meta
+    from hgscale.checkpoint.remote import is_remote
+    from hgscale.checkpoint.reshard import convert_before_start
+
+    where = resume_point(cfg)
+    if where is None:
+        return
+    tag_dir = where[0] / where[1]
+    if not layout_changed(read_meta(tag_dir)["topology"], _layout(cfg, world_size)):
+        return
+    if is_remote(cfg.checkpoint.dir):  # made once, uploaded beside the checkpoint, downloaded by every rank
+        from hgscale.checkpoint.remote import RemoteCheckpoints
+        from hgscale.checkpoint.reshard import convert
+
+        RemoteCheckpoints(cfg, rank, world_size).share_conversion(where[1], convert)
+    else:
+        convert_before_start(tag_dir, rank)
 
 
 def preflight(cfg: Config, dataset, world_size: int) -> list[str]:

@@ -137,6 +137,12 @@ class Trainer:
                                     lambda: self.stream.source_tokens if self.stream is not None else {}))
         return out
 
+    def _budget(self, cb: Callback) -> tuple[float | None, str]:
+        """The time a callback's phase may take without progress: a save (and the upload wait) its own budget."""
+        if isinstance(cb, (Checkpointing, Preemption)):
+            return self.cfg.checkpoint.save_timeout_s, "checkpoint.save_timeout_s"
+        return None, ""
+
     # ------------------------------------------------------------------------------------------ services
     def say(self, *args, err: bool = False) -> None:
         if self.rt.rank == 0:
@@ -193,7 +199,7 @@ class Trainer:
         info = StepInfo(self.step, loss, dict(self.eng.timings), self.layout.global_batch * self.cfg.data.seq_len,
                         self.eng.applied_lr, self.cfg.train.steps)
         for cb in self.callbacks:
-            self.progress.mark(f"{type(cb).__name__} after step {self.step}")
+            self.progress.mark(f"{type(cb).__name__} after step {self.step}", *self._budget(cb))
             t0 = time.perf_counter()
             cb.after_step(info)
             if cb.pauses_clock:
@@ -201,7 +207,7 @@ class Trainer:
 
     def _finish(self, status: int) -> int:
         for cb in self.callbacks:
-            self.progress.mark(f"closing {type(cb).__name__}")
+            self.progress.mark(f"closing {type(cb).__name__}", *self._budget(cb))  # the final upload wait
             cb.close()
         finished = status == OK and self.step >= self.cfg.train.steps
         if finished:

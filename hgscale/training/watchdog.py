@@ -40,6 +40,7 @@ from hgscale.training.callbacks import Callback, StepInfo
 __all__ = ["Watchdog", "culprits", "derived_timeout"]
 
 HANG_KEY = "hgscale/hang"
+WAITING = "every rank waiting (no rank behind)"
 ACK_KEY = "hgscale/hang_ack"
 DERIVED_MIN_S, DERIVED_FACTOR = 300.0, 20.0
 
@@ -65,7 +66,7 @@ def culprits(beats: dict[int, dict | None], now: float, stale_s: float) -> tuple
     behind = sorted(r for r, s in steps.items() if s == low)
     if len(behind) < len(steps):
         return behind, "behind the other ranks"
-    return sorted(steps), "every rank waiting (no rank behind)"
+    return sorted(steps), WAITING
 
 
 def hang_line(report: dict) -> str:
@@ -77,19 +78,22 @@ def hang_line(report: dict) -> str:
         return f"rank {r} ({report['hosts'][str(r)]}; last heartbeat {age} s ago in phase {phase!r})"
 
     who = ", ".join(one(r) for r in report["ranks"])
-    return (f"error: hang: no progress for {report['timeout_s']:.0f} s (train.hang_timeout_s); {who}: "
+    return (f"error: hang: no progress for {report['timeout_s']:.0f} s "
+            f"({report.get('setting', 'train.hang_timeout_s')}); {who}: "
             f"{report['why']}; last step completed by every rank: {report['step']}; stack dumps in "
             f"{report['dumps']}; exiting with status {HANG}")
 
 
 class Progress:
-    """What the main thread is doing and since when (written by the trainer, read by the watchdog's thread)."""
+    """What the main thread is doing, since when, and how long that phase may take (written by the trainer, read
+    by the watchdog's thread). ``budget_s`` None: the hang timeout; a long phase (a save, the final upload wait)
+    gets its own, and meanwhile a rank whose heartbeat stops is still caught at the hang timeout."""
 
     def __init__(self, step: int = 0):
-        self.step, self.phase, self.t = step, "starting", time.monotonic()
+        self.step, self.phase, self.t, self.budget_s, self.budget_name = step, "starting", time.monotonic(), None, ""
 
-    def mark(self, phase: str) -> None:
-        self.phase, self.t = phase, time.monotonic()
+    def mark(self, phase: str, budget_s: float | None = None, budget_name: str = "") -> None:
+        self.phase, self.t, self.budget_s, self.budget_name = phase, time.monotonic(), budget_s, budget_name
 
 
 class Watchdog(Callback):
@@ -106,6 +110,7 @@ class Watchdog(Callback):
         self.host = socket.gethostname()
         self.step_times: list[float] = []
         self.first_step = progress.step
+        self.started = time.time()
         self._stop = threading.Event()
         self.store = self._connect()
         self.thread = threading.Thread(target=self._loop, name="hgscale-watchdog", daemon=True)
@@ -145,14 +150,32 @@ class Watchdog(Callback):
             except Exception:  # noqa: BLE001 - the store's host is frozen or gone: judged below by progress
                 declared = False
             armed = self.progress.step > self.first_step  # the first step (compile, warm-up) is never a hang
-            stalled = time.monotonic() - self._progress_t() > self.timeout()
-            if declared or (armed and stalled):
+            if declared or (armed and (self._stalled() or self._peer_frozen())):
                 self._on_hang(declared)
                 return
             if self._stop.wait(self.period):
                 return
 
-    def _read_beats(self) -> dict[int, dict | None]:
+    def limit(self) -> tuple[float, str]:
+        """(seconds the current phase may go without progress, the setting that says so)."""
+        if self.progress.budget_s:
+            return self.progress.budget_s, self.progress.budget_name
+        return self.timeout(), "train.hang_timeout_s"
+
+    def _stalled(self) -> bool:
+        return time.monotonic() - self._progress_t() > self.limit()[0]
+
+    def _peer_frozen(self) -> bool:
+        """In a long phase only (then this rank may wait for the others a long time): a peer whose heartbeat is
+        older than the hang timeout is frozen or dead, whatever the phase allows."""
+        if not self.progress.budget_s:
+            return False
+        now = time.time()
+        for r, b in self._read_beats().items():
+            seen = b["time"] if b is not None else self.started  # never seen: count from this watchdog's start
+            if r != self.rank and now - seen > self.timeout():
+                return True
+        return False
         keys = [beat_key(r) for r in range(self.world)]
         try:
             return {r: json.loads(v) for r, v in enumerate(self.store.multi_get(keys))}
@@ -169,7 +192,8 @@ class Watchdog(Callback):
         beats = self._read_beats()
         beats[self.rank] = self._beat()  # this thread is alive, whatever the store says
         ranks, why = culprits(beats, time.time(), self.stale_s)
-        return {"ranks": ranks, "why": why, "timeout_s": self.timeout(), "dumps": str(self.dump_dir),
+        limit, setting = self.limit()
+        return {"ranks": ranks, "why": why, "timeout_s": limit, "setting": setting, "dumps": str(self.dump_dir),
                 # live ranks finished it; a step finishes only with every rank's part in its collectives
                 "step": min(b["step"] for r, b in beats.items() if b is not None and (r not in ranks or
                                                                                        why != "heartbeat stopped")),
@@ -208,7 +232,8 @@ class Watchdog(Callback):
 
     def _publish(self, report: dict) -> None:
         print(hang_line(report), file=sys.stderr, flush=True)
-        hosts = sorted({report["hosts"][str(r)] for r in report["ranks"]})
+        # a node is excluded only when a rank on it holds the others up; if every rank waits, none is to blame
+        hosts = [] if report["why"] == WAITING else sorted({report["hosts"][str(r)] for r in report["ranks"]})
         record = json.dumps({"kind": "hang", **report, "culprit_hosts": hosts})
         (self.dump_dir / "report.json").write_text(record)
         events = os.environ.get("HGSCALE_EVENTS_DIR")

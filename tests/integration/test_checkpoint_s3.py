@@ -72,12 +72,8 @@ def test_s3_checkpoints_survive_kill9_and_resume_exactly(tmp_path, demo_data, s3
     latest = objs.get(f"run/{LATEST}", b"").decode()
     if latest:  # whatever was interrupted, latest names a checkpoint every rank finished uploading
         assert f"run/{latest}/{COMPLETE}" in objs
-        assert {f"run/{latest}/{UPLOADED}/rank0000{r}" for r in (0, 1)} <= set(objs)
         assert {f"run/{latest}/rank0000{r}.pt" for r in (0, 1)} <= set(objs)
-    for key in objs:  # no tag with COMPLETE lacks a rank's marker
-        m = re.match(r"run/(step\d+)/COMPLETE$", key)
-        if m:
-            assert f"run/{m.group(1)}/{UPLOADED}/rank00001" in objs
+    assert_one_attempt_per_complete_tag(objs, world=2)
 
     again = subprocess.run(_cmd(cfg), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
@@ -89,6 +85,7 @@ def test_s3_checkpoints_survive_kill9_and_resume_exactly(tmp_path, demo_data, s3
                  torch.tensor([want[s] for s in sorted(got)], dtype=torch.float64), rtol=1e-6, atol=0)
 
     objs = _objects(server, bucket)
+    assert_one_attempt_per_complete_tag(objs, world=2)
     tags = sorted({k.split("/")[1] for k in objs if k.startswith("run/step")})
     assert tags == [f"step{STEPS - 2:08d}", f"step{STEPS:08d}"], tags  # keep_last 2, debris pruned remotely
     assert objs[f"run/{LATEST}"].decode() == f"step{STEPS:08d}"
@@ -98,13 +95,24 @@ def test_s3_checkpoints_survive_kill9_and_resume_exactly(tmp_path, demo_data, s3
     assert not list((tmp_path / "staging").rglob("*.pt"))  # staging emptied once uploaded
 
 
+def assert_one_attempt_per_complete_tag(objs: dict, world: int) -> None:
+    """Every complete tag holds the markers of ranks 0..world-1 of exactly one attempt, the one COMPLETE names."""
+    for key, body in objs.items():
+        m = re.match(r"run/(step\d+)/COMPLETE$", key)
+        if not m:
+            continue
+        attempts = {k.split("/")[3] for k in objs if k.startswith(f"run/{m.group(1)}/{UPLOADED}/")}
+        assert attempts == {body.decode()}, (key, attempts)
+        assert {f"run/{m.group(1)}/{UPLOADED}/{body.decode()}/rank{r:05d}" for r in range(world)} <= set(objs)
+
+
 def test_latest_only_moves_once_every_rank_uploaded(tmp_path, s3_env):
     """Rank 0 of a 2-rank job uploads a new checkpoint; rank 1's never arrives (killed): latest keeps naming the
     previous complete checkpoint and a resume would pick that one."""
     bucket = s3_env.make_bucket()
     cfg = config_from_dict({"data": {"url": "/d"}, "checkpoint": {"dir": f"s3://{bucket}/run",
                                                                    "staging_dir": str(tmp_path)}})
-    ranks = [RemoteCheckpoints(cfg, r, 2) for r in (0, 1)]
+    ranks = [RemoteCheckpoints(cfg, r, 2, attempt="a1") for r in (0, 1)]
     for step, uploaders in ((2, ranks), (4, ranks[:1])):
         tag = f"step{step:08d}"
         for st in uploaders:
@@ -158,3 +166,102 @@ def test_missing_bucket_and_unwritable_staging_are_start_up_problems(tmp_path, s
                              "exist"), got
     cfg.checkpoint.dir, cfg.checkpoint.staging_dir = f"s3://{s3_env.make_bucket()}/run", str(tmp_path / "ok")
     assert start_up_problems(cfg) == []
+
+
+def _stage_and_upload(store, tag: str, payload: bytes = b"x" * 100) -> None:
+    root = store.stage()
+    (root / tag).mkdir()
+    (root / tag / f"rank{store.rank:05d}.pt").write_bytes(payload)
+    store.upload(tag)
+
+
+def test_a_requeued_attempt_never_mixes_with_the_one_before(tmp_path, s3_env):
+    """Attempt A (2 ranks) dies with only rank 1's files of step 4 uploaded. Attempt B reaches step 4 on 1 rank
+    (another layout), attempt C on 2 ranks (the same layout): each clears the tag before uploading, and latest
+    only ever names a tag holding its own attempt's files and markers."""
+    bucket = s3_env.make_bucket()
+    cfg = config_from_dict({"data": {"url": "/d"}, "checkpoint": {"dir": f"s3://{bucket}/run",
+                                                                   "staging_dir": str(tmp_path)}})
+    tag = "step00000004"
+    a1 = RemoteCheckpoints(cfg, 1, 2, attempt="A")
+    _stage_and_upload(a1, tag, b"from A")
+    assert a1.wait(30)
+    assert "run/step00000004/.uploaded/A/rank00001" in _objects(s3_env, bucket)
+    for attempt, world in (("B", 1), ("C", 2)):
+        stores = [RemoteCheckpoints(cfg, r, world, attempt=attempt) for r in range(world)]
+        stores[0].clear(tag)  # what CheckpointManager.save does on rank 0 before any rank uploads
+        for st in stores:
+            _stage_and_upload(st, tag, f"from {attempt}".encode())
+        for st in stores:
+            assert st.wait(30)
+        objs = _objects(s3_env, bucket)
+        assert objs["run/latest"] == tag.encode() and objs[f"run/{tag}/COMPLETE"] == attempt.encode()
+        under = {k: v for k, v in objs.items() if k.startswith(f"run/{tag}/")}
+        assert {k for k in under if "/.uploaded/" in k} == {f"run/{tag}/.uploaded/{attempt}/rank{r:05d}"
+                                                            for r in range(world)}
+        assert {v for k, v in under.items() if k.endswith(".pt")} == {f"from {attempt}".encode()}
+        assert_one_attempt_per_complete_tag(objs, world)
+
+
+def test_a_conversion_is_uploaded_once_and_reused(tmp_path, s3_env):
+    bucket = s3_env.make_bucket()
+    cfg = config_from_dict({"data": {"url": "/d"}, "checkpoint": {"dir": f"s3://{bucket}/run",
+                                                                   "staging_dir": str(tmp_path / "st")}})
+    tag = "step00000002"
+    src = RemoteCheckpoints(cfg, 0, 1, attempt="A")
+    _stage_and_upload(src, tag)
+    assert src.wait(30)
+    built = []
+
+    def build(tag_dir):
+        conv = tag_dir / "elastic"
+        (conv / "params").mkdir(parents=True)
+        (conv / "params" / "w.pt").write_bytes(b"w")
+        (conv / "elastic.json").write_text("{}")
+        built.append(tag_dir)
+
+    rank0 = RemoteCheckpoints(cfg, 0, 2)
+    assert (rank0.share_conversion(tag, build) / "params" / "w.pt").read_bytes() == b"w" and len(built) == 1
+    assert rank0.remote_conversion(tag)
+    rank1 = RemoteCheckpoints(cfg, 1, 2)  # waits for, then downloads, rank 0's conversion
+    assert (rank1.share_conversion(tag, build) / "params" / "w.pt").read_bytes() == b"w"
+    later = config_from_dict({"data": {"url": "/d"}, "checkpoint": {"dir": f"s3://{bucket}/run",
+                                                                     "staging_dir": str(tmp_path / "later")}})
+    RemoteCheckpoints(later, 0, 1).share_conversion(tag, build)  # a later resume reuses the uploaded one
+    assert len(built) == 1
+    objs = _objects(s3_env, bucket)
+    assert {"run/step00000002/elastic/elastic.json", "run/step00000002/elastic/params/w.pt"} <= set(objs)
+    assert [n for n in ("rank00000.pt", "hgscale.json") if needed(n, 0, 0, None)] == ["rank00000.pt", "hgscale.json"]
+    assert not needed("elastic", 0, 0, None)
+
+
+def test_elastic_resume_from_s3_two_ranks_to_one_and_back(tmp_path, demo_data, s3_env):  # noqa: F811
+    """2 ranks save step 4 to S3; 1 rank (accumulation doubled) resumes from it to step 8; 2 ranks resume from that
+    to step 12. Each change of layout converts once, uploads the conversion beside the checkpoint and resumes
+    exactly: the 12 losses equal an uninterrupted 2-rank run's (rtol 1e-5)."""
+    bucket = s3_env.make_bucket()
+    train = {"steps": 12, "log_interval": 1, "lr_schedule": "cosine", "warmup_steps": 2}
+    ref = tiny_config(tmp_path, demo_data, "eref.json", train=train)
+    r = subprocess.run(_cmd(ref), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    cfg = tiny_config(tmp_path, demo_data, "el.json", train=train,
+                      checkpoint={"dir": f"s3://{bucket}/run", "interval": 4, "keep_last": 5,
+                                  "staging_dir": str(tmp_path / "staging")})
+    runs = [(_cmd(cfg, "train.steps=4"), None),
+            ([sys.executable, str(TRAIN), "--config", str(cfg), "train.steps=8", "train.grad_accum_steps=4"], 4),
+            (_cmd(cfg), 8)]
+    for cmd, resumed_at in runs:
+        r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        if resumed_at:
+            assert f"resumed from s3://{bucket}/run/step{resumed_at:08d} at step {resumed_at}" in r.stdout, \
+                r.stdout[-2000:]
+            assert "layout changed since step" in r.stdout
+    want, got = _losses(tmp_path / "eref_run"), _losses(tmp_path / "el_run")
+    assert sorted(got) == list(range(1, 13))
+    assert_close(torch.tensor([got[s] for s in range(1, 13)], dtype=torch.float64),
+                 torch.tensor([want[s] for s in range(1, 13)], dtype=torch.float64), rtol=1e-5, atol=0)
+    objs = _objects(s3_env, bucket)
+    for step in (4, 8):  # each conversion was uploaded beside its checkpoint, elastic.json last
+        assert f"run/step{step:08d}/elastic/elastic.json" in objs
+        assert any(k.startswith(f"run/step{step:08d}/elastic/params/") for k in objs)

@@ -179,3 +179,26 @@ def test_image_windows_label_every_pixel_once(tmp_path):
     xs = torch.cat([x for x, _ in take(img.stream("train", 4, 48, seed=0), 2)])
     got = sorted(bytes(r.to(torch.uint8).numpy()) for r in xs)
     assert got == sorted(bytes(im) for im in images[:8])
+
+
+def test_lane_reads_state_the_read_amplification_of_every_data_parallel_size():
+    from hgscale.data.order import lane_reads
+
+    assert [lane_reads(16, d) for d in (1, 2, 4, 8, 16)] == [1.0] * 5  # sizes dividing the lanes read once
+    assert (lane_reads(16, 3), lane_reads(16, 6), lane_reads(16, 12)) == (1.125, 1.25, 1.5)
+    assert lane_reads(1, 4) == 4.0 and lane_reads(4, 8) == 2.0  # more ranks than lanes: lanes read several times
+
+
+def test_preflight_warns_when_ranks_share_lanes():
+    from types import SimpleNamespace
+
+    from hgscale.config import config_from_dict
+    from hgscale.training.preflight import read_amplification_warning
+
+    cfg = config_from_dict({"model": {"size": "debug"}, "data": {"url": "/d", "seq_len": 32},
+                            "train": {"micro_batch_size": 1}})
+    ds = SimpleNamespace(manifest={"splits": {"train": {"shards": [{}] * 256}}})  # 16 lanes
+    assert read_amplification_warning(cfg, ds, 8) is None
+    msg = read_amplification_warning(cfg, ds, 6)
+    assert "6 data-parallel ranks read about 1.25x the 256-shard split 'train'" in msg
+    assert "dividing 16 (1, 2, 4, 8, 16)" in msg

@@ -1,0 +1,129 @@
+"""Exact resume on another layout, with real launches on CPU (gloo, fp32, dropout 0).
+
+Three uninterrupted 16-step runs with the same global batch of 4 (2 data-parallel ranks ZeRO-1; 1 rank ZeRO-0 with
+accumulation 2; 2 pipeline stages) agree with each other, so a failure below points at the resume, not at the
+layouts. Each resume starts from a step-5 checkpoint of one of them on another layout and must equal the
+uninterrupted run loss for loss at rtol 1e-5 over the 11 steps after it; the lr the optimizer applied (logged from
+its param groups) must equal the schedule at every step. The schedule warms up and decays, so an lr left at the
+freshly built scheduler's value after a conversion shows in the first update.
+
+    interval checkpoint: 2 DP ZeRO-1 -> 1 rank ZeRO-1 and ZeRO-0;  1 rank ZeRO-0 -> 2 DP ZeRO-2;
+                         2 stages -> 2 DP;  2 DP -> 2 stages
+    SIGUSR1 checkpoint:  2 DP ZeRO-1 -> 1 rank ZeRO-0
+"""
+import re
+import subprocess
+import threading
+
+import psutil
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hgscale.config import load_config
+from hgscale.core.schedule import lr_at
+from tests.integration.train_helpers import ROOT, TRAIN, command, demo_data, env, launch, metrics, tiny_config  # noqa: F401
+
+pytestmark = pytest.mark.integration
+STEPS, AT = 16, 5
+TRAIN_KEYS = {"steps": STEPS, "lr": 3e-3, "warmup_steps": 3, "lr_schedule": "cosine", "min_lr": 1e-4,
+              "log_interval": 1}
+LAYOUTS = {  # name: (processes, parallel section, grad_accum_steps); every one has a global batch of 2 x accum x dp = 4
+    "dp2_z1": (2, {"pipeline_stages": 1, "zero_stage": 1}, 1),
+    "one_z1": (1, {"pipeline_stages": 1, "zero_stage": 1}, 2),
+    "one_z0": (1, {"pipeline_stages": 1, "zero_stage": 0}, 2),
+    "dp2_z2": (2, {"pipeline_stages": 1, "zero_stage": 2}, 1),
+    "pp2": (2, {"pipeline_stages": 2, "zero_stage": 1}, 2),
+}
+
+
+def layout_config(tmp, data, name: str, layout: str, **checkpoint):
+    _, parallel, accum = LAYOUTS[layout]
+    return tiny_config(tmp, data, f"{name}.json", model={"dropout": 0.0},
+                       train={**TRAIN_KEYS, "grad_accum_steps": accum}, parallel=parallel, checkpoint={"interval": AT, "keep_last": 5, **checkpoint})
+
+
+def run(tmp, data, name: str, layout: str, **checkpoint) -> dict[int, dict]:
+    cfg = layout_config(tmp, data, name, layout, **checkpoint)
+    launch(LAYOUTS[layout][0], TRAIN, ["--config", str(cfg)])
+    return by_step(tmp / f"{name}_run")
+
+
+def by_step(run_dir) -> dict[int, dict]:
+    return {m["step"]: m for m in metrics(run_dir) if "train/loss" in m}
+
+
+def assert_losses_equal(have: dict, want: dict, steps) -> None:
+    assert_close(torch.tensor([have[s]["train/loss"] for s in steps], dtype=torch.float64),
+                 torch.tensor([want[s]["train/loss"] for s in steps], dtype=torch.float64), rtol=1e-5, atol=0)
+
+
+def assert_lr_follows_schedule(tmp, name: str, have: dict) -> None:
+    cfg = load_config(tmp / f"{name}.json")
+    for step, m in have.items():
+        assert m["train/lr"] == pytest.approx(lr_at(cfg, step - 1), rel=1e-12, abs=0), (name, step)
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    return tmp_path_factory.mktemp("resume_matrix")
+
+
+@pytest.fixture(scope="module")
+def straight(work, demo_data):  # noqa: F811
+    """The uninterrupted runs, each with checkpoints every 5 steps."""
+    return {layout: run(work, demo_data, f"u_{layout}", layout) for layout in ("dp2_z1", "one_z0", "pp2")}
+
+
+def test_uninterrupted_layouts_agree(work, straight):
+    assert sorted(straight["dp2_z1"]) == list(range(1, STEPS + 1))
+    for layout in ("one_z0", "pp2"):
+        assert_losses_equal(straight[layout], straight["dp2_z1"], range(1, STEPS + 1))
+    for layout, got in straight.items():
+        assert_lr_follows_schedule(work, f"u_{layout}", got)
+
+
+@pytest.mark.parametrize("source,target", [("dp2_z1", "one_z1"), ("dp2_z1", "one_z0"), ("one_z0", "dp2_z2"),
+                                           ("pp2", "dp2_z1"), ("dp2_z1", "pp2")])
+def test_resume_from_an_interval_checkpoint_on_another_layout(work, demo_data, straight, source, target):  # noqa: F811
+    name = f"r_{source}_to_{target}"
+    resume = str(work / f"u_{source}_ckpt" / f"step{AT:08d}")
+    got = run(work, demo_data, name, target, resume=resume)
+    assert sorted(got) == list(range(AT + 1, STEPS + 1))
+    assert_losses_equal(got, straight[source], range(AT + 1, STEPS + 1))
+    assert_lr_follows_schedule(work, name, got)
+
+
+def preempt_after(cfg, nprocs: int, step: int) -> int:
+    """Run ``cfg``, send SIGUSR1 to its last rank once ``step`` is logged; returns the step it saved at."""
+    proc = subprocess.Popen(command(nprocs, TRAIN, ["--config", str(cfg)]), cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.match(rf"step\s+{step}/{STEPS}", line):
+                seen.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert seen.wait(180), "".join(lines[-30:])
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if f"--local_rank={nprocs - 1}" in " ".join(p.cmdline())]
+    (ranks[0] if nprocs > 1 else psutil.Process(proc.pid)).send_signal(psutil.signal.SIGUSR1)
+    assert proc.wait(120) == 0, "".join(lines[-40:])
+    reader.join(10)
+    m = re.search(r"preempted at step (\d+); checkpoint saved", "".join(lines))
+    assert m, "".join(lines[-40:])
+    return int(m.group(1))
+
+
+def test_resume_from_a_preemption_checkpoint_on_another_layout(work, demo_data, straight):  # noqa: F811
+    cfg = layout_config(work, demo_data, "p_dp2_z1", "dp2_z1", interval=0)
+    stopped = preempt_after(cfg, 2, 3)
+    assert 3 <= stopped <= STEPS - 10, stopped  # at least 10 steps follow the resume
+    launch(1, TRAIN, ["--config", str(cfg), "train.grad_accum_steps=2", "parallel.zero_stage=0"])
+    got = by_step(work / "p_dp2_z1_run")
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert_losses_equal(got, straight["dp2_z1"], range(1, STEPS + 1))
+    assert_lr_follows_schedule(work, "p_dp2_z1", got)

@@ -40,7 +40,8 @@ LAYOUTS = {  # name: (processes, parallel section, grad_accum_steps); every one 
 def layout_config(tmp, data, name: str, layout: str, **checkpoint):
     _, parallel, accum = LAYOUTS[layout]
     return tiny_config(tmp, data, f"{name}.json", model={"dropout": 0.0},
-                       train={**TRAIN_KEYS, "grad_accum_steps": accum}, parallel=parallel, checkpoint={"interval": AT, "keep_last": 5, **checkpoint})
+                       train={**TRAIN_KEYS, "grad_accum_steps": accum}, parallel=parallel,
+                       checkpoint={"interval": AT, "keep_last": 5, **checkpoint})
 
 
 def run(tmp, data, name: str, layout: str, **checkpoint) -> dict[int, dict]:

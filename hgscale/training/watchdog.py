@@ -98,7 +98,7 @@ class Progress:
 
 class Watchdog(Callback):
     def __init__(self, progress: Progress, rank: int, world: int, hang_timeout_s: float, run_dir: str,
-                 other_progress_t=lambda: 0.0, period_s: float | None = None):
+                 other_progress_t=lambda: 0.0, period_s: float | None = None, start: bool = True):
         """``other_progress_t``: the time of the newest progress made off the main thread (an upload)."""
         self.progress, self.rank, self.world = progress, rank, world
         self.other_progress_t = other_progress_t
@@ -114,7 +114,8 @@ class Watchdog(Callback):
         self._stop = threading.Event()
         self.store = self._connect()
         self.thread = threading.Thread(target=self._loop, name="hgscale-watchdog", daemon=True)
-        self.thread.start()
+        if start:
+            self.thread.start()
 
     def _connect(self):
         import torch.distributed as dist
@@ -176,6 +177,8 @@ class Watchdog(Callback):
             if r != self.rank and now - seen > self.timeout():
                 return True
         return False
+
+    def _read_beats(self) -> dict[int, dict | None]:
         keys = [beat_key(r) for r in range(self.world)]
         try:
             return {r: json.loads(v) for r, v in enumerate(self.store.multi_get(keys))}

@@ -48,3 +48,57 @@ def test_bad_fault_settings_are_config_errors(override, message):
     assert message in str(e.value)
     ok = config_from_dict(base, ["train.hang_timeout_s=0", "checkpoint.dir=s3://b/run"])
     assert ok.parallel.timeout_s == 600.0 and ok.train.hang_timeout_s == 0
+
+
+@pytest.fixture
+def store_env(monkeypatch):
+    """A real TCPStore, as the process group's rendezvous serves it."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from hgscale.core.net import free_port
+
+    port = free_port()
+    master = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5), wait_for_workers=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    yield master
+
+
+def test_a_slow_save_is_not_a_hang_but_a_frozen_peer_inside_it_is(store_env, tmp_path):
+    import json
+    import time
+
+    from hgscale.training.watchdog import Progress, Watchdog, beat_key
+
+    progress = Progress(step=3)
+    wd = Watchdog(progress, rank=0, world=2, hang_timeout_s=1.0, run_dir=str(tmp_path), period_s=0.1, start=False)
+    store_env.set(beat_key(0), json.dumps(beat(3, time.time())))  # what this rank's own thread would write
+    progress.mark("step 4")
+    time.sleep(1.2)
+    assert wd._stalled() and wd.limit() == (1.0, "train.hang_timeout_s")  # a step without progress: a hang
+    progress.mark("Checkpointing after step 4", 60.0, "checkpoint.save_timeout_s")
+    time.sleep(1.2)
+    store_env.set(beat_key(1), json.dumps(beat(4, time.time())))  # the peer beats on, uploading
+    assert not wd._stalled() and not wd._peer_frozen()  # longer than the hang timeout, within the save's budget
+    store_env.set(beat_key(1), json.dumps(beat(4, time.time() - 5)))  # the peer stopped beating (SIGSTOP)
+    assert wd._peer_frozen()
+    progress.mark("step 5")
+    assert not wd._peer_frozen()  # outside a long phase the collective itself stalls: judged by progress
+
+
+def test_no_node_is_excluded_when_no_rank_is_behind(store_env, tmp_path, monkeypatch):
+    import json
+
+    from hgscale.training.watchdog import WAITING, Progress, Watchdog
+
+    monkeypatch.setenv("HGSCALE_EVENTS_DIR", str(tmp_path / "events"))
+    wd = Watchdog(Progress(), rank=0, world=2, hang_timeout_s=1.0, run_dir=str(tmp_path), start=False)
+    wd.dump_dir.mkdir(parents=True)
+    report = {"ranks": [0, 1], "why": WAITING, "timeout_s": 1.0, "dumps": "d", "step": 3, "ages": {"0": 1, "1": 1},
+              "hosts": {"0": "a", "1": "b"}, "phases": {"0": "step 4", "1": "step 4"}}
+    wd._publish(report)
+    assert json.loads((tmp_path / "events" / "hang.json").read_text())["culprit_hosts"] == []
+    wd._publish({**report, "ranks": [1], "why": "behind the other ranks"})
+    assert json.loads((tmp_path / "events" / "hang.json").read_text())["culprit_hosts"] == ["b"]

@@ -33,6 +33,11 @@ def train_metric(metric_name: str) -> str:
     return f"train/{metric_name}"
 
 
+def val_source(source: str, metric_name: str) -> str:
+    """Validation of one source of a mixture: val/<source>/loss, val/<source>/bpc."""
+    return f"val/{source}/{metric_name}"
+
+
 def data_share(source: str) -> str:
     """Fraction of the training tokens drawn from one source of a mixture."""
     return f"data/share/{source}"

@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 
 from hgscale.core.status import NAN
 from hgscale.tracking import names
+from hgscale.training.layout import ParallelLayout
 
 
 def every(n: int, step: int, last: int | None = None) -> bool:
@@ -39,6 +40,7 @@ class StepInfo:
     tokens: int                 # tokens of the global batch
     lr: float                   # the lr the optimizer applied in this step
     last: int                   # train.steps: the step the run ends at
+    layout: ParallelLayout      # processes, stages, data-parallel size, micro-batch, accumulation
 
     @property
     def finite(self) -> bool:
@@ -123,14 +125,15 @@ class Validation(Callback):
             if loss is None:
                 continue
             if name is not None:
-                vals[f"val/{name}/loss"], vals[f"val/{name}/{self.metric}"] = loss, loss * bits
+                vals[names.val_source(name, "loss")] = loss
+                vals[names.val_source(name, self.metric)] = loss * bits
             rows.append((loss, len(batches or ()) or 1, bits))  # equal batch shapes: batches weigh the tokens
         if not rows:
             return
         loss, overall = combine_eval(rows) if len(self.sets) > 1 else (rows[0][0], rows[0][0] * rows[0][2])
         vals.update({names.VAL_LOSS: loss, names.val_metric(self.metric): overall})
-        per = " | ".join(f"{n} {vals[f'val/{n}/{self.metric}']:.4f}" for n, _, _ in self.sets
-                         if n is not None and f"val/{n}/loss" in vals)
+        per = " | ".join(f"{n} {vals[names.val_source(n, self.metric)]:.4f}" for n, _, _ in self.sets
+                         if n is not None and names.val_source(n, "loss") in vals)
         self.svc.say(f"validation at step {step}: loss {loss:.4f} | {self.metric} {overall:.4f}"
                      + (f" ({per})" if per else ""))
         self.svc.record(step, vals)

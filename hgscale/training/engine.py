@@ -273,6 +273,7 @@ class TrainEngine:
         return box[0]
 
     def topology(self) -> dict:
-        return {"world_size": self.rt.world_size, "pipeline_stages": self.num_stages,
-                "data_parallel_size": self.dp_size, "zero_stage": self.cfg.parallel.zero_stage,
-                "backend": self.rt.backend, "device": str(self.rt.device), "stage_boundaries": self.parts}
+        from hgscale.training.layout import ParallelLayout
+
+        lay = ParallelLayout.unchecked(self.cfg, self.rt.world_size)
+        return {**lay.topology(self.parts), "backend": self.rt.backend, "device": str(self.rt.device)}

@@ -68,6 +68,11 @@ class ParallelLayout:
                 "micro_batch_size": self.micro, "grad_accum_steps": self.accum,
                 "global_batch_size": self.global_batch, "zero_stage": self.zero_stage}
 
+    def topology(self, stage_boundaries: list[int] | None) -> dict:
+        """What a checkpoint records of the layout that wrote it (the keys a resume compares, and a few more)."""
+        return {"world_size": self.world, "pipeline_stages": self.stages, "data_parallel_size": self.dp,
+                "zero_stage": self.zero_stage, "stage_boundaries": stage_boundaries}
+
     def describe(self) -> str:
         return (f"{self.world} process(es), {self.stages} stage(s) x {self.dp} data-parallel, ZeRO-{self.zero_stage}, "
                 f"global batch {self.global_batch} = micro {self.micro} x accumulation {self.accum} x {self.dp}")

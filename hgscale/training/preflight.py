@@ -54,10 +54,8 @@ def _layout(cfg: Config, world_size: int) -> dict:
     """The topology TrainEngine.topology() will report, known without starting it."""
     from hgscale.training.pipeline import stage_parts
 
-    p = cfg.parallel
-    return {"world_size": world_size, "pipeline_stages": p.pipeline_stages, "zero_stage": p.zero_stage,
-            "data_parallel_size": world_size // p.pipeline_stages,
-            "stage_boundaries": stage_parts(cfg, p.pipeline_stages) if p.pipeline_stages > 1 else None}
+    lay = ParallelLayout.unchecked(cfg, world_size)
+    return lay.topology(stage_parts(cfg, lay.stages) if lay.stages > 1 else None)
 
 
 def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
@@ -72,7 +70,7 @@ def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
         return [str(e)]
     if not where:
         return []
-    from hgscale.checkpoint.reshard import resume_problems
+    from hgscale.checkpoint.compat import resume_problems
 
     # another layout is converted on resume; a different model, batch or an unconvertible layout is not
     return resume_problems(where[0] / where[1], cfg, world_size, _layout(cfg, world_size),

@@ -197,7 +197,7 @@ class Trainer:
         loss = self.eng.train_step(self.it)
         self.step = self.progress.step = self.step + 1
         info = StepInfo(self.step, loss, dict(self.eng.timings), self.layout.global_batch * self.cfg.data.seq_len,
-                        self.eng.applied_lr, self.cfg.train.steps)
+                        self.eng.applied_lr, self.cfg.train.steps, self.layout)
         for cb in self.callbacks:
             self.progress.mark(f"{type(cb).__name__} after step {self.step}", *self._budget(cb))
             t0 = time.perf_counter()

@@ -1,7 +1,7 @@
 """A training checkpoint as one model on one device: consolidation, safetensors export and loading.
 
     sd, cfg = consolidated_state_dict("runs/ckpt")          # pipeline or ZeRO 0-3 checkpoint, no process group
-    export("runs/ckpt", "runs/export")                      # model.safetensors + config.json
+    export("runs/ckpt", "runs/export")                      # model.safetensors + config.json (+ its MLflow run)
     model, cfg = load_any("runs/export" or "runs/ckpt")     # HourglassLM in eval mode
 
 Checkpoints read here may come from someone else (a shared drive, a download): every ``.pt`` file is loaded
@@ -130,6 +130,9 @@ def export(root: str | Path, out: str | Path, tag: str | None = None) -> Path:
                               f"--out") from None
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "hgscale": "HourglassLM"})
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    from hgscale.tracking.checkpoint_run import checkpoint_run, save_run_file
+
+    save_run_file(checkpoint_run(Path(root) / tag if tag else root), out)  # later scores go to the training run
     return out
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from hgscale.checkpoint.export import export
 from hgscale.checkpoint.layout import CheckpointError
@@ -23,11 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tag", default=None, help="step directory name inside --checkpoint (default: latest)")
     ap.add_argument("--out", required=True, help="output directory")
     args = ap.parse_args(argv)
-    from hgscale.tracking.checkpoint_run import checkpoint_run, save_run_file
     try:
         out = export(args.checkpoint, args.out, args.tag)
-        source = Path(args.checkpoint) / args.tag if args.tag else args.checkpoint
-        save_run_file(checkpoint_run(source), out)  # later scores go to the training run
     except (CheckpointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR

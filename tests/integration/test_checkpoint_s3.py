@@ -240,7 +240,8 @@ def test_elastic_resume_from_s3_two_ranks_to_one_and_back(tmp_path, demo_data, s
     to step 12. Each change of layout converts once, uploads the conversion beside the checkpoint and resumes
     exactly: the 12 losses equal an uninterrupted 2-rank run's (rtol 1e-5)."""
     bucket = s3_env.make_bucket()
-    train = {"steps": 12, "log_interval": 1, "lr_schedule": "cosine", "warmup_steps": 2}
+    # decay_steps fixes the schedule whatever train.steps each leg runs to
+    train = {"steps": 12, "log_interval": 1, "lr_schedule": "cosine", "warmup_steps": 2, "decay_steps": 12}
     ref = tiny_config(tmp_path, demo_data, "eref.json", train=train)
     r = subprocess.run(_cmd(ref), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

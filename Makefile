@@ -27,6 +27,7 @@ lock:
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	shellcheck slurm/*.sh
 
 # the demo: shards of the Python reference manual (offline), a few minutes of CPU training, test-split score
 demo: $(STAMP)

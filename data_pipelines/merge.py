@@ -23,20 +23,63 @@ from .shards import DatasetWriter, add_split_totals, build_manifest, summary
 _RECORD = re.compile(r"task-(\d+)-of-(\d+)\.json$")
 
 
+# what merge reads of each task record, by type (data_pipelines.text writes them)
+_FIELDS = {"task": int, "num_tasks": int, "fingerprint": str, "name": str, "modality": str, "vocab_size": int,
+           "tokenizer": str, "document_end": int, "tokenizer_sha256": (str, type(None)), "settings": dict,
+           "splits": dict, "documents": dict, "bad_records": dict, "inputs": int}
+_TYPE_NAMES = {int: "an integer", str: "a string", dict: "an object", list: "a list"}
+
+
+def _record_problem(rec, file: str) -> str | None:
+    """What is wrong with one task record (None when merge can use it)."""
+    if not isinstance(rec, dict):
+        return "is not a JSON object"
+    missing = [k for k in _FIELDS if k not in rec]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    for key, tp in _FIELDS.items():
+        if not isinstance(rec[key], tp) or (tp is int and isinstance(rec[key], bool)):
+            return f"has {key} = {json.dumps(rec[key])[:40]}, not {_TYPE_NAMES.get(tp, 'a string or null')}"
+    named = tuple(int(g) for g in _RECORD.search(file).groups())
+    if (rec["task"], rec["num_tasks"]) != named or not 0 <= rec["task"] < rec["num_tasks"]:
+        return f"holds task {rec['task']} of {rec['num_tasks']}, not task {named[0]} of {named[1]} as its name says"
+    if not isinstance(rec["bad_records"].get("count"), int) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in rec["documents"].values()):
+        return "has bad_records.count or documents that are not integers"
+    for name, split in rec["splits"].items():
+        if not (isinstance(split, dict) and isinstance(split.get("shards"), list) and all(
+                isinstance(split.get(k), int) and not isinstance(split.get(k), bool)
+                for k in ("num_samples", "num_tokens", "num_bytes"))):
+            return f"has a split {name!r} without integer num_samples, num_tokens, num_bytes and a shards list"
+    return None
+
+
+def read_record(url: str, file: str, opts: dict) -> dict:
+    """One task record, checked: a truncated or damaged one is a DataError naming its file."""
+    where = join(url, "tasks/" + file)
+    rerun = (f"re-run task {int(_RECORD.search(file).group(1))} (the same arguments and --num-tasks), then merge "
+             f"again")
+    try:
+        rec = json.loads(read_bytes(where, opts))
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError: cut short or not text
+        raise DataError(f"task record {where} is not valid JSON ({type(e).__name__}: {str(e)[:80]}): it was cut "
+                        f"short or damaged; {rerun}") from None
+    problem = _record_problem(rec, file)
+    if problem:
+        raise DataError(f"task record {where} {problem}: it is damaged or from another version; {rerun}")
+    rec["_file"] = file
+    return rec
+
+
 def task_records(url: str, opts: dict) -> list[dict]:
     fs, base = filesystem(url, opts)
     tasks_dir = join(base, "tasks")
     fs.invalidate_cache(tasks_dir)
     try:
         names = with_retries(url, lambda: fs.ls(tasks_dir, detail=False), opts, what="list")
-    except (StorageError, FileNotFoundError):
+    except (StorageError, OSError):  # no tasks/ folder (or a file in its place): no record
         names = []
-    out = []
-    for name in sorted(n for n in names if _RECORD.search(n)):
-        rec = json.loads(read_bytes(join(url, "tasks/" + name.rsplit("/", 1)[-1]), opts))
-        rec["_file"] = name.rsplit("/", 1)[-1]
-        out.append(rec)
-    return out
+    return [read_record(url, name.rsplit("/", 1)[-1], opts) for name in sorted(n for n in names if _RECORD.search(n))]
 
 
 def _check(url: str, records: list[dict]) -> int:

@@ -28,6 +28,7 @@ import multiprocessing as mp
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -278,11 +279,32 @@ def _check_args(args) -> None:
         problems.append("--shard-bytes and --sample-tokens must be >= 1")
     if problems:
         raise DataError("; ".join(problems))
+    _check_out(args.out)
+
+
+def _check_out(out: str) -> None:
+    """A local --out (a path or file:// URL) must be a directory or creatable as one: no file on its way."""
+    if "://" in out and not out.startswith("file://"):
+        return
+    path = Path(out.split("://", 1)[1] if "://" in out else out).absolute()
+    for p in (path, *path.parents):
+        if p.is_dir():
+            return
+        if p.exists() or p.is_symlink():
+            raise DataError(f"--out {out}: {p} exists and is not a directory, so the dataset cannot be written there; "
+                            f"pass a directory path")
 
 
 def main(argv=None, prog: str | None = None) -> int:
     args = build_parser(prog or "python -m data_pipelines.text").parse_args(argv)
     _check_args(args)
+    try:
+        return _run(args)
+    except (NotADirectoryError, IsADirectoryError, FileExistsError) as e:  # a path in the way of an output
+        raise DataError(f"cannot write {e.filename or args.out}: {e.strerror}; check --out {args.out}") from None
+
+
+def _run(args) -> int:
     opts = opts_from_args(args)
     plan = Plan(out=args.out.rstrip("/"), opts=opts, fmt=args.format, field=args.field, txt_document=args.txt_document,
                 on_bad_record=args.on_bad_record, valid_fraction=args.valid_fraction,

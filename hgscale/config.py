@@ -6,6 +6,7 @@ Rules:
 - every field carries a one-line doc (``fld(default, "doc")``), shown by ``hgscale config --help-keys``;
 - unknown keys are errors naming ``section.key`` with the closest valid key;
 - wrong types name the field and the expected type;
+- every float must be finite, and a field's bound (``fld(..., ge=0)`` / ``gt=0``) holds;
 - every problem is gathered and raised once as a :class:`ConfigError`.
 
 This module imports neither torch nor deepspeed: it runs before any process group starts.
@@ -21,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from hgscale.core.loader import ConfigError, build, fld, read_json_file, with_overrides
+from hgscale.core.loader import ConfigError, build, fld, range_problems, read_json_file, with_overrides
 from hgscale.core.loader import field_docs as _field_docs
 from hgscale.core.notation import parse_hierarchy, steps_problem
 from hgscale.core.presets import MODEL_SIZES
@@ -44,20 +45,22 @@ class ModelConfig:
     """Hourglass language model (Nawrot et al. 2021)."""
 
     size: str = fld("", "Named size to start from (see MODEL_SIZES); explicit keys override it.")
-    vocab_size: int = fld(256, "Vocabulary size (256 for bytes and pixels).")
-    d_model: int = fld(512, "Width of the residual stream.")
+    vocab_size: int = fld(256, "Vocabulary size (256 for bytes and pixels).", ge=1)
+    d_model: int = fld(512, "Width of the residual stream.", ge=1)
     n_heads: int = fld(8, "Attention heads; must divide d_model.")
-    d_ff: int = fld(2048, "Hidden width of the feed-forward blocks.")
+    d_ff: int = fld(2048, "Hidden width of the feed-forward blocks.", ge=1)
     hierarchy: str = fld("5@1 24@3 5@1", "Layers at cumulative shortening factors, paper notation.")
     downsample: str = fld("attention_avg", f"Shortening: one of {', '.join(DOWNSAMPLE)}.")
     upsample: str = fld("attention_repeat", f"Upsampling: one of {', '.join(UPSAMPLE)}.")
     attention: str = fld("relative", f"Attention positions: one of {', '.join(ATTENTION)}.")
     dropout: float = fld(0.2, "Dropout on embeddings, residual branches and feed-forward hidden units.")
     attn_dropout: float = fld(0.0, "Dropout on attention probabilities.")
-    max_seq_len: int = fld(8192, "Longest sequence (tokens) the model is built for (evaluation context included).")
+    max_seq_len: int = fld(8192, "Longest sequence (tokens) the model is built for (evaluation context included).",
+                           ge=1)
     init: str = fld("trax", "Weight initialisation: 'trax' (Glorot-uniform dense layers, embedding "
                             "U(+-sqrt(3/d_model)), as trax) or 'normal' (N(0, init_std) weights, zero biases).")
-    init_std: float = fld(0.02, "Standard deviation of the normal initialisation of weights (model.init = 'normal').")
+    init_std: float = fld(0.02, "Standard deviation of the normal initialisation of weights (model.init = 'normal').",
+                          gt=0)
     vanilla_attention: str = fld("full", "Attention of the full-resolution (factor 1) blocks: 'full' (model.attention) "
                                          "or 'lsh' (trax PureLSHSelfAttention: shared QK, rotary, causal).")
     lsh_chunk_len: int = fld(256, "LSH: sorted positions per chunk (trax chunk_len).")
@@ -95,11 +98,9 @@ class ModelConfig:
                        f"d_model/n_heads = {self.d_model // self.n_heads}")
         if self.vanilla_attention == "lsh":
             out += self._lsh_problems()
-        for name in ("vocab_size", "d_model", "d_ff", "max_seq_len"):
-            if getattr(self, name) < 1:
-                out.append(f"model.{name} = {getattr(self, name)} must be >= 1")
+        out += range_problems(self, "model")
         for name in ("dropout", "attn_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
+            if math.isfinite(getattr(self, name)) and not 0.0 <= getattr(self, name) < 1.0:
                 out.append(f"model.{name} = {getattr(self, name)} must be in [0, 1)")
         return out
 
@@ -165,22 +166,25 @@ class DataConfig:
     train_split: str = fld("train", "Split name used for training.")
     valid_split: str = fld("valid", "Split name used for periodic validation.")
     test_split: str = fld("test", "Split name used for the final test score.")
-    seq_len: int = fld(2048, "Tokens per training sequence (inputs); each sample reads seq_len + 1 tokens.")
-    num_workers: int = fld(2, "Data worker processes per data-parallel rank (0 = one prefetching thread in-process).")
-    prefetch_batches: int = fld(4, "Micro-batches prefetched per worker.")
+    seq_len: int = fld(2048, "Tokens per training sequence (inputs); each sample reads seq_len + 1 tokens.", ge=1)
+    num_workers: int = fld(2, "Data worker processes per data-parallel rank (0 = one prefetching thread in-process).",
+                           ge=0)
+    prefetch_batches: int = fld(4, "Micro-batches prefetched per worker.", ge=1)
     shuffle: bool = fld(True, "Shuffle shard order and windows, deterministically from (seed, epoch).")
-    shuffle_shards: int = fld(4, "Shards a worker holds in memory and shuffles windows across (more mixes more).")
+    shuffle_shards: int = fld(4, "Shards a worker holds in memory and shuffles windows across (more mixes more).",
+                              ge=1)
     seed: int = fld(1234, "Seed of the data order.")
     on_corrupt: str = fld("error", "A corrupt or truncated shard: 'error' stops naming it, 'skip' skips and counts it.")
     verify_manifest: bool = fld(True, "Check shard sizes named in the manifest before training starts.")
     verify_checksums: bool = fld(False, "Also read every shard and check its sha256 and counts before training (slow).")
     worker_start_method: str = fld("forkserver",
                                    "Data workers start by 'forkserver' (fast) or 'spawn'; not fork (s3fs).")
-    request_timeout_s: float = fld(60.0, "Connect/read timeout of one storage request; a slower one is retried.")
+    request_timeout_s: float = fld(60.0, "Connect/read timeout of one storage request; a slower one is retried.",
+                                   gt=0)
     s3_endpoint_url: str = fld("", "S3 endpoint (for MinIO, moto, ...); empty uses AWS_ENDPOINT_URL or AWS itself.")
     s3_region: str = fld("", "S3 region; empty uses AWS_DEFAULT_REGION.")
-    retries: int = fld(5, "Attempts per storage request before giving up on transient errors.")
-    retry_backoff_s: float = fld(0.5, "First retry delay in seconds; doubles on each retry.")
+    retries: int = fld(5, "Attempts per storage request before giving up on transient errors.", ge=1)
+    retry_backoff_s: float = fld(0.5, "First retry delay in seconds; doubles on each retry.", ge=0)
 
 
 # --------------------------------------------------------------------------------------------- train
@@ -189,25 +193,25 @@ class DataConfig:
 class TrainConfig:
     """Optimisation, schedule, precision and the training loop."""
 
-    micro_batch_size: int = fld(8, "Sequences per micro-batch per data-parallel rank.")
-    grad_accum_steps: int = fld(1, "Micro-batches accumulated per optimizer step.")
-    global_batch_size: int = fld(0, "Sequences per optimizer step; 0 derives micro x accum x data-parallel size.")
-    steps: int = fld(1000, "Optimizer steps to train.")
-    lr: float = fld(4.1e-4, "Peak learning rate (trax multifactor schedules: multifactor.constant).")
-    min_lr: float = fld(0.0, "Learning rate at the end of the cosine decay (trax multifactor: its minimum).")
-    warmup_steps: int = fld(4000, "Linear warm-up steps.")
+    micro_batch_size: int = fld(8, "Sequences per micro-batch per data-parallel rank.", ge=1)
+    grad_accum_steps: int = fld(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    global_batch_size: int = fld(0, "Sequences per optimizer step; 0 derives micro x accum x data-parallel size.", ge=0)
+    steps: int = fld(1000, "Optimizer steps to train.", ge=1)
+    lr: float = fld(4.1e-4, "Peak learning rate (trax multifactor schedules: multifactor.constant).", gt=0)
+    min_lr: float = fld(0.0, "Learning rate at the end of the cosine decay (trax multifactor: its minimum).", ge=0)
+    warmup_steps: int = fld(4000, "Linear warm-up steps.", ge=0)
     lr_schedule: str = fld("cosine", "After warm-up: 'cosine', 'rsqrt', 'constant', or a trax multifactor string "
                                      "('constant * linear_warmup * rsqrt_decay'; train.lr is then its constant).")
-    decay_steps: int = fld(0, "Steps of the cosine decay (0 = train.steps); trax cosine_decay: steps_per_cycle.")
+    decay_steps: int = fld(0, "Steps of the cosine decay (0 = train.steps); trax cosine_decay: steps_per_cycle.", ge=0)
     betas: list = fld([0.9, 0.98], "Adam betas.")
-    eps: float = fld(1e-9, "Adam epsilon.")
-    weight_decay: float = fld(0.0, "Decoupled weight decay (AdamW); the paper uses none.")
-    grad_clip: float = fld(1.0, "Clip the global gradient norm to this value (0 disables).")
+    eps: float = fld(1e-9, "Adam epsilon.", gt=0)
+    weight_decay: float = fld(0.0, "Decoupled weight decay (AdamW); the paper uses none.", ge=0)
+    grad_clip: float = fld(1.0, "Clip the global gradient norm to this value (0 disables).", ge=0)
     precision: str = fld("fp32", "'fp32', 'bf16' or 'fp16' (fp16 uses dynamic loss scaling).")
-    initial_loss_scale_power: int = fld(16, "fp16: initial loss scale is 2**this.")
+    initial_loss_scale_power: int = fld(16, "fp16: initial loss scale is 2**this.", ge=0)
     seed: int = fld(42, "Seed of parameter initialisation and dropout.")
-    log_interval: int = fld(10, "Steps between progress lines and logged metrics.")
-    eval_interval: int = fld(500, "Steps between validation runs (0 disables).")
+    log_interval: int = fld(10, "Steps between progress lines and logged metrics.", ge=1)
+    eval_interval: int = fld(500, "Steps between validation runs (0 disables).", ge=0)
     eval_batches: int = fld(20, "Micro-batches scored per validation run.")
     hang_timeout_s: float = fld(-1.0, "Seconds without progress before the job counts as hung and stops (exit "
                                       "status 4); -1 derives max(300, 20 x median step time), 0 disables.")
@@ -222,12 +226,12 @@ class TrainConfig:
 class ParallelConfig:
     """How the model is spread over processes."""
 
-    pipeline_stages: int = fld(1, "Pipeline stages (1 = data-parallel only).")
+    pipeline_stages: int = fld(1, "Pipeline stages (1 = data-parallel only).", ge=1)
     zero_stage: int = fld(1, "DeepSpeed ZeRO stage 0-3 (pipelines allow 0 or 1).")
     partition: str = fld("flops", "Pipeline split: 'flops' (balanced by compute), 'parameters' or 'uniform'.")
     activation_checkpointing: bool = fld(False, "Recompute block activations in the backward pass.")
     backend: str = fld("auto", "Process-group backend: 'auto' (nccl on GPU, gloo on CPU), 'nccl' or 'gloo'.")
-    timeout_s: float = fld(600.0, "Process-group timeout: a collective waiting longer raises an error.")
+    timeout_s: float = fld(600.0, "Process-group timeout: a collective waiting longer raises an error.", gt=0)
 
 
 # ------------------------------------------------------------------------------------------ tracking
@@ -241,12 +245,13 @@ class TrackingConfig:
     experiment: str = fld("hgscale", "MLflow experiment name.")
     run_name: str = fld("", "MLflow run name; empty derives one from the config file name.")
     system_metrics: bool = fld(True, "Log CPU, memory and GPU use per node.")
-    peak_tflops: float = fld(0.0, "Peak TFLOP/s per device for MFU; 0 looks up the GPU or measures the CPU.")
+    peak_tflops: float = fld(0.0, "Peak TFLOP/s per device for MFU; 0 looks up the GPU or measures the CPU.", ge=0)
     start_timeout_s: float = fld(30.0, "Seconds to wait for the tracking run at start-up before training on (it is "
-                                       "created later).")
+                                       "created later).", ge=0)
     close_timeout_s: float = fld(60.0, "Seconds close() waits to deliver queued records; the rest is spooled in "
-                                       "run_dir.")
-    http_timeout_s: int = fld(5, "Timeout of one request to a tracking server (MLFLOW_HTTP_REQUEST_TIMEOUT if unset).")
+                                       "run_dir.", ge=0)
+    http_timeout_s: int = fld(5, "Timeout of one request to a tracking server (MLFLOW_HTTP_REQUEST_TIMEOUT if unset).",
+                              ge=0)
 
     URI_SCHEMES = ("http", "https", "sqlite", "file", "postgresql", "mysql", "mssql", "databricks")
 
@@ -258,9 +263,6 @@ class TrackingConfig:
         if self.enabled and "://" in uri and scheme not in self.URI_SCHEMES:
             out.append(f"{source} = {uri!r} has an unknown scheme {scheme!r}: use http(s)://host:port for a "
                        f"tracking server or sqlite:///path.db for a local store")
-        for name in ("start_timeout_s", "close_timeout_s", "http_timeout_s", "peak_tflops"):
-            if getattr(self, name) < 0:
-                out.append(f"tracking.{name} = {getattr(self, name)} must be >= 0")
         return out
 
 
@@ -272,8 +274,8 @@ class CheckpointConfig:
 
     dir: str = fld("runs/checkpoints", "Checkpoint directory shared by all nodes: a path, file:// or s3:// URL "
                                        "(S3 settings and credentials as for data.url).")
-    interval: int = fld(1000, "Steps between checkpoints (0 = only at the end and on preemption).")
-    keep_last: int = fld(3, "Checkpoints kept; older ones are deleted after a successful save.")
+    interval: int = fld(1000, "Steps between checkpoints (0 = only at the end and on preemption).", ge=0)
+    keep_last: int = fld(3, "Checkpoints kept; older ones are deleted after a successful save.", ge=1)
     resume: str = fld("auto", "'auto' resumes from the latest checkpoint if any, 'never', or a checkpoint path.")
     allow_batch_change: bool = fld(False, "Resume with a global batch size other than the checkpoint's (data position "
                                           "kept in windows; the lr schedule continues by step).")
@@ -307,22 +309,21 @@ class Config:
 
     def problems(self) -> list[str]:
         """Every problem that can be seen without knowing the world size."""
-        out = self.model.problems()
+        out = self.model.problems() + range_problems(self, skip=("model",))
         t, p, d = self.train, self.parallel, self.data
         out += lr_schedule_problems(t)
         if t.precision not in ("fp32", "bf16", "fp16"):
             out.append(f"train.precision = {t.precision!r} is not one of fp32, bf16, fp16")
-        if len(t.betas) != 2:
-            out.append(f"train.betas = {t.betas} must hold two numbers")
+        if len(t.betas) != 2 or not all(type(b) in (int, float) and 0 <= b < 1 for b in t.betas):
+            out.append(f"train.betas = {t.betas} must hold two numbers in [0, 1)")
+        if t.eval_interval > 0 and t.eval_batches < 1:
+            out.append(f"train.eval_batches = {t.eval_batches} must be >= 1 while train.eval_interval > 0")
+        if t.min_lr > t.lr > 0:
+            out.append(f"train.min_lr = {t.min_lr} exceeds train.lr = {t.lr}: the decay would rise")
         if t.profile_steps:
             out += steps_problem(t.profile_steps)
-        for name in ("micro_batch_size", "grad_accum_steps", "steps", "log_interval"):
-            if getattr(t, name) < 1:
-                out.append(f"train.{name} = {getattr(t, name)} must be >= 1")
         if p.zero_stage not in (0, 1, 2, 3):
             out.append(f"parallel.zero_stage = {p.zero_stage} is not one of 0, 1, 2, 3")
-        if p.pipeline_stages < 1:
-            out.append(f"parallel.pipeline_stages = {p.pipeline_stages} must be >= 1")
         if p.pipeline_stages > 1 and p.zero_stage > 1:
             out.append(f"parallel.zero_stage = {p.zero_stage} cannot be combined with pipeline_stages = "
                        f"{p.pipeline_stages}: DeepSpeed pipelines support ZeRO 0 or 1; set parallel.zero_stage=1")
@@ -340,9 +341,7 @@ class Config:
         elif not d.url:
             out.append("data.url is empty: set it to the dataset root holding manifest.json "
                        "(e.g. data.url=s3://bucket/enwik8 or a local path), or list sources in data.mixture")
-        if d.seq_len < 1:
-            out.append(f"data.seq_len = {d.seq_len} must be >= 1")
-        elif not out and d.seq_len > self.model.max_seq_len:
+        if not out and d.seq_len > self.model.max_seq_len:
             out.append(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len}")
         # data.seq_len need not divide by the total shortening factor, pipelines included: the embedding
         # layer pads every batch to the same multiple, so stage shapes stay fixed; the loss strips the padding.
@@ -354,8 +353,6 @@ class Config:
                        f"path; to resume from a URL set checkpoint.dir to it and checkpoint.resume=auto")
         if t.hang_timeout_s < 0 and t.hang_timeout_s != -1:
             out.append(f"train.hang_timeout_s = {t.hang_timeout_s}: use seconds > 0, -1 (derived) or 0 (off)")
-        if p.timeout_s <= 0:
-            out.append(f"parallel.timeout_s = {p.timeout_s} must be > 0 seconds")
         scheme = self.checkpoint.dir.split("://", 1)[0].lower() if "://" in self.checkpoint.dir else "file"
         if scheme not in ("file", "s3", "s3a"):
             out.append(f"checkpoint.dir = {self.checkpoint.dir!r} has an unknown scheme {scheme!r}: use a path, "

@@ -6,9 +6,12 @@ culprit hosts. ``python -m launchers.faults culprit DIR`` prints the node to exc
 the hang report's first culprit host, else the host of the rank that died first (the ranks that fail after
 it lost a peer), else nothing.
 
-A rank that stops on purpose (2: config or data error, 3: NaN loss) writes ``stop-rank00003.json``:
-srun then kills the other ranks, and its own exit status may be theirs (143) rather than the first one's, so
-``python -m launchers.faults stop-status DIR`` tells the script that the attempt stopped, not crashed.
+A rank that stops on purpose (``hgscale.core.status.STOPS``: 2 config or data error, 3 NaN loss) writes
+``stop-rank00003.json``: srun then kills the other ranks, and its own exit status may be theirs (143) rather than
+the first one's, so ``python -m launchers.faults stop-status DIR`` tells the script that the attempt stopped, not
+crashed. ``python -m launchers.faults status DIR`` also names an outage: INFRA (5) when the first rank to fail
+exited with it (storage unreachable after retries, an upload that failed), so the job is requeued without
+excluding a node. A record that cannot be read (cut short, hand-edited) is left out.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ import socket
 import sys
 import time
 from pathlib import Path
+
+from hgscale.core.status import INFRA, STOPS
 
 
 def _record(kind: str, rank: int, status: int, events_dir: str | None) -> Path | None:
@@ -40,42 +45,73 @@ def record_crash(rank: int, status: int, events_dir: str | None = None) -> Path 
 
 
 def record_stop(rank: int, status: int, events_dir: str | None = None) -> Path | None:
-    """Write the record of a rank that stopped on purpose (status 2 or 3)."""
+    """Write the record of a rank that stopped on purpose (a status in STOPS)."""
     return _record("stop", rank, status, events_dir)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _records(events_dir: str | Path, kind: str) -> list[dict]:
+    """The readable records of one kind: a JSON object with an integer status, a numeric time and a host."""
     out = []
     for f in Path(events_dir).glob(f"{kind}-rank*.json"):
         try:
-            out.append(json.loads(f.read_text()))
+            rec = json.loads(f.read_text())
         except (OSError, ValueError):
             continue
+        if (isinstance(rec, dict) and _is_int(rec.get("status")) and isinstance(rec.get("host"), str)
+                and isinstance(rec.get("time"), (int, float)) and not isinstance(rec.get("time"), bool)):
+            out.append(rec)
     return out
+
+
+def _first(records: list[dict]) -> dict | None:
+    return min(records, key=lambda c: c["time"]) if records else None
 
 
 def stop_status(events_dir: str | Path) -> int | None:
     """The status of the first rank that stopped on purpose in this attempt, else None."""
-    stops = _records(events_dir, "stop")
-    return int(min(stops, key=lambda c: c["time"])["status"]) if stops else None
+    first = _first([r for r in _records(events_dir, "stop") if r["status"] in STOPS])
+    return first["status"] if first else None
+
+
+def attempt_status(events_dir: str | Path) -> int | None:
+    """The status the ranks' records give this attempt: the first deliberate stop's, else INFRA when the first rank
+    to fail exited INFRA (srun may report the status of the ranks it killed instead), else None."""
+    stop = stop_status(events_dir)
+    if stop is not None:
+        return stop
+    first = _first(_records(events_dir, "crash"))
+    return INFRA if first and first["status"] == INFRA else None
 
 
 def culprit(events_dir: str | Path) -> str | None:
+    """The node to exclude: the hang report's first culprit host, else the host of the first rank that died,
+    unless that rank exited INFRA (an outage is no node's fault)."""
     d = Path(events_dir)
-    hang = d / "hang.json"
-    if hang.is_file():
-        hosts = json.loads(hang.read_text()).get("culprit_hosts") or []
+    try:
+        hang = json.loads((d / "hang.json").read_text()) if (d / "hang.json").is_file() else None
+    except (OSError, ValueError):
+        hang = None  # cut short: the crash records decide
+    if isinstance(hang, dict):
+        listed = hang.get("culprit_hosts")
+        hosts = [h for h in listed if isinstance(h, str) and h] if isinstance(listed, list) else []
         return hosts[0].split(".")[0] if hosts else None
-    crashes = _records(d, "crash")
-    return min(crashes, key=lambda c: c["time"])["host"] if crashes else None
+    first = _first(_records(d, "crash"))
+    return first["host"] if first and first["status"] != INFRA else None
+
+
+COMMANDS = {"culprit": culprit, "stop-status": stop_status, "status": attempt_status}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2 or argv[0] not in ("culprit", "stop-status"):
-        print("usage: python -m launchers.faults culprit|stop-status EVENTS_DIR", file=sys.stderr)
+    if len(argv) != 2 or argv[0] not in COMMANDS:
+        print(f"usage: python -m launchers.faults {'|'.join(COMMANDS)} EVENTS_DIR", file=sys.stderr)
         return 2
-    found = culprit(argv[1]) if argv[0] == "culprit" else stop_status(argv[1])
+    found = COMMANDS[argv[0]](argv[1])
     if found is not None:
         print(found)
     return 0

@@ -24,7 +24,9 @@
 # `python -m launchers.preflight` prints the rendezvous and the resolved config at the top of the log,
 # validates the config against the allocation (pipeline stages x data-parallel = tasks) and checks that
 # every node reaches MASTER_ADDR:MASTER_PORT (one probe task per node, HGSCALE_PROBE_TIMEOUT seconds,
-# HGSCALE_SKIP_RENDEZVOUS_CHECK=1 skips it); any failure ends the job with one error line, exit != 0.
+# HGSCALE_SKIP_RENDEZVOUS_CHECK=1 skips it); any failure ends the job with one error line and preflight's exit
+# status (USER_ERROR for the config, INFRA for an unreachable rendezvous), and is never requeued: a wrong address
+# would fail the same way on every attempt.
 #
 # Preemption and time limits: Slurm sends SIGUSR1 to this script 300 s before the end (--signal=B:...);
 # the script forwards it to every rank through srun, the trainer finishes its step, saves a checkpoint
@@ -35,15 +37,22 @@
 # ranks checkpoint, but does not requeue: a cancelled job stays cancelled. HGSCALE_MAX_REQUEUES
 # (default 50) caps the number of requeues. The log is appended to across requeues (--open-mode=append).
 #
-# Crashes and hangs: a rank that dies (any exit status but 0, 2 = config/data error, 3 = NaN loss) or a hang
-# found by the trainer's watchdog (exit status 4, one line naming the stalled rank and host) ends the step
-# (--kill-on-bad-exit), and the script requeues the job, which resumes from the last complete checkpoint,
-# up to HGSCALE_MAX_RESTARTS times per job (default 3; preemptions do not count), after a back-off of
-# HGSCALE_RESTART_BACKOFF_S seconds (default 30), doubled on every further restart. The node named by the hang
-# report, or the node of the rank that died first, is excluded from the requeued job (scontrol update
-# ExcNodeList), unless too few nodes would remain in the partition. Each rank's wrapper records its
-# failure under HGSCALE_STATE_DIR (default .hgscale/ in the submit dir, a shared filesystem), where the
+# Crashes, hangs and outages (exit statuses by name from `python -m hgscale.core.status`): a rank that dies
+# (any exit status but OK 0, USER_ERROR 2 = config/data error, NAN 3 = NaN loss), a hang found by the trainer's
+# watchdog (HANG 4, one line naming the stalled rank and host) or an outage in a rank (INFRA 5: storage
+# unreachable after retries, an upload that failed, a failed rendezvous) ends the step (--kill-on-bad-exit), and the
+# script requeues the job, which resumes from the last complete checkpoint, up to HGSCALE_MAX_RESTARTS times per job
+# (default 3; preemptions do not count), after a back-off of HGSCALE_RESTART_BACKOFF_S seconds (default 30),
+# doubled on every further restart, at most 600. After a crash or a hang the node named by the hang report, or
+# the node of the rank that died first, is excluded from the requeued job (scontrol update ExcNodeList), unless
+# too few nodes would remain in the partition; after an outage no node is excluded. Each rank's wrapper records
+# its failure under HGSCALE_STATE_DIR (default .hgscale/ in the submit dir, a shared filesystem), where the
 # restart count lives too. Everything the script decides is logged with a "hgscale:" prefix.
+#
+# Every number read from the environment or a file (HGSCALE_MAX_RESTARTS, HGSCALE_RESTART_BACKOFF_S,
+# HGSCALE_MAX_REQUEUES, SLURM_*, the restart count) must be a non-negative integer, digits only; anything else
+# ends the job with one error line (exit status USER_ERROR) before any rank starts. No such text is ever
+# evaluated: $(( )) on unchecked text would run the command substitutions inside it.
 #
 #SBATCH --job-name=hgscale
 #SBATCH --nodes=1
@@ -58,8 +67,43 @@
 
 set -uo pipefail
 
+ST_OK="" ST_USER_ERROR="" ST_NAN="" ST_HANG="" ST_INFRA=""  # exit statuses, from hgscale.core.status
 say() { echo "hgscale: $*"; }
-die() { echo "hgscale: error: $*" >&2; exit 2; }
+die() { echo "hgscale: error: $*" >&2; exit "${ST_USER_ERROR:-2}"; }
+# uint NAME TEXT: TEXT as a decimal non-negative integer (digits only, at most 10; "08" is 8), or one error line
+# naming NAME and status 1. TEXT is only matched, never evaluated.
+uint() {
+    local shown
+    if [[ $2 =~ ^[0123456789]{1,10}$ ]]; then  # a list, not a range: the same in every locale
+        echo "$((10#$2))"
+        return 0
+    fi
+    shown=${2:0:80}
+    shown=${shown//[^[:print:]]/?}  # one line, whatever the text holds
+    echo "hgscale: error: $1 = '$shown' is not a non-negative integer (at most 10 digits: no sign, point or" \
+        "expression)" >&2
+    return 1
+}
+# The exit statuses by name from `python -m hgscale.core.status` (NAME=VALUE lines): read, checked, never eval'd.
+load_statuses() {
+    local out name value
+    out=$("$PYTHON" -m hgscale.core.status) ||
+        die "cannot read the exit statuses ($PYTHON -m hgscale.core.status failed)"
+    while IFS='=' read -r name value; do
+        [ -n "$name" ] || continue
+        value=$(uint "hgscale.core.status $name" "$value") || exit "${ST_USER_ERROR:-2}"
+        case $name in
+            OK) ST_OK=$value ;;
+            USER_ERROR) ST_USER_ERROR=$value ;;
+            NAN) ST_NAN=$value ;;
+            HANG) ST_HANG=$value ;;
+            INFRA) ST_INFRA=$value ;;
+        esac
+    done <<< "$out"
+    if [ -z "$ST_OK" ] || [ -z "$ST_USER_ERROR" ] || [ -z "$ST_NAN" ] || [ -z "$ST_HANG" ] || [ -z "$ST_INFRA" ]; then
+        die "$PYTHON -m hgscale.core.status does not name every exit status (OK USER_ERROR NAN HANG INFRA)"
+    fi
+}
 
 [ -n "${SLURM_JOB_ID:-}" ] || die "submit this script with sbatch (SLURM_JOB_ID is not set)"
 [ $# -ge 1 ] || die "no config given; usage: sbatch slurm/train_multinode.sh CONFIG.json [key=value ...]"
@@ -71,27 +115,45 @@ shift
 PYTHON=${HGSCALE_PYTHON:-python3}
 command -v "$PYTHON" >/dev/null ||
     die "Python interpreter '$PYTHON' not found; activate the environment or set HGSCALE_PYTHON"
+load_statuses
 
-STATE=${HGSCALE_STATE_DIR:-$PWD/.hgscale}/job-$SLURM_JOB_ID
-export HGSCALE_EVENTS_DIR=$STATE/attempt-${SLURM_RESTART_COUNT:-0}  # ranks record crashes/hangs here
+# every number from the environment, checked before it is used
+JOB_ID=$(uint SLURM_JOB_ID "$SLURM_JOB_ID") || exit "$ST_USER_ERROR"
+RESTART_COUNT=$(uint SLURM_RESTART_COUNT "${SLURM_RESTART_COUNT:-0}") || exit "$ST_USER_ERROR"
+NUM_NODES=$(uint SLURM_JOB_NUM_NODES "${SLURM_JOB_NUM_NODES:-1}") || exit "$ST_USER_ERROR"
+MAX_RESTARTS=$(uint HGSCALE_MAX_RESTARTS "${HGSCALE_MAX_RESTARTS:-3}") || exit "$ST_USER_ERROR"
+BACKOFF_S=$(uint HGSCALE_RESTART_BACKOFF_S "${HGSCALE_RESTART_BACKOFF_S:-30}") || exit "$ST_USER_ERROR"
+MAX_REQUEUES=$(uint HGSCALE_MAX_REQUEUES "${HGSCALE_MAX_REQUEUES:-50}") || exit "$ST_USER_ERROR"
+
+STATE=${HGSCALE_STATE_DIR:-$PWD/.hgscale}/job-$JOB_ID
+export HGSCALE_EVENTS_DIR=$STATE/attempt-$RESTART_COUNT  # ranks record crashes/hangs here
 rm -rf "$HGSCALE_EVENTS_DIR"
 mkdir -p "$HGSCALE_EVENTS_DIR" || die "cannot create the job state directory $STATE (set HGSCALE_STATE_DIR)"
+# restarts after failures so far in this job: none yet, or the count this script wrote (a damaged file is refused)
+FAILURES=0
+if [ -e "$STATE/failures" ]; then
+    FAILURES=$(uint "the restart count in $STATE/failures" "$(cat "$STATE/failures")") ||
+        die "$STATE/failures is damaged; delete it to start counting restarts after failures afresh"
+fi
 
 PREEMPTED=0
 TERMINATED=0
 SRUN_PID=
 SRUN_START=0
+# shellcheck disable=SC2317  # forward, on_usr1 and on_term run from the traps
 forward() {  # srun relays the signal to every task
     [ -n "$SRUN_PID" ] || return 0
     # srun drops a signal that arrives before it has set up forwarding (its first moments)
     [ $((SECONDS - SRUN_START)) -lt 2 ] && sleep 2
     kill -"$1" "$SRUN_PID" 2>/dev/null
 }
+# shellcheck disable=SC2317
 on_usr1() {
     PREEMPTED=1
     say "SIGUSR1 received: asking the ranks to checkpoint and stop"
     forward USR1
 }
+# shellcheck disable=SC2317
 on_term() {
     TERMINATED=1
     say "SIGTERM received: asking the ranks to checkpoint and stop (no requeue)"
@@ -104,24 +166,29 @@ failed_node() {  # the node to blame: the hang report's, else that of the rank t
     "$PYTHON" -m launchers.faults culprit "$HGSCALE_EVENTS_DIR"
 }
 exclude_node() {  # keep the requeued job off NODE, unless too few nodes would be left in the partition
-    local node=$1 old list total
-    old=$(scontrol show job "$SLURM_JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
+    local node=$1 old list total excluded
+    [[ $node =~ ^[A-Za-z0-9._-]+$ ]] || { say "not excluding node '$node': not a node name"; return 0; }
+    old=$(scontrol show job "$JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
     case "$old" in ""|"(null)") list=$node ;; *) list="$old,$node" ;; esac
-    total=$(sinfo -h -N -o %N ${SLURM_JOB_PARTITION:+-p "$SLURM_JOB_PARTITION"} | sort -u | wc -l)
-    if [ $((total - $(echo "$list" | tr ',' '\n' | sort -u | wc -l))) -lt "${SLURM_JOB_NUM_NODES:-1}" ]; then
-        say "not excluding node $node: the partition has $total node(s) and the job needs ${SLURM_JOB_NUM_NODES:-1}"
-    elif scontrol update JobId="$SLURM_JOB_ID" ExcNodeList="$list"; then
+    total=$(sinfo -h -N -o %N ${SLURM_JOB_PARTITION:+-p "$SLURM_JOB_PARTITION"} | sort -u | wc -l | tr -d ' ')
+    excluded=$(echo "$list" | tr ',' '\n' | sort -u | wc -l | tr -d ' ')
+    if ! total=$(uint "the partition's node count" "$total") || ! excluded=$(uint "excluded nodes" "$excluded"); then
+        say "not excluding node $node: cannot count the partition's nodes"
+    elif [ $((total - excluded)) -lt "$NUM_NODES" ]; then
+        say "not excluding node $node: the partition has $total node(s) and the job needs $NUM_NODES"
+    elif scontrol update JobId="$JOB_ID" ExcNodeList="$list"; then
         say "excluded node $node from the requeued job (ExcNodeList=$list)"
     else
         say "could not exclude node $node (scontrol update ExcNodeList=$list failed)"
     fi
 }
-requeue_after_failure() {  # a crash or a hang: requeue with back-off, up to HGSCALE_MAX_RESTARTS per job
-    local rc=$1 count max delay node
-    count=$(cat "$STATE/failures" 2>/dev/null || echo 0)
-    max=${HGSCALE_MAX_RESTARTS:-3}
-    if [ "$rc" -eq 4 ]; then
-        say "the ranks hung (exit status 4; the watchdog's error line above names the rank and host)"
+requeue_after_failure() {  # a crash, a hang or an outage: requeue with back-off, up to HGSCALE_MAX_RESTARTS per job
+    local rc=$1 count=$FAILURES max=$MAX_RESTARTS delay=$BACKOFF_S i=0 node
+    if [ "$rc" -eq "$ST_HANG" ]; then
+        say "the ranks hung (exit status $rc; the watchdog's error line above names the rank and host)"
+    elif [ "$rc" -eq "$ST_INFRA" ]; then
+        say "an outage (exit status $rc: storage unreachable after retries, a failed upload or rendezvous; the" \
+            "error line above names it); no node is excluded"
     else
         say "the ranks failed (srun exit status $rc)"
     fi
@@ -130,21 +197,27 @@ requeue_after_failure() {  # a crash or a hang: requeue with back-off, up to HGS
             "requeueing; the first error above names the cause" >&2
         exit "$rc"
     fi
-    echo $((count + 1)) > "$STATE/failures"
-    node=$(failed_node)
-    [ -n "$node" ] && exclude_node "$node"
-    delay=$(( ${HGSCALE_RESTART_BACKOFF_S:-30} * (1 << count) ))
+    { echo $((count + 1)) > "$STATE/failures.tmp" && mv -f "$STATE/failures.tmp" "$STATE/failures"; } ||
+        { echo "hgscale: error: cannot write the restart count to $STATE/failures; not requeueing" >&2; exit "$rc"; }
+    if [ "$rc" -ne "$ST_INFRA" ]; then
+        node=$(failed_node)
+        [ -n "$node" ] && exclude_node "$node"
+    fi
+    while [ "$i" -lt "$count" ] && [ "$delay" -gt 0 ] && [ "$delay" -lt 600 ]; do  # doubled per restart
+        delay=$((delay * 2))
+        i=$((i + 1))
+    done
     [ "$delay" -gt 600 ] && delay=600
-    say "requeueing job $SLURM_JOB_ID after the failure (restart $((count + 1))/$max after failures) in $delay s"
+    say "requeueing job $JOB_ID after the failure (restart $((count + 1))/$max after failures) in $delay s"
     sleep "$delay"
-    scontrol requeue "$SLURM_JOB_ID" || { echo "hgscale: error: scontrol requeue $SLURM_JOB_ID failed" >&2; exit "$rc"; }
-    exit 0
+    scontrol requeue "$JOB_ID" || { echo "hgscale: error: scontrol requeue $JOB_ID failed" >&2; exit "$rc"; }
+    exit "$ST_OK"
 }
 
 say "started $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname) in $PWD with $(command -v "$PYTHON")"
 "$PYTHON" -m launchers.preflight "$CONFIG" "$@"
 rc=$?
-[ $rc -eq 0 ] || { echo "hgscale: error: preflight failed (exit status $rc); no rank was started" >&2; exit $rc; }
+[ "$rc" -eq 0 ] || { echo "hgscale: error: preflight failed (exit status $rc); no rank was started" >&2; exit "$rc"; }
 
 [ $TERMINATED -eq 0 ] || { echo "hgscale: error: terminated before the ranks started" >&2; exit 143; }
 if [ $PREEMPTED -eq 0 ]; then
@@ -159,31 +232,32 @@ if [ $PREEMPTED -eq 0 ]; then
     while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID"; done
     wait "$SRUN_PID"
     rc=$?
-    # a rank that stopped on purpose (2 config/data error, 3 NaN) took the others down with it: srun may report
-    # their status (143) instead of the first rank's, so the ranks' own records decide, and nothing requeues
-    stop=$("$PYTHON" -m launchers.faults stop-status "$HGSCALE_EVENTS_DIR")
-    [ $rc -ne 0 ] && [ -n "$stop" ] && rc=$stop
+    # a rank that stopped on purpose (USER_ERROR, NAN) took the others down with it, as does one that hit an outage
+    # (INFRA): srun may report their status (143) instead of the first rank's, so the ranks' own records decide
+    recorded=$("$PYTHON" -m launchers.faults status "$HGSCALE_EVENTS_DIR")
+    if [ "$rc" -ne 0 ] && [ -n "$recorded" ] && recorded=$(uint "launchers.faults status" "$recorded"); then
+        rc=$recorded
+    fi
 fi
 
 if [ $PREEMPTED -eq 1 ]; then
-    restarts=${SLURM_RESTART_COUNT:-0}
-    if [ $rc -ne 0 ]; then
+    if [ "$rc" -ne 0 ]; then
         echo "hgscale: error: the ranks failed while stopping for preemption (exit status $rc); not requeueing" >&2
-        exit $rc
-    elif [ "$restarts" -ge "${HGSCALE_MAX_REQUEUES:-50}" ]; then
-        echo "hgscale: error: requeued $restarts times already (HGSCALE_MAX_REQUEUES); not requeueing" >&2
+        exit "$rc"
+    elif [ "$RESTART_COUNT" -ge "$MAX_REQUEUES" ]; then
+        echo "hgscale: error: requeued $RESTART_COUNT times already (HGSCALE_MAX_REQUEUES); not requeueing" >&2
         exit 1
     fi
-    say "checkpoint saved; requeueing job $SLURM_JOB_ID (restart $((restarts + 1)))"
-    scontrol requeue "$SLURM_JOB_ID" || { echo "hgscale: error: scontrol requeue $SLURM_JOB_ID failed" >&2; exit 1; }
-    exit 0
+    say "checkpoint saved; requeueing job $JOB_ID (restart $((RESTART_COUNT + 1)))"
+    scontrol requeue "$JOB_ID" || { echo "hgscale: error: scontrol requeue $JOB_ID failed" >&2; exit 1; }
+    exit "$ST_OK"
 fi
-if [ $rc -ne 0 ] && [ $TERMINATED -eq 0 ] && [ $rc -ne 2 ] && [ $rc -ne 3 ]; then
+if [ "$rc" -ne 0 ] && [ $TERMINATED -eq 0 ] && [ "$rc" -ne "$ST_USER_ERROR" ] && [ "$rc" -ne "$ST_NAN" ]; then
     requeue_after_failure "$rc"  # exits
 fi
-if [ $rc -ne 0 ]; then
+if [ "$rc" -ne 0 ]; then
     echo "hgscale: error: the ranks failed (srun exit status $rc); the first error above names the cause" >&2
-    exit $rc
+    exit "$rc"
 fi
 say "finished at $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-exit 0
+exit "$ST_OK"

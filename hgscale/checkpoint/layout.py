@@ -18,6 +18,8 @@ import os
 import re
 from pathlib import Path
 
+from hgscale.core.status import UserError
+
 COMPLETE, META, LATEST, UPLOADED = "COMPLETE", "hgscale.json", "latest", ".uploaded"
 TAG_RE = re.compile(r"^step(\d{8,})$")
 RANK_FILE_RE = re.compile(r"^rank(\d{5})\.pt$")
@@ -26,7 +28,7 @@ LAYOUT_KEYS = ("world_size", "pipeline_stages", "zero_stage", "stage_boundaries"
 CONVERTED = "elastic"  # <tag>/elastic/: the per-parameter form a layout change is loaded from (reshard)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message names it and the fix."""
 
 

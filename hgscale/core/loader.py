@@ -1,5 +1,5 @@
-"""The general part of configuration loading: dataclass fields with docs, JSON to typed dataclasses with every
-problem gathered, dotted ``key=value`` overrides, and the list of keys with their docs.
+"""The general part of configuration loading: dataclass fields with docs (and bounds), JSON to typed dataclasses
+with every problem gathered, dotted ``key=value`` overrides, range checks, and the list of keys with their docs.
 
 Used by :mod:`hgscale.config` for its one tree; knows nothing of its sections.
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import field
 from typing import Any
@@ -22,11 +23,35 @@ class ConfigError(ValueError):
         super().__init__(head + ("\n  - " if len(self.problems) > 1 else " ") + "\n  - ".join(self.problems))
 
 
-def fld(default: Any, doc: str, **kw):
-    """A dataclass field with its one-line doc. Mutable defaults are copied per instance."""
+def fld(default: Any, doc: str, *, ge: float | None = None, gt: float | None = None, **kw):
+    """A dataclass field with its one-line doc and, for a number, its bound: ``ge=0`` (>= 0) or ``gt=0`` (> 0),
+    checked by :func:`range_problems`. Mutable defaults are copied per instance."""
+    meta = {"doc": doc, **({"ge": ge} if ge is not None else {}), **({"gt": gt} if gt is not None else {})}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"doc": doc}, **kw)
-    return field(default=default, metadata={"doc": doc}, **kw)
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def range_problems(obj, prefix: str = "", skip: tuple[str, ...] = ()) -> list[str]:
+    """Numbers out of range in a dataclass tree (the sections named in ``skip`` left out): every float must be
+    finite (NaN and 1e400 = inf are refused), and every field with a bound (``fld(..., ge=1)``) must keep it."""
+    out = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        path, value = (f"{prefix}.{f.name}" if prefix else f.name), getattr(obj, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out += [] if f.name in skip or value is None else range_problems(value, path)
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        op, bound = (">", f.metadata["gt"]) if "gt" in f.metadata else (">=", f.metadata.get("ge"))
+        ok = bound is None or (value > bound if op == ">" else value >= bound)
+        if math.isfinite(value) and ok:
+            continue
+        need = ("a finite number" + (f" {op} {bound}" if bound is not None else "")) if not math.isfinite(value) \
+            else f"{op} {bound}"
+        out.append(f"{path} = {value} must be {need}" + (" seconds" if f.name.endswith("_s") else ""))
+    return out
 
 
 def _type_name(tp) -> str:
@@ -45,9 +70,15 @@ def _coerce(value: Any, tp, path: str, problems: list[str]):
         dict: lambda v: isinstance(v, dict),
     }[tp]
     if not ok(value):
-        problems.append(f"{path} = {json.dumps(value)} has the wrong type: expected {_type_name(tp)}")
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 80 else shown[:76] + "..."
+        problems.append(f"{path} = {shown} has the wrong type: expected {_type_name(tp)}")
         return None
-    return float(value) if tp is float else value
+    try:
+        return float(value) if tp is float else value
+    except OverflowError:  # an integer of hundreds of digits
+        problems.append(f"{path} = {str(value)[:20]}... is too large for a number")
+        return None
 
 
 def build(cls, data: Any, prefix: str, problems: list[str], presets: dict | None = None):
@@ -90,7 +121,7 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     key, raw = item.split("=", 1)
     try:
         value = json.loads(raw)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # JSONDecodeError, or an integer of thousands of digits
         value = raw  # bare strings: model.hierarchy=12@1
     return key.strip().split("."), value
 
@@ -148,8 +179,8 @@ def read_json_file(path) -> dict:
         raise ConfigError(["is not a text file (not UTF-8): pass a JSON config (see configs/)"], str(path)) from None
     except OSError as e:
         raise ConfigError([f"cannot be read ({e.strerror}): check its permissions"], str(path)) from None
-    except json.JSONDecodeError as e:
-        raise ConfigError([f"is not valid JSON: {e}"], str(path)) from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError; an integer of thousands of digits; deep nesting
+        raise ConfigError([f"is not valid JSON: {str(e)[:200] or type(e).__name__}"], str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError([f"holds {type(data).__name__}, not a JSON object of sections"], str(path))
     return data

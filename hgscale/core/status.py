@@ -27,7 +27,24 @@ NAMES = {"OK": OK, "USER_ERROR": USER_ERROR, "NAN": NAN, "HANG": HANG, "INFRA": 
 
 
 class UserError(ValueError):
-    """A problem the user fixes (config, data, credentials): one sentence naming the thing and the fix."""
+    """A problem the user fixes (config, data, credentials, a checkpoint): one sentence naming the thing and the
+    fix. Exit status USER_ERROR."""
+
+
+class InfraError(Exception):
+    """Infrastructure that kept failing after every retry (storage, upload, rendezvous). Exit status INFRA."""
+
+
+def status_of(exc: BaseException) -> int:
+    """The exit status an error ends a process with: INFRA, USER_ERROR, or 1 for anything else (a crash)."""
+    if isinstance(exc, InfraError):
+        return INFRA
+    return USER_ERROR if isinstance(exc, UserError) else 1
+
+
+def name_of(status: int) -> str:
+    """'OK', 'USER_ERROR', ... for a status, 'CRASH' for one that is none of them."""
+    return next((n for n, v in NAMES.items() if v == status), "CRASH")
 
 
 def main() -> int:

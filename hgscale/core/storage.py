@@ -26,13 +26,15 @@ from typing import Any, Callable
 
 import fsspec
 
+from hgscale.core.status import InfraError, UserError
 
-class StorageError(ValueError):
+
+class StorageError(UserError):
     """Storage that cannot be used as asked (a missing object, wrong credentials, an unknown bucket): the message
     names the URL and the fix. Datasets raise their own kind of it (hgscale.data.DataError)."""
 
 
-class StorageUnavailable(StorageError):
+class StorageUnavailable(StorageError, InfraError):
     """Storage that kept failing after every retry (an outage, not a wrong URL): a requeued job may succeed."""
 
 

@@ -19,6 +19,7 @@ This module imports no torch: spawned workers start fast.
 from __future__ import annotations
 
 import os
+import signal
 import queue as queue_mod
 import threading
 from typing import Callable, Iterator
@@ -183,6 +184,9 @@ def _putter(q, stop) -> Callable[[Batch | WorkerError], bool]:
 def worker_main(spec: StreamSpec, start: list[int], q, stop, env: dict) -> None:
     """Entry point of a worker process. ``env``: the AWS_* variables of the stream's process now (a
     forkserver child would otherwise see those of the moment the server started)."""
+    # Slurm's SIGTERM (scancel, the time limit) reaches every process of a job step: the trainer checkpoints on it
+    # and then stops this worker; a spawned interpreter unblocks SIGTERM at start-up, so ignore it here as well
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for k in [k for k in os.environ if k.startswith("AWS_")]:
         del os.environ[k]
     os.environ.update(env)

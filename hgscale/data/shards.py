@@ -145,35 +145,89 @@ def load_manifest(root: str, opts: dict, on_retry: Callable[[str], None] | None 
     return manifest
 
 
+def _shown(v: Any) -> str:
+    kind = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null",
+            int: "an integer", float: "a number"}.get(type(v), type(v).__name__)
+    text = json.dumps(v, default=str)
+    return kind if type(v) in (dict, list) and len(text) > 40 else f"{kind} {text[:40]}"
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _need(ok: bool, url: str, field: str, want: str, got: Any) -> None:
+    """A DataError naming the manifest and the field unless ``ok``."""
+    if not ok:
+        raise DataError(f"{url}: {field} must be {want}, got {_shown(got)}; the manifest is damaged or was not "
+                        f"written by hgscale: re-create the dataset")
+
+
+def _check_types(m: dict, url: str) -> None:
+    """Every field the readers use has its type (a hand-edited or damaged manifest fails here, by name)."""
+    _need(isinstance(m["dtype"], str), url, "dtype", "a string", m["dtype"])
+    _need(isinstance(m["modality"], str), url, "modality", "a string", m["modality"])
+    _need(_is_count(m["vocab_size"]) and m["vocab_size"] > 0, url, "vocab_size", "an integer >= 1", m["vocab_size"])
+    for key in ("name", "tokenizer", "tokenizer_sha256"):
+        _need(isinstance(m.get(key), (str, type(None))), url, key, "a string or null", m.get(key))
+    bpt = m.get("bytes_per_token") or 1.0  # as bits_per_nat_token reads it
+    _need(isinstance(bpt, (int, float)) and not isinstance(bpt, bool) and math.isfinite(bpt) and bpt > 0, url,
+          "bytes_per_token", "a number > 0", bpt)
+    _need(_is_count(m.get("sample_tokens") or 0), url, "sample_tokens", "an integer >= 0", m.get("sample_tokens"))
+    shape = m.get("image_shape") or []
+    _need(isinstance(shape, list) and all(_is_count(v) and v > 0 for v in shape), url, "image_shape",
+          "a list of integers >= 1", shape)
+    _need(isinstance(m["splits"], dict), url, "splits", "an object of split name -> split", m["splits"])
+    for name, split in m["splits"].items():
+        where = f"splits.{name}"
+        _need(isinstance(split, dict), url, where, "an object with num_samples, num_tokens, shards", split)
+        for key in ("num_samples", "num_tokens"):
+            _need(_is_count(split.get(key)), url, f"{where}.{key}", "an integer >= 0", split.get(key))
+        _need(_is_count(split.get("num_bytes", 0)), url, f"{where}.num_bytes", "an integer >= 0",
+              split.get("num_bytes"))
+        _need(isinstance(split.get("shards"), list), url, f"{where}.shards", "a list of shard entries",
+              split.get("shards"))
+        for i, s in enumerate(split["shards"]):
+            _need(isinstance(s, dict), url, f"{where}.shards[{i}]",
+                  "an object with path, num_samples, num_tokens, size", s)
+            path = s.get("path")
+            _need(isinstance(path, str) and bool(path) and not path.startswith("/") and "://" not in path
+                  and ".." not in path.split("/"), url, f"{where}.shards[{i}].path",
+                  "a path inside the dataset root", path)
+            for key in ("num_samples", "num_tokens", "size"):
+                _need(_is_count(s.get(key)), url, f"{where}.shards[{i}].{key}", "an integer >= 0", s.get(key))
+            _need(isinstance(s.get("sha256", ""), (str, type(None))), url, f"{where}.shards[{i}].sha256",
+                  "a hex string", s.get("sha256"))
+
+
 def check_manifest(m: Any, url: str) -> None:
-    """Structure and internal arithmetic (split totals = sum over shards)."""
+    """Structure, the type of every field the readers use, and internal arithmetic (split totals = sum over
+    shards). Every problem is a DataError naming ``url`` and the field."""
     if not isinstance(m, dict):
         raise DataError(f"{url} is not a JSON object; re-create the dataset")
     missing = [k for k in _REQUIRED if k not in m]
     if missing:
         raise DataError(f"{url} lacks {', '.join(missing)}; it is not an hgscale dataset manifest")
     if m["format"] != FORMAT or m["version"] != VERSION:
-        raise DataError(f"{url} has format {m['format']!r} version {m['version']}; "
+        raise DataError(f"{url} has format {m['format']!r} version {m['version']!r}; "
                         f"expected {FORMAT!r} version {VERSION}")
+    _check_types(m, url)
     if m["modality"] not in MODALITIES:
         raise DataError(f"{url}: modality {m['modality']!r} is not one of {', '.join(MODALITIES)}")
     if m["dtype"] not in DTYPE_EXT:
         raise DataError(f"{url}: dtype {m['dtype']!r} is not one of {', '.join(DTYPE_EXT)}")
     per_image = m.get("sample_tokens") or 0
-    if m["modality"] == "image" and not (isinstance(per_image, int) and per_image > 0):
+    if m["modality"] == "image" and not per_image > 0:
         raise DataError(f"{url}: an image dataset needs sample_tokens (tokens per image) > 0")
     for name, split in m["splits"].items():
-        shards = split.get("shards", [])
-        if m["modality"] == "image" and any(s.get("num_tokens", 0) % per_image for s in shards):
+        shards = split["shards"]
+        if m["modality"] == "image" and any(s["num_tokens"] % per_image for s in shards):
             raise DataError(f"{url}: a shard of split {name!r} holds a partial image ({per_image} tokens each)")
         for key in ("num_samples", "num_tokens"):
-            total = sum(s.get(key, 0) for s in shards)
-            if total != split.get(key):
-                raise DataError(f"{url}: split {name!r} says {key} = {split.get(key)} but its shards add up to "
+            total = sum(s[key] for s in shards)
+            if total != split[key]:
+                raise DataError(f"{url}: split {name!r} says {key} = {split[key]} but its shards add up to "
                                 f"{total}; the manifest and the shards disagree: re-create the dataset")
-        for s in shards:
-            if not all(k in s for k in ("path", "num_samples", "num_tokens", "size")):
-                raise DataError(f"{url}: a shard entry of split {name!r} lacks path/num_samples/num_tokens/size")
 
 
 def verify_sizes(root: str, manifest: dict, opts: dict, on_retry: Callable[[str], None] | None = None) -> None:

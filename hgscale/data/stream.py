@@ -53,10 +53,11 @@ def check_start_method(method: str) -> None:
 @contextlib.contextmanager
 def _preemption_signals_blocked():
     """Workers (and the fork server and resource tracker started with the first of them) inherit a
-    signal mask blocking SIGUSR1/SIGUSR2: Slurm signals every process of a job step on preemption,
-    and only the trainer should act on it (checkpoint, then stop its workers). In this process the
-    signals are only held while workers start, and delivered on unblocking."""
-    sigs = {signal.SIGUSR1, signal.SIGUSR2}
+    signal mask blocking SIGUSR1/SIGUSR2 and SIGTERM: Slurm signals every process of a job step on preemption,
+    scancel and at the time limit, and only the trainer should act on it (checkpoint, then stop its workers, with
+    SIGKILL if they do not stop). In this process the signals are only held while workers start, and delivered on
+    unblocking."""
+    sigs = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
         yield
@@ -227,8 +228,8 @@ class Stream:
         for q, h in zip(queues, handles, strict=True):
             if isinstance(h, mp.process.BaseProcess):
                 h.join(timeout=3)
-                if h.is_alive():
-                    h.terminate()
+                if h.is_alive():  # stuck in a read: SIGKILL (it blocks SIGTERM, see _preemption_signals_blocked)
+                    h.kill()
                     h.join(timeout=3)
                 q.cancel_join_thread()
                 q.close()

@@ -27,7 +27,7 @@ from pathlib import Path
 from . import names, runinfo, system
 from .gather import aggregate, gather_to_rank0
 from .mlflow_sink import MlflowSink
-from .records import Artifact, Call, Metrics, Params, Status, clean_key
+from .records import Artifact, Call, Metrics, Params, Status, Tags, clean_key
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +211,11 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------------- end
 
-    def close(self, status: str = "FINISHED", timeout: float | None = None) -> bool:
-        """Plot loss vs FLOPs, mark the run ``status`` (FINISHED / KILLED / FAILED), deliver what is queued within
-        ``timeout`` (default tracking.close_timeout_s). Never raises; True when everything reached MLflow."""
+    def close(self, status: str = "FINISHED", timeout: float | None = None, exit_status: str | None = None) -> bool:
+        """Plot loss vs FLOPs, mark the run ``status`` (FINISHED / KILLED / FAILED) and tag ``hgscale.exit`` with the
+        process's exit status by name (hgscale.core.status), deliver what is queued within ``timeout`` (default
+        tracking.close_timeout_s). Never raises; True when everything reached MLflow. A requeued job that
+        continues the run sets it RUNNING again."""
         if not self.enabled or self._closed:
             return True
         self._closed = True
@@ -221,6 +223,8 @@ class Tracker:
             history = {k: list(v) for k, v in self._history.items()}
             out_png = self.stage_dir / "plots" / "loss_vs_flops.png"
             self._sink.put(Call(lambda client, run_id: _final_plot(client, run_id, history, out_png)))
+            if exit_status is not None:
+                self._sink.put(Tags({"hgscale.exit": exit_status}))
             self._sink.put(Status(status, int(time.time() * 1000)))
             ok = self._sink.close(self.cfg.tracking.close_timeout_s if timeout is None else timeout)
             if not ok:

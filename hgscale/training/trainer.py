@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hgscale.checkpoint.manager import CheckpointManager, resume_point
 from hgscale.config import Config
-from hgscale.core.status import OK
+from hgscale.core.status import OK, name_of, status_of
 from hgscale.training.callbacks import (
     Callback,
     Checkpointing,
@@ -114,7 +114,9 @@ class Trainer:
                                self.tracker.log_artifact)] if t.profile_steps else []
         remote = self.ckpt.remote
         watchdog = [Watchdog(self.progress, self.rt.rank, self.rt.world_size, t.hang_timeout_s, cfg.run_dir,
-                             (lambda: remote.progress_t) if remote else (lambda: 0.0))] if t.hang_timeout_s else []
+                             (lambda: remote.progress_t) if remote else (lambda: 0.0),
+                             on_hang=lambda: self.tracker.close("FAILED", timeout=10.0, exit_status="HANG"))
+                    ] if t.hang_timeout_s else []
         return [*profiling, NanGuard(svc, t.precision, cfg.checkpoint.dir), self.progress_log,
                 *self._data_callbacks(), preemption,
                 Checkpointing(svc, cfg.checkpoint.interval, remote.wait if remote else None),
@@ -183,8 +185,8 @@ class Trainer:
                 self.train()
         except Halt as h:
             status = h.status
-        except BaseException:  # a crash still closes the tracking run, marked FAILED
-            self.tracker.close(status="FAILED")
+        except BaseException as e:  # a crash still closes the tracking run, marked FAILED with the exit status
+            self.tracker.close(status="FAILED", exit_status=name_of(status_of(e)))
             raise
         return self._finish(status)
 
@@ -212,7 +214,8 @@ class Trainer:
         finished = status == OK and self.step >= self.cfg.train.steps
         if finished:
             self.say(f"finished {self.cfg.train.steps} steps; checkpoint {self.cfg.checkpoint.dir}/latest")
-        self.tracker.close(status="FINISHED" if finished else ("KILLED" if status == OK else "FAILED"))
+        self.tracker.close(status="FINISHED" if finished else ("KILLED" if status == OK else "FAILED"),
+                           exit_status=name_of(status))
         if self.stream is not None and hasattr(self.stream, "close"):
             self.stream.close()
         self.eng.barrier()

@@ -98,8 +98,10 @@ class Progress:
 
 class Watchdog(Callback):
     def __init__(self, progress: Progress, rank: int, world: int, hang_timeout_s: float, run_dir: str,
-                 other_progress_t=lambda: 0.0, period_s: float | None = None, start: bool = True):
-        """``other_progress_t``: the time of the newest progress made off the main thread (an upload)."""
+                 other_progress_t=lambda: 0.0, period_s: float | None = None, start: bool = True, on_hang=None):
+        """``other_progress_t``: the time of the newest progress made off the main thread (an upload); ``on_hang``:
+        called (bounded, errors ignored) before the process exits with HANG, e.g. to mark the tracking run."""
+        self.on_hang = on_hang
         self.progress, self.rank, self.world = progress, rank, world
         self.other_progress_t = other_progress_t
         self.fixed = hang_timeout_s if hang_timeout_s > 0 else None
@@ -221,6 +223,11 @@ class Watchdog(Callback):
         if self.rank == min(alive, default=0):
             self._publish(report)
         self._linger(report, alive)
+        if self.on_hang is not None:
+            try:
+                self.on_hang()
+            except Exception:  # noqa: BLE001 - the exit must not wait on tracking trouble
+                pass
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(HANG)

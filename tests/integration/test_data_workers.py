@@ -93,3 +93,69 @@ def test_closing_stops_workers_and_a_killed_worker_is_reported(root):
         for _ in range(10_000):  # the batches it had already queued come first
             next(it)
     assert not any(p.is_alive() for p in mp.active_children() if p.name.startswith("hgscale-data-train"))
+
+
+def test_sigterm_to_every_process_checkpoints_and_exits_0(tmp_path):
+    """scancel and the Slurm time limit send SIGTERM to every process of the job step, data workers included: the
+    workers ignore it, the trainer saves a checkpoint and exits 0, so the requeued job resumes from it."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from tests.integration.train_helpers import ROOT, TRAIN, env, tiny_config
+
+    data = tmp_path / "demo"
+    write_demo_corpus(str(data))
+    # many micro-batches per step and little prefetch: the signal lands while the step still needs the workers
+    cfg = tiny_config(tmp_path, data, "term.json", train={"steps": 400, "log_interval": 1, "grad_accum_steps": 16},
+                      data={"num_workers": 2, "prefetch_batches": 1, "worker_start_method": "spawn"})
+    proc = subprocess.Popen([sys.executable, str(TRAIN), "--config", str(cfg)], cwd=ROOT, env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines, seen = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if re.match(r"step\s+3/400", line):
+                seen.set()
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert seen.wait(180), "".join(lines[-30:])
+        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its workers, as Slurm signals a step
+        assert proc.wait(120) == 0, "".join(lines[-30:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    m = re.search(r"preempted at step (\d+); checkpoint saved", out)
+    assert m, out[-3000:]
+    assert (tmp_path / "term_ckpt" / "latest").read_text() == f"step{int(m.group(1)):08d}"
+
+
+def test_workers_outlive_the_sigterm_a_job_step_gets(root):
+    """Slurm's SIGTERM reaches the workers too: they keep serving batches until the trainer (which checkpoints on
+    it) stops them; closing still stops them (SIGKILL if a read hangs)."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    ds = open_dataset(DataConfig(url=str(root), num_workers=2, prefetch_batches=1, worker_start_method="spawn"))
+    stream = ds.stream("train", 2, 32, 0, 1, seed=1)
+    it = iter(stream)
+    next(it)
+    workers = [c for c in psutil.Process().children() if "spawn_main" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    for w in workers:
+        os.kill(w.pid, signal.SIGTERM)
+    time.sleep(1.0)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    for _ in range(200):  # far more than the workers had prefetched
+        next(it)
+    stream.close()
+    time.sleep(0.5)
+    assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)

@@ -42,7 +42,7 @@ def _rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60) -> int
 def test_frozen_rank_is_named_and_the_job_ends_then_resumes(tmp_path, demo_data):  # noqa: F811
     cfg = tiny_config(tmp_path, demo_data, "hang.json", train={"steps": STEPS, "log_interval": 1,
                                                                "hang_timeout_s": TIMEOUT_S},
-                      checkpoint={"interval": 5})
+                      checkpoint={"interval": 5}, tracking={"enabled": True, "system_metrics": False})
     cmd = [sys.executable, "-m", "launchers.local", "--nproc", "2", sys.executable, str(TRAIN), "--config", str(cfg)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -82,6 +82,11 @@ def test_frozen_rank_is_named_and_the_job_ends_then_resumes(tmp_path, demo_data)
     assert "hgscale-watchdog" in stack or "Thread 0x" in stack
     assert "all_reduce" in stack and "trainer.py\", line" in stack and " in train\n" in stack, stack[-2000:]
 
+    from mlflow.tracking import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'hang_run' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("hgscale").experiment_id])
+    assert (run.info.status, run.data.tags.get("hgscale.exit")) == ("FAILED", "HANG")
+
     saved = int((tmp_path / "hang_ckpt" / "latest").read_text()[4:])
     assert saved >= 10 and saved % 5 == 0
     again = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
@@ -89,3 +94,5 @@ def test_frozen_rank_is_named_and_the_job_ends_then_resumes(tmp_path, demo_data)
     assert f"at step {saved}" in again.stdout and f"finished {STEPS} steps" in again.stdout
     steps = [m["step"] for m in metrics(tmp_path / "hang_run") if "train/loss" in m]
     assert steps[-1] == STEPS and sorted(set(steps)) == list(range(1, STEPS + 1))
+    (run,) = client.search_runs([client.get_experiment_by_name("hgscale").experiment_id])  # the same run, continued
+    assert (run.info.status, run.data.tags.get("hgscale.exit")) == ("FINISHED", "OK")

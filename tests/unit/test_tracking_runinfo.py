@@ -1,5 +1,7 @@
 """Secret masking, config flattening, manifest summary, metric-name lookup and rank-0 aggregation."""
-from hgscale.core.secrets import MASK, mask_secrets
+import pytest
+
+from hgscale.core.secrets import MASK, mask_args, mask_secrets, mask_value
 from hgscale.tracking import aggregate, gather_to_rank0, names
 from hgscale.tracking.mlflow_sink import is_transient_tracking_error
 from hgscale.tracking.records import clean_key
@@ -32,6 +34,45 @@ def test_mask_secret_keys_and_values():
     assert m["tokenizer"] == "spm.model" and m["max_tokens"] == 100 and m["empty_secret"] == ""
     assert m["bytes_per_token"] == "3.7" and m["api_key"] == "None"   # numbers and nulls as text are settings
     assert cfg["password"] == "hunter2"              # the input is not modified
+
+
+def test_numeric_strings_under_secret_keys_are_masked_but_rates_and_numbers_stay():
+    cfg = {"token": "1234", "pin_secret": "0042", "data": {"password": "007"}, "api_key": "false",
+           "bits_per_nat_token": "1.4427", "bytes_per_token": "3.7", "tokens_per_s": "812.5", "token_count": 7,
+           "max_token": 4096, "auth": {"token": 99}, "secret": 1.5}
+    m = mask_secrets(cfg)
+    assert m["token"] == MASK and m["pin_secret"] == MASK and m["data"]["password"] == MASK
+    assert m["api_key"] == "false"                                 # a boolean literal: a setting
+    assert m["bits_per_nat_token"] == "1.4427" and m["bytes_per_token"] == "3.7" and m["tokens_per_s"] == "812.5"
+    assert m["token_count"] == 7 and m["max_token"] == 4096 and m["auth"]["token"] == 99 and m["secret"] == 1.5
+    assert mask_args(["data.token=1234", "--token", "99"]) == [f"data.token={MASK}", "--token", MASK]
+
+
+@pytest.mark.parametrize("value, masked", [
+    ("https://tok@host/path", f"https://{MASK}@host/path"),                       # a token as the user name
+    ("s3://key:secret@bucket/enwik8", f"s3://{MASK}@bucket/enwik8"),              # the user is an access key
+    ("s3a://AKIDEXAMPLE@bucket", f"s3a://{MASK}@bucket"),
+    ("https://alice:pa55word@example.com/data", f"https://alice:{MASK}@example.com/data"),
+    ("https://u:p@ss@host/a", f"https://u:{MASK}@host/a"),                        # "@" inside the password
+    ("mlflow at http://ghtoken@127.0.0.1:5000 is down", f"mlflow at http://{MASK}@127.0.0.1:5000 is down"),
+    ("http://host/p?q=a@b", "http://host/p?q=a@b"),                                # no user-info: unchanged
+    ("s3://bucket/enwik8", "s3://bucket/enwik8"),
+    ("mail x@y.com from http://a.com", "mail x@y.com from http://a.com"),
+    (f"https://{MASK}@host", f"https://{MASK}@host"),                              # masking twice changes nothing
+])
+def test_url_user_info_is_masked(value, masked):
+    assert mask_value(value) == masked
+    assert mask_secrets({"data": {"url": value}})["data"]["url"] == masked
+
+
+def test_manifest_numbers_as_text_survive_masking():
+    """The tracker masks the manifest before summarising it: its rates, counts and checksums stay readable."""
+    man = {"name": "enwik8", "bytes_per_token": "1.0", "bits_per_nat_token": "1.4427", "tokenizer": "tokenizer.model",
+           "tokenizer_sha256": "ab" * 32, "splits": {"train": {"num_tokens": 90, "shards": [{"sha256": "cd" * 32}]}}}
+    s = manifest_summary(mask_secrets(man))
+    assert s["bytes_per_token"] == "1.0" and s["bits_per_nat_token"] == "1.4427"
+    assert s["tokenizer"] == "tokenizer.model" and s["tokenizer_sha256"] == "ab" * 32
+    assert s["splits.train.num_tokens"] == "90"
 
 
 def test_command_line_masks_overrides():

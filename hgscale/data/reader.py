@@ -19,8 +19,8 @@ This module imports no torch: spawned workers start fast.
 from __future__ import annotations
 
 import os
-import signal
 import queue as queue_mod
+import signal
 import threading
 from typing import Callable, Iterator
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from hgscale.checkpoint.layout import (
+from hgscale.checkpoint.layout import (, fsync_dir, fsync_tree
     CONVERTED,
     CheckpointError,
     atomic_write,
@@ -164,9 +164,11 @@ def convert(tag_dir: str | Path) -> tuple[Path, bool]:
             torch.save(st, tmp / "params" / f"{_canonical(name)}.pt")
     info = {"source": topo, "step": meta["step"], "adam_step": step, "time": time.time(), **counters,
             "loss_scaler": _scaler_dict(scaler)}
+    fsync_tree(tmp)  # every parameter file on disk before elastic.json says the conversion is finished
     atomic_write(tmp / "elastic.json", json.dumps(info, indent=1, default=str))
     final = tag_dir / CONVERTED
     os.replace(tmp, final)  # the directory appears whole or not at all
+    fsync_dir(tag_dir)
     return final, True
 
 

@@ -33,16 +33,16 @@ def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
 def read_amplification_warning(cfg: Config, dataset, world_size: int) -> str | None:
     """A warning when this many data-parallel ranks read more than 1 + 1/16 of the training split per epoch
     (the data order's lanes: hgscale/data/order.py), with what would read less."""
-    from hgscale.data.order import SHARDS_PER_LANE, lane_count, lane_reads
+    from hgscale.data.order import SHARDS_PER_LANE, lane_count, lane_reads, read_amplification
 
     try:
         n_shards = len(dataset.manifest["splits"][cfg.data.train_split]["shards"])
     except (AttributeError, KeyError, TypeError):
         return None  # a mixture: each source has its own lanes
     dp, lanes = ParallelLayout.unchecked(cfg, world_size).dp, lane_count(n_shards)
-    reads = lane_reads(lanes, dp)
-    if reads <= 1.0625:
+    if lane_reads(lanes, dp) == 1.0:  # the ranks share no lane: only the shards lane boundaries cut, read twice
         return None
+    reads = read_amplification(n_shards, dp)
     good = [d for d in (1, 2, 4, 8, 16, 32, 64) if d <= lanes and lanes % d == 0]
     return (f"warning: {dp} data-parallel ranks read about {reads:.2f}x the {n_shards}-shard split "
             f"{cfg.data.train_split!r} per epoch (its {lanes} lane(s) are shared by ranks): a data-parallel size "

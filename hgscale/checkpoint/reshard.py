@@ -32,11 +32,13 @@ from pathlib import Path
 
 import torch
 
-from hgscale.checkpoint.layout import (, fsync_dir, fsync_tree
+from hgscale.checkpoint.layout import (
     CONVERTED,
     CheckpointError,
     atomic_write,
     describe,
+    fsync_dir,
+    fsync_tree,
     rank_file,
     read_meta,
 )

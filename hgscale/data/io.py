@@ -5,7 +5,14 @@ from __future__ import annotations
 import functools
 
 from hgscale.core import storage as _storage
-from hgscale.core.storage import StorageError, is_transient, join, register_gopen, storage_options  # noqa: F401
+from hgscale.core.storage import (  # noqa: F401 - the data layer's storage names, in one place
+    StorageError,
+    StorageUnavailable,
+    is_transient,
+    join,
+    register_gopen,
+    storage_options,
+)
 
 from .errors import as_data_error
 

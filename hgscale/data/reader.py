@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .errors import DataError
-from .io import StorageError, join
+from .io import StorageError, StorageUnavailable, join
 from .order import EpochPlan, _rng
 from .records import Batch, StreamSpec, WorkerError
 from .shards import CorruptShard, load_shard
@@ -163,7 +163,7 @@ def produce(spec: StreamSpec, start: list[int], put: Callable[[Batch | WorkerErr
             if not put(msg):
                 return
     except StorageError as e:
-        put(WorkerError(str(e)))
+        put(WorkerError(str(e), outage=isinstance(e, StorageUnavailable)))
     except BaseException as e:  # noqa: BLE001 - reported to the main process, which raises it
         import traceback
         put(WorkerError(f"data worker {spec.worker} failed: {type(e).__name__}: {e}", traceback.format_exc()))

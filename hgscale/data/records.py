@@ -52,3 +52,4 @@ class Batch:
 class WorkerError:
     message: str              # one sentence naming the shard or URL
     traceback: str | None = None   # for an unexpected failure (a bug), logged before the DataError is raised
+    outage: bool = False      # storage kept failing after every retry: raised as DataUnavailable (exit INFRA)

@@ -30,7 +30,7 @@ import signal
 import sys
 from typing import Iterator
 
-from .errors import DataError
+from .errors import DataError, DataUnavailable
 from .reader import start_thread, worker_main
 from .records import Batch, StreamSpec, WorkerError
 
@@ -165,7 +165,7 @@ class Stream:
                     if isinstance(msg, WorkerError):
                         if msg.traceback:
                             log.error("data worker %d: %s", i, msg.traceback)
-                        raise DataError(msg.message)
+                        raise (DataUnavailable if msg.outage else DataError)(msg.message)
                     for event in msg.events:
                         log.warning("%s", event)
                     self._stats[i] = msg.stats

@@ -128,5 +128,9 @@ def test_persistent_faults_give_up_with_a_clear_error(s3_bucket, fault_proxy, mo
     monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.endpoint_url)
     ds = open_dataset(DataConfig(url=url, retries=3, retry_backoff_s=0.01, num_workers=1))
     fault_proxy.inject("500", count=100, match="shard-")
-    with pytest.raises(DataError, match=r"s3://.*shard-\d+\.tar: storage kept failing after 3 attempts"):
+    with pytest.raises(DataError, match=r"s3://.*shard-\d+\.tar: storage kept failing after 3 attempts") as err:
         take(ds.stream("train", 4, 256, 0, 1, seed=5), 1)
+    from hgscale.core.status import INFRA, status_of
+    from hgscale.data.errors import DataUnavailable
+    # an outage, told apart from a wrong URL across the worker process: the trainer exits INFRA and is requeued
+    assert isinstance(err.value, DataUnavailable) and status_of(err.value) == INFRA

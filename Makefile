@@ -1,5 +1,5 @@
 # make demo : prepare the offline demo corpus, train the demo model on CPU, evaluate it.
-# make test : lint (ruff), then every test (unit + integration: DeepSpeed launches, moto S3, mlflow server, Slurm).
+# make test : lint (ruff, the layout rules of .ci/layout.py, shellcheck), then every test (unit + integration: DeepSpeed launches, moto S3, mlflow server, Slurm).
 # make lock : rewrite constraints.txt from the installed environment (after a dependency change, once tested).
 # Each target creates .venv and installs what it needs on first use, at the versions in constraints.txt.
 VENV   ?= .venv
@@ -27,6 +27,7 @@ lock:
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) .ci/layout.py  # no import circle, the library never imports launchers/, functions <= 60 lines, files <= 400
 	shellcheck slurm/*.sh
 
 # the demo: shards of the Python reference manual (offline), a few minutes of CPU training, test-split score

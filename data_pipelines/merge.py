@@ -14,8 +14,8 @@ import json
 import re
 import sys
 
-from hgscale.core.storage import StorageError, filesystem, join, read_bytes, storage_options, with_retries
 from hgscale.data.errors import DataError
+from hgscale.data.io import StorageError, filesystem, join, read_bytes, storage_options, with_retries
 
 from . import run_cli
 from .shards import DatasetWriter, add_split_totals, build_manifest, summary

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hgscale.core.storage import StorageError, filesystem, join, read_bytes
 from hgscale.data.errors import DataError
+from hgscale.data.io import StorageError, filesystem, join, read_bytes
 
 from . import run_cli
 from .shards import DEFAULT_SAMPLE_TOKENS, DatasetWriter, add_split_totals, add_storage_args, opts_from_args, summary

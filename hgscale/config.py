@@ -279,6 +279,9 @@ class CheckpointConfig:
     resume: str = fld("auto", "'auto' resumes from the latest checkpoint if any, 'never', or a checkpoint path.")
     allow_batch_change: bool = fld(False, "Resume with a global batch size other than the checkpoint's (data position "
                                           "kept in windows; the lr schedule continues by step).")
+    save_timeout_s: float = fld(3600.0, "Seconds a save (with the wait for the previous upload, and the final one) "
+                                        "may take before the watchdog counts it as a hang; a rank whose heartbeat "
+                                        "stops is caught at train.hang_timeout_s all the same.")
     staging_dir: str = fld("", "Node-local directory for checkpoints of a remote checkpoint.dir (s3://...) before "
                                "upload; empty: hgscale-staging-<uid> (mode 0700) under $SLURM_TMPDIR, $TMPDIR or the "
                                "system temp dir.")

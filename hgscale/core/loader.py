@@ -13,8 +13,10 @@ import typing
 from dataclasses import field
 from typing import Any
 
+from hgscale.core.status import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """One or more problems with a configuration; ``problems`` lists each as a sentence."""
 
     def __init__(self, problems: list[str], source: str = "config"):

@@ -32,9 +32,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hgscale.core.storage import StorageError, filesystem, join, read_bytes, with_retries
-
 from .errors import DataError
+from .io import StorageError, filesystem, join, read_bytes, with_retries
 
 FORMAT = "hgscale-shards"
 VERSION = 1

@@ -266,3 +266,22 @@ def test_elastic_resume_from_s3_two_ranks_to_one_and_back(tmp_path, demo_data, s
     for step in (4, 8):  # each conversion was uploaded beside its checkpoint, elastic.json last
         assert f"run/step{step:08d}/elastic/elastic.json" in objs
         assert any(k.startswith(f"run/step{step:08d}/elastic/params/") for k in objs)
+
+
+def test_a_save_slower_than_the_hang_timeout_completes(tmp_path, demo_data, s3_env, fault_proxy):  # noqa: F811
+    """Every upload request of the first checkpoint is held 8 s by the proxy, longer than train.hang_timeout_s = 5:
+    the save (and the next one, which waits for it) is within checkpoint.save_timeout_s, so the job is not taken
+    for hung; it finishes with every checkpoint complete."""
+    bucket = s3_env.make_bucket()
+    fault_proxy.slow_s = 8.0
+    cfg = tiny_config(tmp_path, demo_data, "slow.json", train={"steps": 6, "log_interval": 1, "hang_timeout_s": 5},
+                      checkpoint={"dir": f"s3://{bucket}/run", "interval": 2, "keep_last": 5,
+                                  "staging_dir": str(tmp_path / "staging")},
+                      data={"s3_endpoint_url": fault_proxy.endpoint_url})
+    fault_proxy.inject("slow", count=6, match="step00000002", method="PUT")
+    r = subprocess.run(_cmd(cfg), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "error: hang" not in r.stderr and fault_proxy.injected["slow"] == 6
+    objs = _objects(s3_env, bucket)
+    assert {f"run/step{s:08d}/COMPLETE" for s in (2, 4, 6)} <= set(objs)
+    assert_one_attempt_per_complete_tag(objs, world=2)

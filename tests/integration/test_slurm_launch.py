@@ -113,7 +113,7 @@ def test_unreachable_master_addr_fails_before_training(slurm_cluster, tmp_path, 
     job_id, job = _run_script(slurm_cluster, tmp_path, str(cfg),
                               env={"HGSCALE_MASTER_ADDR": addr, "HGSCALE_PROBE_TIMEOUT": "3"})
     log = _log(tmp_path, job_id)
-    assert job["JobState"] == "FAILED" and job["ExitCode"] == "3:0", log
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "5:0", log
     assert reason in log and "HGSCALE_MASTER_ADDR" in log
     assert "no rank was started" in log
 

@@ -43,7 +43,7 @@ def test_loopback_master_addr_fails_on_the_other_node(slurm_netns_cluster, demo_
                             env={**_env(), "HGSCALE_MASTER_ADDR": "127.0.0.1", "HGSCALE_PROBE_TIMEOUT": "3"})
     job = cluster.wait_job(job_id, timeout=90)
     log = (tmp_path / f"job-{job_id}.log").read_text()
-    assert job["JobState"] == "FAILED" and job["ExitCode"] == "3:0", log
+    assert job["JobState"] == "FAILED" and job["ExitCode"] == "5:0", log
     assert f"node hgn2 cannot reach MASTER_ADDR 127.0.0.1 port {master_port_for_job(job_id)}" in log
     assert "node hgn1 cannot reach" not in log
     assert "no rank was started" in log and "hgscale: rank" not in log

@@ -2,10 +2,10 @@
 import importlib.util
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from hgscale.commands import COMMANDS
 

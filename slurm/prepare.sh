@@ -27,6 +27,8 @@ set -uo pipefail
 USER_ERROR=""  # from hgscale.core.status
 say() { echo "hgscale-prepare: $*"; }
 die() { echo "hgscale-prepare: error: $*" >&2; exit "${USER_ERROR:-2}"; }
+# (sbatch runs a copy of this script from its spool directory, so it sources no helper file: the few
+# helpers both Slurm scripts need stand in each)
 # uint NAME TEXT: TEXT as a decimal non-negative integer (digits only, at most 10), else one error line naming
 # NAME and status 1. TEXT is only matched, never evaluated ($(( )) on it would run its command substitutions).
 uint() {

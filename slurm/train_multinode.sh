@@ -70,6 +70,8 @@ set -uo pipefail
 ST_OK="" ST_USER_ERROR="" ST_NAN="" ST_HANG="" ST_INFRA=""  # exit statuses, from hgscale.core.status
 say() { echo "hgscale: $*"; }
 die() { echo "hgscale: error: $*" >&2; exit "${ST_USER_ERROR:-2}"; }
+# (sbatch runs a copy of this script from its spool directory, so it sources no helper file: the few
+# helpers both Slurm scripts need stand in each)
 # uint NAME TEXT: TEXT as a decimal non-negative integer (digits only, at most 10; "08" is 8), or one error line
 # naming NAME and status 1. TEXT is only matched, never evaluated.
 uint() {

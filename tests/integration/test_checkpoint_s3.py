@@ -5,7 +5,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -14,7 +13,7 @@ from torch.testing import assert_close
 
 from hgscale.checkpoint.remote import COMPLETE, LATEST, UPLOADED, RemoteCheckpoints, needed
 from hgscale.config import config_from_dict
-from tests.integration.train_helpers import ROOT, TRAIN, demo_data, env, metrics, tiny_config  # noqa: F401
+from tests.integration.train_helpers import ROOT, TRAIN, Watched, demo_data, env, metrics, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.integration
 STEPS = 16
@@ -52,20 +51,10 @@ def test_s3_checkpoints_survive_kill9_and_resume_exactly(tmp_path, demo_data, s3
     cfg = tiny_config(tmp_path, demo_data, "s3.json", train=sections["train"],
                       checkpoint={**sections["checkpoint"], "dir": f"s3://{bucket}/run",
                                   "staging_dir": str(tmp_path / "staging")})
-    proc = subprocess.Popen(_cmd(cfg), cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    seen = threading.Event()
-    lines: list[str] = []
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if re.match(rf"step\s+9/{STEPS}", line):
-                seen.set()
-    threading.Thread(target=read, daemon=True).start()
-    assert seen.wait(180), "".join(lines[-30:])
-    proc.send_signal(signal.SIGKILL)  # the launcher; its ranks die with it (PDEATHSIG), mid-step or mid-upload
-    proc.wait(30)
+    run = Watched(_cmd(cfg), start_new_session=True)
+    run.wait_for_step(9, of=STEPS)
+    run.proc.send_signal(signal.SIGKILL)  # the launcher; its ranks die with it (PDEATHSIG), mid-step or mid-upload
+    run.wait(30)
     time.sleep(1)
 
     objs = _objects(server, bucket)

@@ -101,35 +101,24 @@ def test_sigterm_to_every_process_checkpoints_and_exits_0(tmp_path):
     import os
     import re
     import signal
-    import subprocess
     import sys
-    import threading
 
-    from tests.integration.train_helpers import ROOT, TRAIN, env, tiny_config
+    from tests.integration.train_helpers import TRAIN, Watched, tiny_config
 
     data = tmp_path / "demo"
     write_demo_corpus(str(data))
     # many micro-batches per step and little prefetch: the signal lands while the step still needs the workers
     cfg = tiny_config(tmp_path, data, "term.json", train={"steps": 400, "log_interval": 1, "grad_accum_steps": 16},
                       data={"num_workers": 2, "prefetch_batches": 1, "worker_start_method": "spawn"})
-    proc = subprocess.Popen([sys.executable, str(TRAIN), "--config", str(cfg)], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    lines, seen = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if re.match(r"step\s+3/400", line):
-                seen.set()
-    threading.Thread(target=read, daemon=True).start()
+    run = Watched([sys.executable, str(TRAIN), "--config", str(cfg)], start_new_session=True)
     try:
-        assert seen.wait(180), "".join(lines[-30:])
-        os.killpg(proc.pid, signal.SIGTERM)  # the trainer and its workers, as Slurm signals a step
-        assert proc.wait(120) == 0, "".join(lines[-30:])
+        run.wait_for_step(3, of=400)
+        os.killpg(run.proc.pid, signal.SIGTERM)  # the trainer and its workers, as Slurm signals a step
+        assert run.wait(120) == 0, run.tail()
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    out = "".join(lines)
+        if run.proc.poll() is None:
+            os.killpg(run.proc.pid, signal.SIGKILL)
+    out = run.text
     m = re.search(r"preempted at step (\d+); checkpoint saved", out)
     assert m, out[-3000:]
     assert (tmp_path / "term_ckpt" / "latest").read_text() == f"step{int(m.group(1)):08d}"

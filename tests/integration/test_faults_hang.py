@@ -12,14 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 import pytest
 
 from hgscale.core.status import HANG as EXIT_HANG
-from tests.integration.train_helpers import ROOT, TRAIN, demo_data, env, metrics, tiny_config  # noqa: F401
+from tests.integration.train_helpers import ROOT, TRAIN, Watched, demo_data, env, metrics, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.integration
 STEPS = 60
@@ -44,27 +43,18 @@ def test_frozen_rank_is_named_and_the_job_ends_then_resumes(tmp_path, demo_data)
                                                                "hang_timeout_s": TIMEOUT_S},
                       checkpoint={"interval": 5}, tracking={"enabled": True, "system_metrics": False})
     cmd = [sys.executable, "-m", "launchers.local", "--nproc", "2", sys.executable, str(TRAIN), "--config", str(cfg)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    at_step = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if re.match(rf"step\s+12/{STEPS}", line):
-                at_step.set()
-    threading.Thread(target=read, daemon=True).start()
+    run = Watched(cmd)
     try:
-        rank1 = _rank_pid(proc, 1)
-        assert at_step.wait(180), "".join(lines[-30:])
+        rank1 = _rank_pid(run.proc, 1)
+        run.wait_for_step(12, of=STEPS)
         psutil.Process(rank1).send_signal(signal.SIGSTOP)
         frozen_at = time.monotonic()
-        rc = proc.wait(TIMEOUT_S + 60)
+        rc = run.wait(TIMEOUT_S + 60)
         took = time.monotonic() - frozen_at
     finally:
-        if proc.poll() is None:
-            proc.kill()
-    out = "".join(lines)
+        if run.proc.poll() is None:
+            run.proc.kill()
+    out = run.text
     assert rc == EXIT_HANG, out[-3000:]
     assert TIMEOUT_S <= took <= TIMEOUT_S + 60, took
     hang = [ln for ln in out.splitlines() if "error: hang:" in ln]

@@ -12,8 +12,6 @@ freshly built scheduler's value after a conversion shows in the first update.
     SIGUSR1 checkpoint:  2 DP ZeRO-1 -> 1 rank ZeRO-0
 """
 import re
-import subprocess
-import threading
 
 import psutil
 import pytest
@@ -22,7 +20,7 @@ from torch.testing import assert_close
 
 from hgscale.config import load_config
 from hgscale.core.schedule import lr_at
-from tests.integration.train_helpers import ROOT, TRAIN, command, demo_data, env, launch, metrics, tiny_config  # noqa: F401
+from tests.integration.train_helpers import TRAIN, Watched, command, demo_data, launch, metrics, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.integration
 STEPS, AT = 16, 5
@@ -97,25 +95,14 @@ def test_resume_from_an_interval_checkpoint_on_another_layout(work, demo_data, s
 
 def preempt_after(cfg, nprocs: int, step: int) -> int:
     """Run ``cfg``, send SIGUSR1 to its last rank once ``step`` is logged; returns the step it saved at."""
-    proc = subprocess.Popen(command(nprocs, TRAIN, ["--config", str(cfg)]), cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines, seen = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if re.match(rf"step\s+{step}/{STEPS}", line):
-                seen.set()
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    assert seen.wait(180), "".join(lines[-30:])
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+    run = Watched(command(nprocs, TRAIN, ["--config", str(cfg)]))
+    run.wait_for_step(step, of=STEPS)
+    ranks = [p for p in psutil.Process(run.proc.pid).children(recursive=True)
              if f"--local_rank={nprocs - 1}" in " ".join(p.cmdline())]
-    (ranks[0] if nprocs > 1 else psutil.Process(proc.pid)).send_signal(psutil.signal.SIGUSR1)
-    assert proc.wait(120) == 0, "".join(lines[-40:])
-    reader.join(10)
-    m = re.search(r"preempted at step (\d+); checkpoint saved", "".join(lines))
-    assert m, "".join(lines[-40:])
+    (ranks[0] if nprocs > 1 else psutil.Process(run.proc.pid)).send_signal(psutil.signal.SIGUSR1)
+    assert run.wait(120) == 0, run.tail()
+    m = re.search(r"preempted at step (\d+); checkpoint saved", run.text)
+    assert m, run.tail()
     return int(m.group(1))
 
 

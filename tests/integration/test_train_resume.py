@@ -9,7 +9,6 @@
 """
 import re
 import subprocess
-import threading
 import time
 
 import psutil
@@ -17,7 +16,17 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from tests.integration.train_helpers import ROOT, TRAIN, command, demo_data, env, launch, metrics, tiny_config  # noqa: F401
+from tests.integration.train_helpers import (  # noqa: F401
+    ROOT,
+    TRAIN,
+    Watched,
+    command,
+    demo_data,
+    env,
+    launch,
+    metrics,
+    tiny_config,
+)
 
 pytestmark = pytest.mark.integration
 STEPS = 30
@@ -48,24 +57,12 @@ def test_preempt_one_rank_then_resume_reproduces_losses(tmp_path, demo_data):  #
     assert sorted(want) == list(range(1, STEPS + 1))
 
     cfg = pipeline_config(tmp_path, demo_data, "stopped.json")
-    cmd = command(2, TRAIN, ["--config", str(cfg)])
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    seen_step5 = threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if re.match(rf"step\s+5/{STEPS}", line):
-                seen_step5.set()
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    rank1 = _rank_process(proc, 1)
-    assert seen_step5.wait(180), "".join(lines[-30:])
+    run = Watched(command(2, TRAIN, ["--config", str(cfg)]))
+    rank1 = _rank_process(run.proc, 1)
+    run.wait_for_step(5, of=STEPS)
     rank1.send_signal(psutil.signal.SIGUSR1)  # only one rank is told; all must stop together
-    assert proc.wait(120) == 0, "".join(lines[-40:])
-    reader.join(10)
-    out = "".join(lines)
+    assert run.wait(120) == 0, run.tail()
+    out = run.text
     m = re.search(r"preempted at step (\d+); checkpoint saved", out)
     assert m, out[-3000:]
     stopped_at = int(m.group(1))

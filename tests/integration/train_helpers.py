@@ -83,3 +83,53 @@ def run_worker(nprocs: int, out: Path, config: Path, *args: str) -> dict:
 def metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Watched:
+    """A run started in the background whose output (stdout and stderr together) is read as it comes, so a test can
+    wait for a progress line, inject a fault, then wait for the exit.
+
+        run = Watched(command(2, TRAIN, ["--config", str(cfg)]))
+        run.wait_for_step(5, of=30)        # "step  5/30 | ..." was printed
+        ...                                # signal a rank, kill the launcher, stop a process
+        assert run.wait(120) == 0, run.tail()
+    """
+
+    def __init__(self, cmd: list[str], **popen):
+        import threading
+
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=popen.pop("env", None) or env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, **popen)
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, pattern: str, timeout: float = 180) -> None:
+        """Until a line matches ``pattern`` (re.match); fails the test, showing the last lines, after ``timeout``."""
+        import re
+
+        seen = lambda: any(re.match(pattern, ln) for ln in self.lines)  # noqa: E731
+        with self._cond:
+            assert self._cond.wait_for(seen, timeout), f"no line matching {pattern!r}:\n{self.tail()}"
+
+    def wait_for_step(self, step: int, of: int, timeout: float = 180) -> None:
+        self.wait_for(rf"step\s+{step}/{of}\b", timeout)
+
+    def wait(self, timeout: float) -> int:
+        rc = self.proc.wait(timeout)
+        self._reader.join(10)
+        return rc
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def tail(self, n: int = 40) -> str:
+        return "".join(self.lines[-n:])

@@ -1,4 +1,4 @@
-"""Fast CPU dropout.
+"""Fast CPU dropout, and the keys that make its masks independent of the parallel layout (:class:`DropoutKeys`).
 
 The mask comes from the four 16-bit halves of full-range 64-bit random words (one generator call per
 four elements) and the comparison writes it straight into a float tensor (bool masks make CPU
@@ -68,3 +68,49 @@ def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
     return _Dropout.apply(x, p)
+
+
+def _mix(*key: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over them): stable across processes, unlike hash()."""
+    h = 0x9E3779B97F4A7C15
+    for k in key:
+        h = (h ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+    return h >> 1
+
+
+class DropoutKeys:
+    """Dropout that does not depend on the parallel layout: before layer ``i`` runs on global micro-batch ``m`` of
+    optimizer step ``s``, torch's generator is seeded from (seed, s, m, i). The same micro-batch then gets the same
+    masks (embedding, residual, feed-forward and attention dropout) whatever the ranks, accumulation or pipeline
+    split, and a resume on another layout continues exactly.
+
+        keys = DropoutKeys(seed)
+        keys.attach(entry, [(global index, layer), ...])   # the module each micro-batch enters, its layers in order
+        keys.begin_step(step, first_micro)                  # before each optimizer step's micro-batches
+
+    The seed for a layer is set before the layer is entered (by ``entry``'s pre-hook for the first one, by the
+    previous layer's forward hook for the others), so activation checkpointing, which keeps the generator state of
+    a layer's entry, recomputes the same masks. Micro-batches are counted as they enter ``entry``: the k-th of a
+    step on this rank is global micro-batch ``first_micro + k``. Eval (``training`` False) draws nothing here."""
+
+    def __init__(self, seed: int):
+        self.seed, self.step, self.first_micro, self.count = seed, 0, 0, -1
+
+    def attach(self, entry: torch.nn.Module, layers: list[tuple[int, torch.nn.Module]]) -> None:
+        indices = [i for i, _ in layers]
+        entry.register_forward_pre_hook(lambda module, args: self._enter(module, indices[0]))
+        for (_, layer), nxt in zip(layers[:-1], indices[1:], strict=True):
+            layer.register_forward_hook(lambda module, args, out, _n=nxt: self._seed(module, _n))
+
+    def begin_step(self, step: int, first_micro: int) -> None:
+        self.step, self.first_micro, self.count = step, first_micro, -1
+
+    def _enter(self, module: torch.nn.Module, index: int) -> None:
+        if module.training:
+            self.count += 1
+            self._seed(module, index)
+
+    def _seed(self, module: torch.nn.Module, index: int) -> None:
+        if module.training:
+            torch.manual_seed(_mix(self.seed, self.step, self.first_micro + self.count, index))

@@ -23,6 +23,7 @@ from hgscale.config import Config
 from hgscale.core.net import free_port
 from hgscale.core.schedule import lr_multiplier
 from hgscale.models import HourglassLM, lm_loss
+from hgscale.models.dropout import DropoutKeys
 from hgscale.training.pipeline import pipeline_module, stage_parts
 
 
@@ -135,7 +136,7 @@ class TrainEngine:
         self.cfg, self.rt, self.dist = cfg, rt, dist
         self.pipeline = cfg.parallel.pipeline_stages > 1
         self.accum = cfg.train.grad_accum_steps
-        torch.manual_seed(cfg.train.seed + rt.rank)  # dropout streams differ per rank; weights are seeded per layer
+        torch.manual_seed(cfg.train.seed + rt.rank)  # weights are seeded per layer, dropout per layer and micro-batch
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg))  # noqa: E731
         if self.pipeline:
             self.parts = stage_parts(cfg, cfg.parallel.pipeline_stages)
@@ -167,6 +168,10 @@ class TrainEngine:
             self.dp_rank, self.dp_size = rt.rank, rt.world_size
             self.is_first = self.is_last = True
         self.reads_data = self.is_first or self.is_last
+        self.dropout_keys = DropoutKeys(cfg.train.seed)  # masks from (seed, step, global micro-batch, layer)
+        first = self.parts[self.stage_id] if self.pipeline else 0
+        layers = module.forward_funcs if self.pipeline else module.model.layers
+        self.dropout_keys.attach(module, [(first + i, layer) for i, layer in enumerate(layers)])
         self.timings: dict[str, float] = {}
         self.applied_lr = float("nan")
 
@@ -178,6 +183,7 @@ class TrainEngine:
         it = _Timed(data_iter, self.rt.device) if data_iter is not None else None
         # the lr this step's update uses, as the optimizer holds it (the scheduler moves it after the step)
         self.applied_lr = float(self.engine.get_lr()[0])
+        self.dropout_keys.begin_step(self.engine.global_steps, self.dp_rank * self.accum)
         t0 = time.perf_counter()
         if self.pipeline:
             loss = float(self.engine.train_batch(it))

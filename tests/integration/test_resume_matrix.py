@@ -10,6 +10,10 @@ freshly built scheduler's value after a conversion shows in the first update.
     interval checkpoint: 2 DP ZeRO-1 -> 1 rank ZeRO-1 and ZeRO-0;  1 rank ZeRO-0 -> 2 DP ZeRO-2;
                          2 stages -> 2 DP;  2 DP -> 2 stages
     SIGUSR1 checkpoint:  2 DP ZeRO-1 -> 1 rank ZeRO-0
+
+With dropout (0.1 on embeddings, residuals, feed-forward and attention) the masks come from (seed, step, global
+micro-batch, layer), not from a per-rank stream: the layouts agree with each other and a resume on another layout
+is exact too.
 """
 import re
 
@@ -35,15 +39,15 @@ LAYOUTS = {  # name: (processes, parallel section, grad_accum_steps); every one 
 }
 
 
-def layout_config(tmp, data, name: str, layout: str, **checkpoint):
+def layout_config(tmp, data, name: str, layout: str, dropout: float = 0.0, **checkpoint):
     _, parallel, accum = LAYOUTS[layout]
-    return tiny_config(tmp, data, f"{name}.json", model={"dropout": 0.0},
+    return tiny_config(tmp, data, f"{name}.json", model={"dropout": dropout, "attn_dropout": dropout},
                        train={**TRAIN_KEYS, "grad_accum_steps": accum}, parallel=parallel,
                        checkpoint={"interval": AT, "keep_last": 5, **checkpoint})
 
 
-def run(tmp, data, name: str, layout: str, **checkpoint) -> dict[int, dict]:
-    cfg = layout_config(tmp, data, name, layout, **checkpoint)
+def run(tmp, data, name: str, layout: str, dropout: float = 0.0, **checkpoint) -> dict[int, dict]:
+    cfg = layout_config(tmp, data, name, layout, dropout, **checkpoint)
     launch(LAYOUTS[layout][0], TRAIN, ["--config", str(cfg)])
     return by_step(tmp / f"{name}_run")
 
@@ -115,3 +119,14 @@ def test_resume_from_a_preemption_checkpoint_on_another_layout(work, demo_data, 
     assert sorted(got) == list(range(1, STEPS + 1))
     assert_losses_equal(got, straight["dp2_z1"], range(1, STEPS + 1))
     assert_lr_follows_schedule(work, "p_dp2_z1", got)
+
+
+def test_dropout_does_not_depend_on_the_layout(work, demo_data, straight):  # noqa: F811
+    runs = {layout: run(work, demo_data, f"d_{layout}", layout, dropout=0.1) for layout in ("dp2_z1", "one_z0", "pp2")}
+    for layout in ("one_z0", "pp2"):
+        assert_losses_equal(runs[layout], runs["dp2_z1"], range(1, STEPS + 1))
+    # dropout acted: every training loss (computed with the masks) differs from the dropout-free run's
+    assert all(runs["dp2_z1"][s]["train/loss"] != straight["dp2_z1"][s]["train/loss"] for s in range(1, STEPS + 1))
+    resume = str(work / "d_dp2_z1_ckpt" / f"step{AT:08d}")
+    got = run(work, demo_data, "dr_dp2_z1_to_one_z1", "one_z1", dropout=0.1, resume=resume)
+    assert_losses_equal(got, runs["dp2_z1"], range(AT + 1, STEPS + 1))

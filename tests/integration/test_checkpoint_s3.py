@@ -1,6 +1,7 @@
 """Checkpoints on S3 (moto server, authentication on): staged per rank, uploaded in the background, `latest`
 moved last, pruned remotely, resumed after kill -9, no secret in any object, bad credentials refused at start-up.
 """
+import os
 import re
 import signal
 import subprocess
@@ -51,30 +52,33 @@ def test_s3_checkpoints_survive_kill9_and_resume_exactly(tmp_path, demo_data, s3
     cfg = tiny_config(tmp_path, demo_data, "s3.json", train=sections["train"],
                       checkpoint={**sections["checkpoint"], "dir": f"s3://{bucket}/run",
                                   "staging_dir": str(tmp_path / "staging")})
-    run = Watched(_cmd(cfg), start_new_session=True)
-    run.wait_for_step(9, of=STEPS)
-    run.proc.send_signal(signal.SIGKILL)  # the launcher; its ranks die with it (PDEATHSIG), mid-step or mid-upload
-    run.wait(30)
-    time.sleep(1)
-
-    objs = _objects(server, bucket)
-    latest = objs.get(f"run/{LATEST}", b"").decode()
-    if latest:  # whatever was interrupted, latest names a checkpoint every rank finished uploading
-        assert f"run/{latest}/{COMPLETE}" in objs
-        assert {f"run/{latest}/rank0000{r}.pt" for r in (0, 1)} <= set(objs)
-    assert_one_attempt_per_complete_tag(objs, world=2)
-
-    again = subprocess.run(_cmd(cfg), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
-    m = re.search(rf"resumed from s3://{bucket}/run/step(\d+) at step (\d+)", again.stdout)
-    assert m and 2 <= int(m.group(2)) <= 9, again.stdout[-2000:]
+    # attempt A: 2 ranks, killed at step 9; B: 1 rank (another layout), killed at step 13; C: 2 ranks, to the end.
+    # B and C reach steps whose upload the attempt before them may have left half done.
+    one_rank = [sys.executable, str(TRAIN), "--config", str(cfg), "train.grad_accum_steps=4"]
+    for cmd, kill_at, resumed in ((_cmd(cfg), 9, None), (one_rank, 13, (2, 9)), (_cmd(cfg), None, (10, 13))):
+        run = Watched(cmd, start_new_session=True)
+        if kill_at is None:
+            assert run.wait(240) == 0, run.tail()
+        else:
+            run.wait_for_step(kill_at, of=STEPS)
+            os.killpg(run.proc.pid, signal.SIGKILL)  # every process of the attempt, mid-step or mid-upload
+            run.wait(30)
+            time.sleep(1)
+        if resumed:
+            m = re.search(rf"resumed from s3://{bucket}/run/step(\d+) at step (\d+)", run.text)
+            assert m and resumed[0] <= int(m.group(2)) <= resumed[1], run.tail()
+            assert "layout changed since step" in run.text, run.tail()
+        objs = _objects(server, bucket)
+        latest = objs.get(f"run/{LATEST}", b"").decode()
+        if latest:  # whatever was interrupted, latest names a checkpoint every rank finished uploading
+            assert f"run/{latest}/{COMPLETE}" in objs
+        assert_one_attempt_per_complete_tag(objs)
     got = _losses(tmp_path / "s3_run")
     assert sorted(got) == list(range(1, STEPS + 1))
     assert_close(torch.tensor([got[s] for s in sorted(got)], dtype=torch.float64),
                  torch.tensor([want[s] for s in sorted(got)], dtype=torch.float64), rtol=1e-6, atol=0)
 
     objs = _objects(server, bucket)
-    assert_one_attempt_per_complete_tag(objs, world=2)
     tags = sorted({k.split("/")[1] for k in objs if k.startswith("run/step")})
     assert tags == [f"step{STEPS - 2:08d}", f"step{STEPS:08d}"], tags  # keep_last 2, debris pruned remotely
     assert objs[f"run/{LATEST}"].decode() == f"step{STEPS:08d}"
@@ -84,15 +88,21 @@ def test_s3_checkpoints_survive_kill9_and_resume_exactly(tmp_path, demo_data, s3
     assert not list((tmp_path / "staging").rglob("*.pt"))  # staging emptied once uploaded
 
 
-def assert_one_attempt_per_complete_tag(objs: dict, world: int) -> None:
-    """Every complete tag holds the markers of ranks 0..world-1 of exactly one attempt, the one COMPLETE names."""
+def assert_one_attempt_per_complete_tag(objs: dict) -> None:
+    """Every complete tag holds the markers of exactly ranks 0..W-1 (W: the world its hgscale.json records) of
+    exactly one attempt, the one COMPLETE names, and one rank file per rank."""
+    import json
+
     for key, body in objs.items():
         m = re.match(r"run/(step\d+)/COMPLETE$", key)
         if not m:
             continue
-        attempts = {k.split("/")[3] for k in objs if k.startswith(f"run/{m.group(1)}/{UPLOADED}/")}
-        assert attempts == {body.decode()}, (key, attempts)
-        assert {f"run/{m.group(1)}/{UPLOADED}/{body.decode()}/rank{r:05d}" for r in range(world)} <= set(objs)
+        tag, attempt = m.group(1), body.decode()
+        world = json.loads(objs[f"run/{tag}/hgscale.json"])["topology"]["world_size"]
+        markers = {k for k in objs if k.startswith(f"run/{tag}/{UPLOADED}/")}
+        assert markers == {f"run/{tag}/{UPLOADED}/{attempt}/rank{r:05d}" for r in range(world)}, (key, markers)
+        assert {k for k in objs if re.match(rf"run/{tag}/rank\d+\.pt$", k)} == \
+            {f"run/{tag}/rank{r:05d}.pt" for r in range(world)}, key
 
 
 def test_latest_only_moves_once_every_rank_uploaded(tmp_path, s3_env):
@@ -158,9 +168,13 @@ def test_missing_bucket_and_unwritable_staging_are_start_up_problems(tmp_path, s
 
 
 def _stage_and_upload(store, tag: str, payload: bytes = b"x" * 100) -> None:
+    import json
+
     root = store.stage()
     (root / tag).mkdir()
     (root / tag / f"rank{store.rank:05d}.pt").write_bytes(payload)
+    if store.rank == 0:
+        (root / tag / "hgscale.json").write_text(json.dumps({"topology": {"world_size": store.world}}))
     store.upload(tag)
 
 
@@ -188,8 +202,8 @@ def test_a_requeued_attempt_never_mixes_with_the_one_before(tmp_path, s3_env):
         under = {k: v for k, v in objs.items() if k.startswith(f"run/{tag}/")}
         assert {k for k in under if "/.uploaded/" in k} == {f"run/{tag}/.uploaded/{attempt}/rank{r:05d}"
                                                             for r in range(world)}
-        assert {v for k, v in under.items() if k.endswith(".pt")} == {f"from {attempt}".encode()}
-        assert_one_attempt_per_complete_tag(objs, world)
+        assert {v for k, v in under.items() if k.endswith(".pt")} == {f"from {attempt}".encode()}  # not A's file
+        assert_one_attempt_per_complete_tag(objs)
 
 
 def test_a_conversion_is_uploaded_once_and_reused(tmp_path, s3_env):
@@ -273,4 +287,4 @@ def test_a_save_slower_than_the_hang_timeout_completes(tmp_path, demo_data, s3_e
     assert "error: hang" not in r.stderr and fault_proxy.injected["slow"] == 6
     objs = _objects(s3_env, bucket)
     assert {f"run/step{s:08d}/COMPLETE" for s in (2, 4, 6)} <= set(objs)
-    assert_one_attempt_per_complete_tag(objs, world=2)
+    assert_one_attempt_per_complete_tag(objs)

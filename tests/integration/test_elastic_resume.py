@@ -132,6 +132,33 @@ def test_preflight_names_batch_and_model_changes(work, straight):
     assert "model.d_ff 64 -> 96" in msg and "dropout" not in msg
 
 
+def test_preflight_refuses_what_a_conversion_cannot_do_and_leaves_the_source_alone(work, straight, tmp_path):
+    import shutil
+
+    from hgscale.training.preflight import _checkpoint_problems
+
+    src = work / "straight_ckpt" / "step00000003"
+    before = {p.name: p.stat().st_size for p in src.iterdir()}
+    copy = tmp_path / "ckpt" / "step00000003"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("elastic"))
+
+    def problems(*overrides):
+        return _checkpoint_problems(load_config(str(straight), [f"checkpoint.resume={copy}", *overrides]), 1)
+
+    [msg] = problems("train.grad_accum_steps=2", "parallel.zero_stage=0", "train.precision=fp16")
+    assert "ZeRO-0 with fp16, whose fp32 master weights a conversion does not fill" in msg
+    assert "parallel.zero_stage=1 or 2" in msg
+    (copy / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    [msg] = problems("train.grad_accum_steps=2")
+    assert "lacks zero_pp_rank_1_mp_rank_00_optim_states.pt" in msg and str(copy) in msg
+    shutil.copy2(src / "zero_pp_rank_1_mp_rank_00_optim_states.pt", copy)
+    (copy / "elastic").mkdir()
+    (copy / "elastic" / "elastic.json").write_text(json.dumps({"step": 99}))
+    [msg] = problems("train.grad_accum_steps=2")
+    assert "holds a conversion" in msg and "of step 99, not of its step 3" in msg
+    assert {p.name: p.stat().st_size for p in src.iterdir()} == before  # the source was never touched
+
+
 @pytest.fixture(scope="module")
 def small_corpus(work) -> Path:
     """4 shards of 700 bytes: ~82 windows of 33 tokens an epoch, ~10 global batches of 8."""

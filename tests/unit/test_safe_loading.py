@@ -98,3 +98,25 @@ def test_staging_directory_is_private_and_checked(tmp_path, monkeypatch):
     planted.chmod(0o777)  # as another user would leave it for us: world-writable
     with pytest.raises(StorageError, match="not a private directory"):
         private_dir(planted)
+
+
+def test_every_file_and_directory_of_a_checkpoint_is_fsynced(tmp_path, monkeypatch):
+    """What CheckpointManager.save calls before COMPLETE (fsync_tree) and for COMPLETE and latest (atomic_write)."""
+    from hgscale.checkpoint import layout
+
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(layout.os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd)))
+    tag = tmp_path / "step00000002"
+    (tag / "sub").mkdir(parents=True)
+    for name in ("mp_rank_00_model_states.pt", "sub/zero_pp_rank_0_mp_rank_00_optim_states.pt", "rank00000.pt"):
+        (tag / name).write_bytes(b"x")
+    layout.fsync_tree(tag)
+    assert {str(tag / n) for n in ("mp_rank_00_model_states.pt", "sub/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                                   "rank00000.pt")} <= set(synced)
+    assert {str(tag), str(tag / "sub")} <= set(synced)
+    synced.clear()
+    layout.atomic_write(tmp_path / "latest", "step00000002")
+    assert (tmp_path / "latest").read_text() == "step00000002"
+    assert str(tmp_path) in synced and any(".latest.tmp" in s for s in synced)  # the file, then its directory
+    assert not list(tmp_path.glob(".latest.tmp*"))

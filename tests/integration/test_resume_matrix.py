@@ -9,7 +9,7 @@ freshly built scheduler's value after a conversion shows in the first update.
 
     interval checkpoint: 2 DP ZeRO-1 -> 1 rank ZeRO-1 and ZeRO-0;  1 rank ZeRO-0 -> 2 DP ZeRO-2;
                          2 stages -> 2 DP;  2 DP -> 2 stages
-    SIGUSR1 checkpoint:  2 DP ZeRO-1 -> 1 rank ZeRO-0
+    SIGUSR1 checkpoint:  the same five pairs, from a checkpoint saved on preemption mid-interval
 
 With dropout (0.1 on embeddings, residuals, feed-forward and attention) the masks come from (seed, step, global
 micro-batch, layer), not from a per-rank stream: the layouts agree with each other and a resume on another layout
@@ -110,15 +110,30 @@ def preempt_after(cfg, nprocs: int, step: int) -> int:
     return int(m.group(1))
 
 
-def test_resume_from_a_preemption_checkpoint_on_another_layout(work, demo_data, straight):  # noqa: F811
-    cfg = layout_config(work, demo_data, "p_dp2_z1", "dp2_z1", interval=0)
-    stopped = preempt_after(cfg, 2, 3)
-    assert 3 <= stopped <= STEPS - 10, stopped  # at least 10 steps follow the resume
-    launch(1, TRAIN, ["--config", str(cfg), "train.grad_accum_steps=2", "parallel.zero_stage=0"])
-    got = by_step(work / "p_dp2_z1_run")
-    assert sorted(got) == list(range(1, STEPS + 1))
-    assert_losses_equal(got, straight["dp2_z1"], range(1, STEPS + 1))
-    assert_lr_follows_schedule(work, "p_dp2_z1", got)
+@pytest.fixture(scope="module")
+def preempted(work, demo_data):  # noqa: F811
+    """Each source layout run until SIGUSR1 after step 3: {layout: (the preemption checkpoint, its step)}."""
+    out = {}
+    for layout in ("dp2_z1", "one_z0", "pp2"):
+        cfg = layout_config(work, demo_data, f"p_{layout}", layout, interval=0)
+        stopped = preempt_after(cfg, LAYOUTS[layout][0], 3)
+        assert 3 <= stopped <= STEPS - 10, stopped  # at least 10 steps follow the resume
+        out[layout] = (work / f"p_{layout}_ckpt" / f"step{stopped:08d}", stopped)
+    return out
+
+
+@pytest.mark.parametrize("source,target", [("dp2_z1", "one_z1"), ("dp2_z1", "one_z0"), ("one_z0", "dp2_z2"),
+                                           ("pp2", "dp2_z1"), ("dp2_z1", "pp2")])
+def test_resume_from_a_preemption_checkpoint_on_another_layout(work, demo_data, straight, preempted, source,  # noqa: F811
+                                                               target):
+    ckpt, stopped = preempted[source]
+    name = f"pr_{source}_to_{target}"
+    got = run(work, demo_data, name, target, resume=str(ckpt))
+    assert sorted(got) == list(range(stopped + 1, STEPS + 1))
+    assert_losses_equal(got, straight[source], range(stopped + 1, STEPS + 1))
+    assert_lr_follows_schedule(work, name, got)
+    first = by_step(work / f"p_{source}_run")  # the preempted run itself equals the uninterrupted one up to its stop
+    assert_losses_equal(first, straight[source], range(1, stopped + 1))
 
 
 def test_dropout_does_not_depend_on_the_layout(work, demo_data, straight):  # noqa: F811

@@ -113,4 +113,7 @@ class DropoutKeys:
 
     def _seed(self, module: torch.nn.Module, index: int) -> None:
         if module.training:
-            torch.manual_seed(_mix(self.seed, self.step, self.first_micro + self.count, index))
+            seed = _mix(self.seed, self.step, self.first_micro + self.count, index)
+            torch.default_generator.manual_seed(seed)  # 1 us; torch.manual_seed visits every backend (~80 us)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.manual_seed(seed)  # this device's generator: GPU dropout and attention kernels

@@ -9,6 +9,8 @@
 """
 import sys
 
+from hgscale.core.status import USER_ERROR
+
 
 def run_cli(main, argv=None) -> int:
     """Run a preparation tool: user errors print one line, not a stack trace."""
@@ -17,4 +19,4 @@ def run_cli(main, argv=None) -> int:
         return main(argv) or 0
     except (StorageError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR

@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 from typing import Mapping
 
-from hgscale.core.status import HANG, STOPS
+from hgscale.core.status import HANG, STOPS, USER_ERROR
 from launchers.faults import record_crash, record_stop
 from launchers.hostlist import HostlistError, expand_hostlist, expand_tasks_per_node
 from launchers.signals import SignalRelay, child_setup, exit_status
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         mapped = slurm_rank_env(os.environ)
     except LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     if not argv:
         print(" ".join(f"{k}={v}" for k, v in mapped.items()))
         return 0

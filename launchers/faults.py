@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from hgscale.core.status import INFRA, STOPS
+from hgscale.core.status import INFRA, STOPS, USER_ERROR
 
 
 def _record(kind: str, rank: int, status: int, events_dir: str | None) -> Path | None:
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] not in COMMANDS:
         print(f"usage: python -m launchers.faults {'|'.join(COMMANDS)} EVENTS_DIR", file=sys.stderr)
-        return 2
+        return USER_ERROR
     found = COMMANDS[argv[0]](argv[1])
     if found is not None:
         print(found)

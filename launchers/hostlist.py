@@ -19,6 +19,8 @@ import os
 import re
 import sys
 
+from hgscale.core.status import USER_ERROR
+
 
 class HostlistError(ValueError):
     """A node list or task count string that does not follow Slurm's grammar."""
@@ -122,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         text = hostfile_text(hosts, slots)
     except HostlistError as e:
         print(f"error: {e}; pass --nodelist like 'node[01-04]' (or run inside a Slurm allocation)", file=sys.stderr)
-        return 2
+        return USER_ERROR
     if args.output == "-":
         sys.stdout.write(text)
     else:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from hgscale.core.status import USER_ERROR
+
 COMMANDS = {
     "train": "train a model (DeepSpeed: data, pipeline and ZeRO parallelism)",
     "evaluate": "score a split with a checkpoint (the paper's enwik8 protocol)",
@@ -43,5 +45,5 @@ def main(argv: list[str] | None = None) -> int:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         print(f"{usage()}\n\nerror: unknown command {name!r}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     return importlib.import_module(f"hgscale.commands.{name}").main(rest) or 0

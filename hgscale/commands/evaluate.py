@@ -20,6 +20,7 @@ import time
 
 import torch
 
+from hgscale.core.status import USER_ERROR
 from hgscale.models.scoring import sliding_nll, windows_nll
 
 
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                      args.batch_size, args.max_chunks, args.device)
     except (CheckpointError, ConfigError, StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     how = (f"{r['chunk']}-token chunks with {r['context_chunks']} x {r['chunk']} tokens of context"
            if r["protocol"] == "sliding" else "non-overlapping windows")
     print(f"{r['split']} {r['metric']} {r['value']:.4f} ({r['loss_nats']:.4f} nats/token) over {r['tokens']:,} "

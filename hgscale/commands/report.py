@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hgscale.core.secrets import mask_value
+from hgscale.core.status import USER_ERROR
 from hgscale.tracking.report import ReportError, build_report
 
 DESCRIPTION = "Compare runs by compute: validation against training FLOPs and wall-clock, a table, a summary run."
@@ -31,24 +32,24 @@ def main(argv: list[str] | None = None) -> int:
             args.tracking_uri = resolve_uri(load_config(args.config, validate=False))
         except (ConfigError, ValueError) as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
+            return USER_ERROR
     if not args.tracking_uri:
         print("error: no tracking store given: pass --tracking-uri (http://host:5000 or "
               "sqlite:///runs/NAME/mlflow.db), --config CONFIG, or set MLFLOW_TRACKING_URI", file=sys.stderr)
-        return 2
+        return USER_ERROR
     out = args.out or str(Path("reports") / args.experiment.replace("/", "_"))
     try:
         res = build_report(args.tracking_uri, args.experiment, args.runs, out, not args.no_summary_run)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     except Exception as e:  # noqa: BLE001 - a store that does not answer is the user's to fix, not a bug
         from hgscale.tracking.mlflow_sink import is_transient_tracking_error
         if not is_transient_tracking_error(e):
             raise
         print(f"error: the tracking store at {mask_value(args.tracking_uri)} does not answer; start it or fix "
               f"--tracking-uri / MLFLOW_TRACKING_URI", file=sys.stderr)
-        return 2
+        return USER_ERROR
     print(res["markdown"].read_text())
     print(f"wrote {res['markdown']}, {', '.join(str(p) for p in res['pngs'])}"
           + (f"; summary run {res['summary_run_id']}" if res["summary_run_id"] else ""))

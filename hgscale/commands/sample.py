@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from hgscale.config import ConfigError
+from hgscale.core.status import USER_ERROR
 from hgscale.models.generation import Streamer, generate, sample_text
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -171,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             path = _text(args, model, cfg, gen, args.device)
     except (UsageError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:  # + generate's checks
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     except NotImplementedError as e:  # a model without an exact cache (LSH attention)
         print(f"error: {e} (on this command line: --no-cache)", file=sys.stderr)
-        return 2
+        return USER_ERROR
     if path is not None and not args.no_track:
         _log_to_training_run(args.checkpoint, path)
     return 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from hgscale.core.status import USER_ERROR
 from hgscale.core.storage import StorageError, storage_options
 from hgscale.data.shards import load_manifest, verify_checksums, verify_sizes
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         n = verify_checksums(url, manifest, opts, progress=not args.quiet, on_retry=warn)
     except StorageError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return USER_ERROR
     tokens = sum(s["num_tokens"] for s in manifest["splits"].values())
     print(f"ok: {url}: {n} shards, {tokens:,d} tokens, sizes, sha256 and counts match the manifest")
     return 0

@@ -26,7 +26,7 @@ from tests.integration.train_helpers import ROOT, TRAIN, demo_data, launch, metr
 
 pytestmark = pytest.mark.integration
 PROBE = ROOT / "tests" / "integration" / "elastic_probe.py"
-BF16_RTOL = 1e-2
+BF16_RTOL = 1e-4  # measured: steps 1-8 equal, then at most 2.2e-5 (2026-12-04)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -198,7 +198,8 @@ def test_pipeline_and_zero_layouts_round_trip_across_an_epoch(work, small_corpus
                                                                    "precision": "bf16"}, parallel=pipe)
     launch(2, TRAIN, ["--config", str(ref)])  # the same 16 steps, uninterrupted, on the first layout
     want = losses(work / "chainref_run")
-    # bf16 keeps 8 mantissa bits (relative round-off 2^-8 = 3.9e-3 per operation), and each layout sums the
-    # gradients in another order: the losses agree to BF16_RTOL, not to fp32's 1e-5
+    # bf16 weights and activations (8 mantissa bits), with fp32 masters and fp32 gradient accumulation: after the
+    # first change of layout the gradients are summed in another order, which bf16 rounding makes visible in the
+    # fifth digit; the losses agree to BF16_RTOL, not to fp32's 1e-5
     assert_close(torch.tensor([got[s] for s in range(1, 17)]), torch.tensor([want[s] for s in range(1, 17)]),
                  rtol=BF16_RTOL, atol=0)

@@ -87,7 +87,7 @@ def needed(name: str, rank: int, stage: int, layers: range | None) -> bool:
     return not name.startswith(".") and name not in (COMPLETE, CONVERTED)
 
 
-def for_conversion(name: str, rank: int) -> bool:
+def for_conversion(name: str) -> bool:
     """Whether ``name`` is read when a checkpoint of another layout is loaded from its conversion: the metadata and
     rank 0's file (the data position and meters are the same on every rank); the conversion itself comes apart."""
     return name in (META, "rank00000.pt")
@@ -203,7 +203,7 @@ class RemoteCheckpoints:
         conversion directory); returns this rank's staging root."""
         stage, layers = stage_of(meta, self.rank)
         if converted:
-            self._get_files(tag, lambda n: for_conversion(n, self.rank))
+            self._get_files(tag, for_conversion)
             self._get_tree(f"{tag}/{CONVERTED}", self.local / tag / CONVERTED)
         else:
             self._get_files(tag, lambda n: needed(n, self.rank, stage, layers))

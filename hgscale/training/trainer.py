@@ -10,6 +10,7 @@ validation (per source for a mixture) and the sources' shares, preemption, check
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -148,7 +149,6 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ services
     def say(self, *args, err: bool = False) -> None:
         if self.rt.rank == 0:
-            import sys
             print(*args, file=sys.stderr if err else sys.stdout, flush=True)
 
     def record(self, step: int, metrics: dict) -> None:

@@ -25,7 +25,6 @@ from hgscale.checkpoint.layout import (
     CheckpointError,
     atomic_write,
     complete_tags,
-    describe,
     fsync_tree,
     latest_tag,
     layout_changed,
@@ -53,16 +52,6 @@ def resume_point(cfg: Config) -> tuple[Path, str] | None:
         tag = latest_tag(root)
         return (root, tag) if tag else None
     return resolve(spec)
-
-
-def layout_problem(tag_dir: Path, want: dict) -> str | None:
-    """Why the checkpoint in ``tag_dir`` cannot be loaded by DeepSpeed as it is into topology ``want`` (it then
-    needs a conversion), or None. Stage boundaries count too: each stage's optimizer state only fits the layers
-    it was saved with."""
-    have = read_meta(tag_dir)["topology"]
-    if not layout_changed(have, want):
-        return None
-    return (f"checkpoint {str(tag_dir)!r} was written by {describe(have)}, this run is {describe(want)}")
 
 
 def rng_state() -> dict:

@@ -52,10 +52,6 @@ def _canonical(name: str) -> str:
     return name.removeprefix("model.") if name.startswith("model.") else f"layers.{name}"
 
 
-def _module_name(canon: str, pipeline: bool) -> str:
-    return canon.removeprefix("layers.") if pipeline else f"model.{canon}"
-
-
 def _stage_files(tag_dir: Path) -> list[Path]:
     files = sorted(tag_dir.glob("mp_rank_*_model_states.pt"))
     if not files:

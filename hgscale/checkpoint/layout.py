@@ -64,6 +64,29 @@ def latest_tag(root: str | Path) -> str | None:
     return tags[-1] if tags else None
 
 
+def newest_readable(tags: list[str], meta_of, warn) -> str | None:
+    """The first of ``tags`` (newest first) whose hgscale.json reads (``meta_of(tag)`` raises CheckpointError when
+    it does not); each one skipped is named by ``warn``: a corrupt newest checkpoint costs one interval, not the
+    run. None without tags; when none of them reads, a CheckpointError (a fresh start would prune them all)."""
+    for tag in tags:
+        try:
+            meta_of(tag)
+            return tag
+        except CheckpointError as e:
+            warn(f"warning: skipping checkpoint {tag}: {e}; resuming from the one before it")
+    if tags:
+        raise CheckpointError(f"no complete checkpoint of {len(tags)} ({', '.join(tags[:3])}) can be read: move them "
+                              f"away to start fresh, or set checkpoint.resume=never")
+    return None
+
+
+def resume_candidates(root: Path) -> list[str]:
+    """Complete tags of ``root``, newest first, the one ``latest`` names at the front."""
+    tags = complete_tags(root)[::-1]
+    named = latest_tag(root)
+    return [named] + [t for t in tags if t != named] if named else tags
+
+
 def resolve(spec: str | Path) -> tuple[Path, str]:
     """(root, tag) for a checkpoint root (its latest) or one tag directory. Raises CheckpointError."""
     p = Path(spec)

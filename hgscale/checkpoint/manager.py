@@ -8,8 +8,10 @@ An ``s3://`` checkpoint.dir has the same layout; ranks stage and upload through 
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,11 +28,12 @@ from hgscale.checkpoint.layout import (
     atomic_write,
     complete_tags,
     fsync_tree,
-    latest_tag,
     layout_changed,
+    newest_readable,
     rank_file,
     read_meta,
     resolve,
+    resume_candidates,
     tag_for,
     tag_step,
 )
@@ -47,11 +50,17 @@ def resume_point(cfg: Config) -> tuple[Path, str] | None:
         return None
     if spec == "auto":
         if is_remote(cfg.checkpoint.dir):  # newest complete remote tag, its metadata staged for the layout check
-            return remote_resume_point(cfg)
+            return remote_resume_point(cfg, _warn)
         root = Path(cfg.checkpoint.dir)
-        tag = latest_tag(root)
+        tag = newest_readable(resume_candidates(root), lambda t: read_meta(root / t), _warn)
         return (root, tag) if tag else None
     return resolve(spec)
+
+
+def _warn(message: str) -> None:
+    """A warning on rank 0's stderr (before any process group: RANK from the launcher)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr, flush=True)
 
 
 def rng_state() -> dict:

@@ -180,14 +180,19 @@ class RemoteCheckpoints:
         tags = {p.rstrip("/").split("/")[-2] for p in found}
         return sorted((t for t in tags if TAG_RE.match(t)), key=lambda t: int(TAG_RE.match(t).group(1)))
 
-    def latest(self) -> str | None:
-        """The tag ``latest`` names if it is complete, else the newest complete one, else None."""
-        tags = self.complete_tags()
+    def candidates(self) -> list[str]:
+        """Complete tags, newest first, the one ``latest`` names (if complete) at the front."""
+        tags = self.complete_tags()[::-1]
         try:
             named = self._call(lambda: self.fs.cat_file(join(self.path, LATEST)), "read").decode().strip()
         except StorageError:
             named = None
-        return named if named in tags else (tags[-1] if tags else None)
+        return [named] + [t for t in tags if t != named] if named in tags else tags
+
+    def latest(self) -> str | None:
+        """The tag ``latest`` names if it is complete, else the newest complete one, else None."""
+        tags = self.candidates()
+        return tags[0] if tags else None
 
     def fetch_meta(self, tag: str) -> Path:
         """hgscale.json of ``tag`` into this rank's staging (the layout check reads it before any process group)."""
@@ -358,24 +363,20 @@ class RemoteCheckpoints:
             self._call(lambda t=t: self.fs.rm(join(self.path, t), recursive=True), "delete from")
 
 
-def remote_resume_point(cfg) -> tuple[Path, str] | None:
-    """(this rank's staging root, tag) of the newest complete checkpoint at checkpoint.dir, its hgscale.json
-    downloaded; None if there is none. Runs before any process group: every storage problem (bucket, credentials,
-    staging dir) is raised here as a StorageError naming the URL and the fix."""
-    import os
+def remote_resume_point(cfg, warn=print) -> tuple[Path, str] | None:
+    """(this rank's staging root, tag) of the newest complete checkpoint at checkpoint.dir whose hgscale.json reads
+    (a corrupt one is skipped, named by ``warn``), that file downloaded; None if there is none. Runs before any
+    process group: every storage problem (bucket, credentials, staging dir) is raised here as a StorageError naming
+    the URL and the fix."""
+    from hgscale.checkpoint.layout import newest_readable, read_meta
 
     store = RemoteCheckpoints(cfg, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
-    tag = store.latest()
-    if tag is None:
-        return None
-    store.fetch_meta(tag)
-    return store.local, tag
+    tag = newest_readable(store.candidates(), lambda t: read_meta(store.fetch_meta(t).parent), warn)
+    return (store.local, tag) if tag else None
 
 
 def start_up_problems(cfg) -> list[str]:
     """Bucket, credentials and staging dir of a remote checkpoint.dir, checked before any process group."""
-    import os
-
     if not is_remote(cfg.checkpoint.dir):
         return []
     return RemoteCheckpoints(cfg, int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))).problems()

@@ -33,6 +33,14 @@ from hgscale.training.progress import ProgressLog, RunShape
 from hgscale.training.watchdog import Progress, Watchdog
 
 
+def _record_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line cut short by a killed attempt (dropped with the others)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class Trainer:
     def __init__(self, cfg: Config, ds_json: dict, dataset):
         from hgscale.training.engine import TrainEngine, init_distributed
@@ -76,6 +84,18 @@ class Trainer:
         self.metrics_path = Path(cfg.run_dir) / "metrics.jsonl"
         if self.rt.rank == 0:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            if state:
+                self._drop_records_after(int(state["step"]))
+
+    def _drop_records_after(self, step: int) -> None:
+        """metrics.jsonl without the records of steps after the checkpoint resumed from: those steps run again, and
+        each step is to appear once (an attempt that died after its last checkpoint logged them already)."""
+        if not self.metrics_path.is_file():
+            return
+        kept = [ln for ln in self.metrics_path.read_text().splitlines() if _record_step(ln) <= step]
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in kept))
+        tmp.replace(self.metrics_path)
 
     def _open_stream(self, state: dict) -> None:
         """Only ranks that read data (every rank, or a pipeline's first and last stage) open the stream."""

@@ -27,8 +27,9 @@ def _cmd(cfg, *extra):
 
 def _losses(run_dir) -> dict:
     out = {}
-    for rec in metrics(run_dir):  # a step re-run after a resume appears twice: the later one counts
+    for rec in metrics(run_dir):
         if "train/loss" in rec:
+            assert rec["step"] not in out, f"step {rec['step']} logged twice"  # a resume drops the re-run steps
             out[rec["step"]] = rec["train/loss"]
     return out
 

@@ -86,6 +86,6 @@ def test_frozen_rank_is_named_and_the_job_ends_then_resumes(tmp_path, demo_data)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert f"at step {saved}" in again.stdout and f"finished {STEPS} steps" in again.stdout
     steps = [m["step"] for m in metrics(tmp_path / "hang_run") if "train/loss" in m]
-    assert steps[-1] == STEPS and sorted(set(steps)) == list(range(1, STEPS + 1))
+    assert steps == list(range(1, STEPS + 1))  # every step once: the steps after the checkpoint ran again
     (run,) = client.search_runs([client.get_experiment_by_name("hgscale").experiment_id])  # the same run, continued
     assert (run.info.status, run.data.tags.get("hgscale.exit")) == ("FINISHED", "OK")

@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from hgscale.checkpoint.layout import COMPLETE, CONVERTED, LATEST, META, RANK_FILE_RE, TAG_RE, UPLOADED
+from hgscale.core import storage
 from hgscale.core.storage import StorageError, filesystem, join, storage_options, user_error, with_retries
 
 _LAYER_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
@@ -167,11 +168,11 @@ class RemoteCheckpoints:
     def _call(self, fn, what: str):
         try:
             return with_retries(self.url, fn, self.opts, what=what)
-        except StorageError as e:
-            raise StorageError(str(e) if str(e).startswith("checkpoint.dir") else f"checkpoint.dir: {e}") from None
+        except StorageError as e:  # the same kind (an outage stays StorageUnavailable: exit INFRA, requeued)
+            raise type(e)(str(e) if str(e).startswith("checkpoint.dir") else f"checkpoint.dir: {e}") from None
         except OSError as e:
             err = user_error(self.url, e, what) or StorageError(f"cannot {what} {self.url}: {type(e).__name__}: {e}")
-            raise StorageError(f"checkpoint.dir: {err}") from None
+            raise type(err)(f"checkpoint.dir: {err}") from None
 
     # --------------------------------------------------------------------------------- reading
     def complete_tags(self) -> list[str]:
@@ -291,7 +292,12 @@ class RemoteCheckpoints:
 
     def raise_error(self) -> None:
         if self._error is not None:
-            raise StorageError(f"checkpoint upload to {self.url} failed: {self._error}")
+            # credentials or a bucket the user must fix stay a StorageError; anything else that failed after the
+            # retries (an outage, a dropped connection, a full staging disk) is infrastructure: requeued
+            err = self._error
+            user = isinstance(err, StorageError) and not isinstance(err, storage.StorageUnavailable)
+            kind = StorageError if user else storage.StorageUnavailable
+            raise kind(f"checkpoint upload to {self.url} failed: {err}")
 
     def _work(self) -> None:
         while True:

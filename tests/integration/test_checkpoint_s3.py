@@ -14,6 +14,8 @@ from torch.testing import assert_close
 
 from hgscale.checkpoint.remote import COMPLETE, LATEST, UPLOADED, RemoteCheckpoints, needed
 from hgscale.config import config_from_dict
+from hgscale.core.status import INFRA, status_of
+from hgscale.core.storage import StorageUnavailable
 from tests.integration.train_helpers import ROOT, TRAIN, Watched, demo_data, env, metrics, tiny_config  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -289,3 +291,27 @@ def test_a_save_slower_than_the_hang_timeout_completes(tmp_path, demo_data, s3_e
     objs = _objects(s3_env, bucket)
     assert {f"run/step{s:08d}/COMPLETE" for s in (2, 4, 6)} <= set(objs)
     assert_one_attempt_per_complete_tag(objs)
+
+
+def test_an_outage_of_checkpoint_storage_is_infrastructure_not_a_user_error(tmp_path, s3_env, fault_proxy):
+    """Object storage that refuses every request (the proxy resets each connection) past the retries: reading
+    ``latest`` and uploading a checkpoint both fail as StorageUnavailable, exit status INFRA (requeued with
+    back-off), never USER_ERROR (which would stop the job for good); a wrong bucket stays a USER_ERROR."""
+    bucket = s3_env.make_bucket()
+    cfg = config_from_dict({"data": {"url": "/d", "s3_endpoint_url": fault_proxy.endpoint_url, "retries": 2,
+                                     "retry_backoff_s": 0.05},
+                            "checkpoint": {"dir": f"s3://{bucket}/run", "staging_dir": str(tmp_path)}})
+    st = RemoteCheckpoints(cfg, 0, 1, attempt="A")
+    fault_proxy.outage(3600)
+    with pytest.raises(StorageUnavailable, match=f"s3://{bucket}/run") as read:
+        st.latest()
+    _stage_and_upload(st, "step00000002", b"x")
+    with pytest.raises(StorageUnavailable, match="checkpoint upload to .* failed") as upload:
+        st.wait(60)
+    assert status_of(read.value) == status_of(upload.value) == INFRA
+    fault_proxy.outage(0)
+    wrong = config_from_dict({"data": {"url": "/d", "s3_endpoint_url": fault_proxy.endpoint_url},
+                              "checkpoint": {"dir": f"s3://{bucket}-missing/run", "staging_dir": str(tmp_path)}})
+    problems = RemoteCheckpoints(wrong, 0, 1).problems()
+    assert len(problems) == 1 and "does not exist" in problems[0], problems
+    assert fault_proxy.injected["outage"] >= 4

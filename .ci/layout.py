@@ -4,7 +4,9 @@
   imports its packages' ``__init__``);
 - nothing in hgscale/ imports launchers/ (launchers may import hgscale.core and hgscale.config);
 - no function over 60 lines and no file over 400 lines in hgscale/, launchers/, data_pipelines/, benchmarks/;
-- the package root holds only __init__.py, __main__.py, train.py and config.py.
+- the package root holds only __init__.py, __main__.py, train.py and config.py;
+- arrows between hgscale's packages point down only, in the order of LEVELS (a module may import its own
+  package and those listed before it): a circle between packages is refused as well as one between modules.
 
 Prints one line per violation; exit status 1 if there is any.
 """
@@ -18,6 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CHECKED = ("hgscale", "launchers", "data_pipelines", "benchmarks")
 MAX_FUNCTION, MAX_FILE = 60, 400
 ROOT_FILES = {"__init__.py", "__main__.py", "train.py", "config.py"}
+#: bottom to top; ``train`` and ``__main__`` are the root's entry points, ``config`` its schema
+LEVELS = ("core", "config", "models", "data", "tracking", "checkpoint", "evaluation", "training", "train", "commands", "__main__")
 
 
 def module_name(path: Path) -> str:
@@ -101,11 +105,26 @@ def sizes(path: Path) -> list[str]:
     return out
 
 
+def level(mod: str) -> int | None:
+    """Rank of ``mod``'s package in LEVELS (hgscale.training.engine -> training), None for hgscale itself."""
+    parts = mod.split(".")
+    return LEVELS.index(parts[1]) if len(parts) > 1 and parts[1] in LEVELS else None
+
+
+def upward(edges: dict[str, set[str]]) -> list[str]:
+    """'a imports b' for each import of a package above the importer's own."""
+    return [f"{a} imports {b}: {b.split('.')[1]} stands above {a.split('.')[1]} (order: {', '.join(LEVELS)})"
+            for a in sorted(edges) for b in sorted(edges[a])
+            if level(a) is not None and level(b) is not None and level(b) > level(a)]
+
+
 def problems() -> list[str]:
     out = []
     modules = {module_name(p): p for p in (ROOT / "hgscale").rglob("*.py")}
-    for comp in circles(graph(modules)):
+    edges = graph(modules)
+    for comp in circles(edges):
         out.append(f"import circle: {' <-> '.join(comp)}")
+    out += upward(edges)
     for mod, path in sorted(modules.items()):
         if any(n == "launchers" or n.startswith("launchers.") for n in imported(ast.parse(path.read_text()), mod,
                                                                                 path.name == "__init__.py")):

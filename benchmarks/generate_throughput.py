@@ -5,7 +5,7 @@
 
 One run, the same prompt of --prompt tokens (batch 1, fp32, random weights of the enwik8 sizes; speed does not
 depend on the weights), greedy decoding. Models:
-    (a) Hourglass "5@1 24@3 5@1" with the cache (model.decode one token per step, as hgscale.sample.generate)
+    (a) Hourglass "5@1 24@3 5@1" with the cache (model.decode one token per step, as hgscale.models.generation.generate)
     (b) the same Hourglass recomputing a full forward per token (generate(use_cache=False), the old sampler)
     (c) the vanilla Transformer of the same depth ("34@1") with its K/V cache
     (d) the vanilla Transformer of the same training FLOPs per token, with its K/V cache

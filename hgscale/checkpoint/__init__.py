@@ -5,6 +5,7 @@
     remote.py    object storage: node-local staging, background upload, attempts, per-rank download
     reshard.py   elastic resume: a checkpoint of one parallel layout loaded into another
     export.py    one model on one device: consolidation, safetensors, safe loading
+    run_link.py  the MLflow run that trained a checkpoint (read from hgscale.json or an export's run.json)
 
 Import the submodules directly (``layout`` and ``remote`` import neither torch nor deepspeed).
 """

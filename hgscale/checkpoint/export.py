@@ -130,7 +130,7 @@ def export(root: str | Path, out: str | Path, tag: str | None = None) -> Path:
                               f"--out") from None
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "hgscale": "HourglassLM"})
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    from hgscale.tracking.checkpoint_run import checkpoint_run, save_run_file
+    from hgscale.checkpoint.run_link import checkpoint_run, save_run_file
 
     save_run_file(checkpoint_run(Path(root) / tag if tag else root), out)  # later scores go to the training run
     return out

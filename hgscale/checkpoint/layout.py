@@ -118,9 +118,14 @@ def read_meta(tag_dir: Path) -> dict:
     return meta
 
 
+def saved_dp(t: dict) -> int:
+    """Data-parallel size of a checkpoint's topology dict (older checkpoints record world and stages only)."""
+    return t.get("data_parallel_size", t["world_size"] // max(t["pipeline_stages"], 1))
+
+
 def describe(t: dict) -> str:
     """'2 stage(s) x 1 data-parallel, ZeRO-1' for a topology dict."""
-    dp = t.get("data_parallel_size", t["world_size"] // t["pipeline_stages"])
+    dp = saved_dp(t)
     return f"{t['pipeline_stages']} stage(s) x {dp} data-parallel, ZeRO-{t['zero_stage']}"
 
 

@@ -36,7 +36,7 @@ import threading
 import time
 from pathlib import Path
 
-from hgscale.checkpoint.layout import COMPLETE, CONVERTED, LATEST, META, RANK_FILE_RE, TAG_RE, UPLOADED
+from hgscale.checkpoint.layout import COMPLETE, CONVERTED, LATEST, META, RANK_FILE_RE, TAG_RE, UPLOADED, saved_dp
 from hgscale.core import storage
 from hgscale.core.storage import StorageError, filesystem, join, storage_options, user_error, with_retries
 
@@ -102,10 +102,10 @@ def source_file(name: str) -> bool:
 def stage_of(meta: dict, rank: int) -> tuple[int, range | None]:
     """(pipeline stage of ``rank``, the layer indices it holds) from a checkpoint's topology (pipe-major ranks)."""
     topo = meta["topology"]
-    stages, world = topo["pipeline_stages"], topo["world_size"]
+    stages = topo["pipeline_stages"]
     if stages <= 1:
         return 0, None
-    stage = rank // (world // stages)
+    stage = rank // saved_dp(topo)
     bounds = topo.get("stage_boundaries")
     if isinstance(bounds, list) and len(bounds) == stages + 1:
         return stage, range(bounds[stage], bounds[stage + 1])

@@ -60,7 +60,7 @@ def _stage_files(tag_dir: Path) -> list[Path]:
     return files
 
 
-def _partition_file(tag_dir: Path, dp_rank: int, stage: int) -> Path | None:
+def partition_file(tag_dir: Path, dp_rank: int, stage: int) -> Path | None:
     """The optimizer partition of (dp_rank, stage): ZeRO 1/2 write ``zero_pp_rank_*``, DeepSpeed's bf16 optimizer
     (bf16 with ZeRO 0/1) ``bf16_zero_pp_rank_*``, with the same contents; plain ZeRO-0 writes none."""
     for prefix in ("", "bf16_"):
@@ -79,7 +79,7 @@ def _load_mapped(f: Path) -> dict:
 def _zero_stage_state(tag_dir: Path, stage: int, dp: int, shapes: list[dict]):
     """ZeRO 1/2: yields (name, {fp32, exp_avg, exp_avg_sq}) of one pipeline stage parameter by parameter, each
     gathered from the dp partitions that hold a fragment of it; then (None, (adam step, loss scaler))."""
-    osds = [_load_mapped(_partition_file(tag_dir, d, stage))["optimizer_state_dict"] for d in range(dp)]
+    osds = [_load_mapped(partition_file(tag_dir, d, stage))["optimizer_state_dict"] for d in range(dp)]
     step = None
     for g, group in enumerate(shapes):
         flats = []  # per partition: its flat fp32 and moments of group g (moments keep the alignment padding)
@@ -149,7 +149,7 @@ def convert(tag_dir: str | Path) -> tuple[Path, bool]:
         if counters is None:
             counters = {k: states.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}
             counters["lr_scheduler"] = states.get("lr_scheduler")
-        if _partition_file(tag_dir, 0, stage) is None:  # torch's optimizer state, unpartitioned
+        if partition_file(tag_dir, 0, stage) is None:  # torch's optimizer state, unpartitioned
             params, step = _zero0_stage_state(tag_dir, states, meta, stage)
             params = list(params.items())
         else:

@@ -14,52 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
-import time
-
-import torch
 
 from hgscale.core.status import USER_ERROR
-from hgscale.models.scoring import sliding_nll, windows_nll
-
-
-def evaluate(checkpoint: str, split: str = "test", data_url: str | None = None, protocol: str = "auto",
-             chunk: int = 128, context_chunks: int | None = None, batch_size: int = 8, max_chunks: int | None = None,
-             device: str = "auto") -> dict:
-    from hgscale.checkpoint.export import load_any
-    from hgscale.data import open_dataset
-
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    model, cfg = load_any(checkpoint, dev)
-    if data_url:
-        cfg.data.url = data_url
-    ds = open_dataset(cfg.data)
-    if protocol == "auto":
-        protocol = "sliding" if ds.modality.startswith("text") else "windows"
-    if context_chunks is None:  # the paper's 53 chunks of context, or as many as the model was built for
-        context_chunks = max(0, min(53, cfg.model.max_seq_len // chunk - 1))
-    if protocol == "sliding" and context_chunks * chunk + chunk > cfg.model.max_seq_len:
-        raise ValueError(f"a window of ({context_chunks} + 1) x {chunk} tokens exceeds model.max_seq_len = "
-                         f"{cfg.model.max_seq_len}; lower --context-chunks")
-    t0 = time.perf_counter()
-    if protocol == "sliding":
-        total, count = sliding_nll(model, ds.split_tokens(split), chunk, context_chunks, batch_size, max_chunks, dev)
-    else:
-        batches = ds.eval_batches(split, batch_size, cfg.data.seq_len, max_batches=max_chunks)
-        total, count = windows_nll(model, batches, dev)
-    nats = total / max(count, 1)
-    factor = ds.bits_per_nat_token_for(split)
-    return {"split": split, "protocol": protocol, "tokens": count, "loss_nats": nats,
-            "metric": ds.metric_name, "value": nats * factor, "bits_per_token": nats / math.log(2),
-            "chunk": chunk, "context_chunks": context_chunks, "seconds": time.perf_counter() - t0}
 
 
 def main(argv: list[str] | None = None) -> int:
     from hgscale.checkpoint.layout import CheckpointError
+    from hgscale.checkpoint.run_link import log_to_training_run
     from hgscale.config import ConfigError
     from hgscale.core.storage import StorageError
+    from hgscale.evaluation.splits import evaluate
+    from hgscale.tracking import names
 
     ap = argparse.ArgumentParser(prog="hgscale evaluate", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="training checkpoint directory or exported directory")
@@ -91,20 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(r, f, indent=1)
-    if not args.no_track:
-        _log_to_training_run(args.checkpoint, r)
+    if not args.no_track:  # the report's test column reads <split>/<metric>
+        metrics = {names.split_metric(r["split"], r["metric"]): r["value"],
+                   names.split_metric(r["split"], "loss"): r["loss_nats"]}
+        run = log_to_training_run(args.checkpoint, metrics=metrics)
+        if run is not None:
+            print(f"logged {', '.join(metrics)} to MLflow run {run.run_id} at step {run.step}")
     return 0
-
-
-def _log_to_training_run(checkpoint: str, r: dict) -> None:
-    """``<split>/<metric>`` and ``<split>/loss`` into the run that trained the checkpoint (the report's test
-    column reads ``test/<metric>``)."""
-    from hgscale.tracking.checkpoint_run import checkpoint_run, log_to_run
-
-    run = checkpoint_run(checkpoint)
-    metrics = {f"{r['split']}/{r['metric']}": r["value"], f"{r['split']}/loss": r["loss_nats"]}
-    if log_to_run(run, metrics=metrics):
-        print(f"logged {', '.join(metrics)} to MLflow run {run.run_id} at step {run.step}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ sample there. Images (the checkpoint's dataset, or ``--data-url``, must be an im
 samples N images, each from the first sub-pixel of a test image (training windows start at image
 boundaries, so the model never predicts a first sub-pixel); ``--complete N`` gives the model the top half of
 N test images and samples the bottom half, each completion beside its original. When the checkpoint belongs
-to an MLflow run (hgscale.tracking.checkpoint_run), the file written by ``--out`` is logged to that run.
+to an MLflow run (hgscale.checkpoint.run_link), the file written by ``--out`` is logged to that run.
 """
 from __future__ import annotations
 
@@ -177,16 +177,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e} (on this command line: --no-cache)", file=sys.stderr)
         return USER_ERROR
     if path is not None and not args.no_track:
-        _log_to_training_run(args.checkpoint, path)
+        from hgscale.checkpoint.run_link import log_to_training_run
+
+        run = log_to_training_run(args.checkpoint, artifacts=[path])
+        if run is not None:
+            print(f"logged {path} to MLflow run {run.run_id}", file=sys.stderr)
     return 0
-
-
-def _log_to_training_run(checkpoint: str, path: Path) -> None:
-    from hgscale.tracking.checkpoint_run import checkpoint_run, log_to_run
-
-    run = checkpoint_run(checkpoint)  # the run that trained it; tracking trouble is one warning
-    if log_to_run(run, artifacts=[path]):
-        print(f"logged {path} to MLflow run {run.run_id}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,76 +1,19 @@
 """Results made after training (test scores, samples) go into the MLflow run that trained the checkpoint.
 
-    run = checkpoint_run("runs/enwik8_xl/checkpoints")        # None: no run recorded, or tracking was off
+    run = checkpoint_run("runs/enwik8_xl/checkpoints")        # hgscale.checkpoint.run_link
     log_to_run(run, metrics={"test/bpc": 0.98}, artifacts=["samples.txt"])
-
-A training checkpoint's ``hgscale.json`` names its run id and step; an exported directory keeps them in
-``run.json``. The tracking URI is the training config's (``tracking.uri``, else ``MLFLOW_TRACKING_URI``,
-else the SQLite store in its run_dir). Checkpoints hold URIs with credentials masked: for such a URI the
-credentials must come from ``MLFLOW_TRACKING_URI`` (or MLflow's own variables), never from the checkpoint.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-RUN_FILE = "run.json"  # in an exported directory: {"run_id", "step", "tracking_uri"}
 
-
-@dataclass(frozen=True)
-class CheckpointRun:
-    run_id: str
-    step: int
-    tracking_uri: str
-
-
-def _unmasked(uri: str) -> str:
-    from hgscale.core.secrets import MASK
-
-    # the training URI carried credentials, masked when saved: take them from the environment
-    return os.environ.get("MLFLOW_TRACKING_URI", "") if MASK in uri else uri
-
-
-def save_run_file(run: CheckpointRun | None, out: Path) -> None:
-    """Keep ``run`` beside an exported model (credentials in its URI masked)."""
-    from hgscale.core.secrets import mask_value
-
-    if run is not None:
-        (Path(out) / RUN_FILE).write_text(json.dumps({"run_id": run.run_id, "step": run.step,
-                                                      "tracking_uri": mask_value(run.tracking_uri)}))
-
-
-def checkpoint_run(path: str | Path) -> CheckpointRun | None:
-    """The run that trained the checkpoint at ``path`` (training or exported directory), or None."""
-    from hgscale.checkpoint.layout import META, CheckpointError, resolve
-    from hgscale.config import config_from_dict
-
-    path = Path(path)
-    if (path / RUN_FILE).is_file():
-        rec = json.loads((path / RUN_FILE).read_text())
-        uri = _unmasked(rec.get("tracking_uri", ""))
-        return CheckpointRun(rec["run_id"], int(rec["step"]), uri) if rec.get("run_id") and uri else None
-    try:
-        root, tag = resolve(path)
-    except CheckpointError:
-        return None
-    meta = json.loads((root / tag / META).read_text())
-    cfg = config_from_dict(meta["config"], validate=False)
-    if not meta.get("run_id") or not cfg.tracking.enabled:
-        return None
-    from hgscale.tracking.tracker import resolve_uri
-
-    uri = _unmasked(resolve_uri(cfg))
-    return CheckpointRun(meta["run_id"], int(meta["step"]), uri) if uri else None
-
-
-def log_to_run(run: CheckpointRun | None, metrics: dict | None = None, artifacts: list | None = None) -> bool:
-    """Log ``metrics`` (at the checkpoint's step) and files into ``run``. Never raises: results are already
+def log_to_run(run, metrics: dict | None = None, artifacts: list | None = None) -> bool:
+    """Log ``metrics`` (at the checkpoint's step) and files into ``run`` (a
+    :class:`hgscale.checkpoint.run_link.CheckpointRun`, or None: nothing to do). Never raises: results are already
     printed; tracking trouble is one warning. True when everything was logged."""
     if run is None:
         return False

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import defaultdict
 from statistics import mean
 
+from . import names
 from .records import clean_key
 
 
@@ -49,22 +50,22 @@ def _timing_metrics(records: list[dict]) -> dict[str, float]:
     by_stage: dict[int, list[dict]] = defaultdict(list)
     for r in records:
         by_stage[int(r.get("stage", 0))].append(r.get("timings") or {})
-    names = sorted({k for recs in by_stage.values() for t in recs for k in t})
-    for name in names:
+    parts = sorted({k for recs in by_stage.values() for t in recs for k in t})
+    for name in parts:
         vals = [t[name] for recs in by_stage.values() for t in recs if name in t]
-        out[f"time/{clean_key(name)}"] = max(vals)
+        out[names.timing(clean_key(name))] = max(vals)
         if len(by_stage) > 1:
             for s, recs in sorted(by_stage.items()):
                 sv = [t[name] for t in recs if name in t]
                 if sv:
-                    out[f"time/stage{s}/{clean_key(name)}"] = mean(sv)
+                    out[names.timing(clean_key(name), s)] = mean(sv)
     idle = []
     for recs in by_stage.values():
         per = [t["wait_s"] / t["step_s"] for t in recs if t.get("step_s") and "wait_s" in t]
         if per:
             idle.append(mean(per))
     if idle:
-        out["pipeline/bubble_share"] = mean(idle)
+        out[names.BUBBLE_SHARE] = mean(idle)
     return out
 
 
@@ -74,7 +75,7 @@ def _counter_metrics(records: list[dict]) -> dict[str, float]:
     for r in records:
         if int(r.get("stage", 0)) == 0:
             for k, v in (r.get("counters") or {}).items():
-                totals[f"data/{clean_key(k)}"] += float(v)
+                totals[names.data_counter(clean_key(k))] += float(v)
     return dict(totals)
 
 
@@ -91,15 +92,15 @@ def _system_metrics(records: list[dict]) -> dict[str, float]:
         first = sys_recs[0]
         for k in ("cpu_percent", "mem_used_gb", "mem_percent"):
             if k in first:
-                out[f"system/{n}/{k}"] = float(first[k])
-        out[f"system/{n}/rss_gb"] = sum(float(s.get("rss_gb", 0.0)) for s in sys_recs)
+                out[names.system(n, k)] = float(first[k])
+        out[names.system(n, "rss_gb")] = sum(float(s.get("rss_gb", 0.0)) for s in sys_recs)
         gpu = [float(s["gpu_peak_gb"]) for s in sys_recs if "gpu_peak_gb" in s]
         if gpu:
-            out[f"system/{n}/gpu_peak_gb"] = max(gpu)
+            out[names.system(n, "gpu_peak_gb")] = max(gpu)
         util = [float(s["gpu_util_percent"]) for s in sys_recs if "gpu_util_percent" in s]
         if util:
-            out[f"system/{n}/gpu_util_percent"] = mean(util)
+            out[names.system(n, "gpu_util_percent")] = mean(util)
         peaks += [float(s.get("gpu_peak_gb", s.get("rss_gb", 0.0))) for s in sys_recs]
     if peaks:
-        out["memory/max_rank_peak_gb"] = max(peaks)
+        out[names.MAX_RANK_PEAK_GB] = max(peaks)
     return out

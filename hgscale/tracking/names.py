@@ -27,10 +27,32 @@ DATA_WAIT_SHARE = "time/data_wait_share"  # shares of step time: waiting for dat
 FWD_BWD_SHARE = "time/fwd_bwd_share"
 OPTIMIZER_SHARE = "time/optimizer_share"
 VAL_LOSS = "val/loss"
+BUBBLE_SHARE = "pipeline/bubble_share"    # measured: the mean share of step time a stage waits for its peers
+MAX_RANK_PEAK_GB = "memory/max_rank_peak_gb"
+
+
+def timing(part: str, stage: int | None = None) -> str:
+    """Seconds of one part of the step (time/step_s, time/wait_s ...), of one pipeline stage when given."""
+    return f"time/{part}" if stage is None else f"time/stage{stage}/{part}"
+
+
+def data_counter(counter: str) -> str:
+    """A counter of the data stream (data/skipped_shards, data/retries ...), summed over the ranks."""
+    return f"data/{counter}"
+
+
+def system(node: str, metric: str) -> str:
+    """A system metric of one node: system/<node>/cpu_percent, .../rss_gb, .../gpu_peak_gb."""
+    return f"system/{node}/{metric}"
+
+
+def split_metric(split: str, metric_name: str) -> str:
+    """A score on a dataset split: val/bpc, test/bpc, test/loss."""
+    return f"{split}/{metric_name}"
 
 
 def train_metric(metric_name: str) -> str:
-    return f"train/{metric_name}"
+    return split_metric("train", metric_name)
 
 
 def val_source(source: str, metric_name: str) -> str:
@@ -44,11 +66,11 @@ def data_share(source: str) -> str:
 
 
 def val_metric(metric_name: str) -> str:
-    return f"val/{metric_name}"
+    return split_metric("val", metric_name)
 
 
 def test_metric(metric_name: str) -> str:
-    return f"test/{metric_name}"
+    return split_metric("test", metric_name)
 
 
 # Readers: first key present wins.

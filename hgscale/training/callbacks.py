@@ -69,6 +69,8 @@ class Halt(Exception):
 
 class Callback:
     pauses_clock = False
+    #: the config key of the time this callback's phase may take without a step (None: the hang timeout)
+    budget_key: str | None = None
 
     def before_step(self, step: int) -> None:
         pass
@@ -162,6 +164,7 @@ class Preemption(Callback):
     all-reduce), all save a checkpoint together and the run stops with exit status 0. Starting the same command
     again resumes from that checkpoint (same tracking run, same data position). Installed before the process
     group starts, so a signal during start-up is not lost; ``bind`` gives it the all-reduce later."""
+    budget_key = "checkpoint.save_timeout_s"  # a save, and the upload wait, are slow, not stuck
 
     pauses_clock = True
     SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
@@ -196,6 +199,7 @@ class Preemption(Callback):
 class Checkpointing(Callback):
     """Every checkpoint.interval steps (0: never) and at the last step, unless this step was just saved; at the
     end, waits for a remote checkpoint's upload (``wait_uploads``)."""
+    budget_key = "checkpoint.save_timeout_s"  # a save, and the upload wait, are slow, not stuck
 
     pauses_clock = True
 

@@ -70,7 +70,7 @@ def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
         return [str(e)]
     if not where:
         return []
-    from hgscale.checkpoint.compat import resume_problems
+    from hgscale.training.compat import resume_problems
 
     # another layout is converted on resume; a different model, batch or an unconvertible layout is not
     return resume_problems(where[0] / where[1], cfg, world_size, _layout(cfg, world_size),

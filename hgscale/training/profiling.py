@@ -1,7 +1,7 @@
 """torch.profiler traces of chosen training steps (`train.profile_steps="20-22"`), a trainer part.
 
     prof = StepProfiler(run_dir, "20-22", rank, steps=1000, say=print)
-    prof.on_step_start(step); ...train step...; prof.on_step_end(step)   # or: Profiling(tr) in the trainer
+    prof.on_step_start(step); ...train step...; prof.on_step_end(step)   # or: the Profiling callback
 
 Every rank records CPU (and CUDA) activities with memory for those steps and writes a Chrome trace
 ``run_dir/profiles/steps_20-22_rank<r>.json`` (open in chrome://tracing or https://ui.perfetto.dev); rank 0

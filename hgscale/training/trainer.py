@@ -16,7 +16,7 @@ from pathlib import Path
 
 from hgscale.checkpoint.manager import CheckpointManager, resume_point
 from hgscale.config import Config
-from hgscale.core.status import OK, name_of, status_of
+from hgscale.core.status import HANG, OK, name_of, status_of
 from hgscale.training.callbacks import (
     Callback,
     Checkpointing,
@@ -136,7 +136,7 @@ class Trainer:
         remote = self.ckpt.remote
         watchdog = [Watchdog(self.progress, self.rt.rank, self.rt.world_size, t.hang_timeout_s, cfg.run_dir,
                              (lambda: remote.progress_t) if remote else (lambda: 0.0),
-                             on_hang=lambda: self.tracker.close("FAILED", timeout=10.0, exit_status="HANG"))
+                             on_hang=lambda: self.tracker.close("FAILED", timeout=10.0, exit_status=name_of(HANG)))
                     ] if t.hang_timeout_s else []
         return [*profiling, NanGuard(svc, t.precision, cfg.checkpoint.dir), self.progress_log,
                 *self._data_callbacks(), preemption,
@@ -162,9 +162,10 @@ class Trainer:
 
     def _budget(self, cb: Callback) -> tuple[float | None, str]:
         """The time a callback's phase may take without progress: a save (and the upload wait) its own budget."""
-        if isinstance(cb, (Checkpointing, Preemption)):
-            return self.cfg.checkpoint.save_timeout_s, "checkpoint.save_timeout_s"
-        return None, ""
+        if cb.budget_key is None:
+            return None, ""
+        section, key = cb.budget_key.split(".")
+        return getattr(getattr(self.cfg, section), key), cb.budget_key
 
     # ------------------------------------------------------------------------------------------ services
     def say(self, *args, err: bool = False) -> None:
@@ -236,7 +237,7 @@ class Trainer:
             self.say(f"finished {self.cfg.train.steps} steps; checkpoint {self.cfg.checkpoint.dir}/latest")
         self.tracker.close(status="FINISHED" if finished else ("KILLED" if status == OK else "FAILED"),
                            exit_status=name_of(status))
-        if self.stream is not None and hasattr(self.stream, "close"):
+        if self.stream is not None:
             self.stream.close()
         self.eng.barrier()
         return status

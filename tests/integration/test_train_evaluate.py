@@ -79,7 +79,7 @@ def test_evaluate_cli_on_a_training_checkpoint(tmp_path, demo_data):  # noqa: F8
 
     # an exported model keeps the link to its run
     from hgscale.checkpoint.export import export
-    from hgscale.tracking.checkpoint_run import checkpoint_run
+    from hgscale.checkpoint.run_link import checkpoint_run
     exported = checkpoint_run(export(tmp_path / "ev_ckpt", tmp_path / "export"))
     assert (exported.run_id, exported.step) == (run.info.run_id, 4)
 

@@ -112,10 +112,11 @@ class Watched:
                 self._cond.notify_all()
 
     def wait_for(self, pattern: str, timeout: float = 180) -> None:
-        """Until a line matches ``pattern`` (re.match); fails the test, showing the last lines, after ``timeout``."""
+        """Until a line holds a match of ``pattern`` (re.search: ranks share one stdout, and another rank's unfinished
+        line may stand before it); fails the test, showing the last lines, after ``timeout``."""
         import re
 
-        seen = lambda: any(re.match(pattern, ln) for ln in self.lines)  # noqa: E731
+        seen = lambda: any(re.search(pattern, ln) for ln in self.lines)  # noqa: E731
         with self._cond:
             assert self._cond.wait_for(seen, timeout), f"no line matching {pattern!r}:\n{self.tail()}"
 

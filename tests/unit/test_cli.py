@@ -62,3 +62,13 @@ def test_the_layout_checker_finds_circles_and_long_code(tmp_path):
     check.ROOT = tmp_path
     [msg] = check.sizes(long)
     assert "function f has 71 lines (at most 60)" in msg
+
+
+def test_the_layout_checker_refuses_an_arrow_up_between_packages():
+    check = _layout_checker()
+    edges = {"hgscale.checkpoint.compat": {"hgscale.training.layout", "hgscale.checkpoint.layout"},
+             "hgscale.training.layout": {"hgscale.config"}, "hgscale.checkpoint.layout": {"hgscale.core.status"},
+             "hgscale.config": set(), "hgscale.core.status": set(), "hgscale": {"hgscale.commands"}}
+    [msg] = check.upward(edges)
+    assert msg.startswith("hgscale.checkpoint.compat imports hgscale.training.layout: training stands above checkpoint")
+    assert check.upward({"hgscale.training.x": {"hgscale.checkpoint.y"}}) == []

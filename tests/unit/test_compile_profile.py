@@ -1,4 +1,4 @@
-"""Regional compilation (hgscale/distributed/compile.py) and step profiles (hgscale/distributed/profiling.py),
+"""Regional compilation (hgscale/training/compile.py) and step profiles (hgscale/training/profiling.py),
 without a trainer: fallbacks, messages, and a real trace of real steps."""
 import json
 

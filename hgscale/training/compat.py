@@ -9,9 +9,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from hgscale.checkpoint.layout import describe, layout_changed, read_meta
-from hgscale.checkpoint.reshard import _partition_file, converted
+from hgscale.checkpoint.layout import describe, layout_changed, read_meta, saved_dp
+from hgscale.checkpoint.reshard import converted, partition_file
 from hgscale.config import Config, config_from_dict
+from hgscale.training.layout import ParallelLayout
 
 # model keys that do not shape the parameters: they may change on resume
 _FREE_MODEL_KEYS = {"dropout", "attn_dropout", "attn_impl", "max_seq_len", "init", "init_std"}
@@ -26,8 +27,6 @@ def model_differences(saved: dict, cfg: Config) -> list[str]:
 
 
 def _batch_problem(where: str, saved_ds: dict, cfg: Config, world_size: int) -> str | None:
-    from hgscale.training.layout import ParallelLayout
-
     lay = ParallelLayout.unchecked(cfg, world_size)
     G, G2, m, dp = saved_ds["train_batch_size"], lay.global_batch, lay.micro, lay.dp
     if G == G2 or cfg.checkpoint.allow_batch_change:
@@ -48,11 +47,11 @@ def _batch_problem(where: str, saved_ds: dict, cfg: Config, world_size: int) -> 
 def missing_files(tag_dir: Path, meta: dict) -> list[str]:
     """The DeepSpeed and hgscale files a conversion of ``tag_dir`` reads that are not there."""
     topo = meta["topology"]
-    stages, dp = topo["pipeline_stages"], topo.get("data_parallel_size", topo["world_size"] // topo["pipeline_stages"])
+    stages, dp = topo["pipeline_stages"], saved_dp(topo)
     want = [f"mp_rank_{s:02d}_model_states.pt" for s in range(stages)] + ["rank00000.pt"]
     if topo["zero_stage"] in (1, 2) or meta["config"]["train"]["precision"] == "bf16":
         want += [f"zero_pp_rank_{d}_mp_rank_{s:02d}_optim_states.pt" for s in range(stages) for d in range(dp)
-                 if _partition_file(tag_dir, d, s) is None]
+                 if partition_file(tag_dir, d, s) is None]
     return [f for f in want if not (tag_dir / f).is_file()]
 
 

@@ -1,0 +1,3 @@
+"""Evaluation of trained models: split scores (:mod:`.splits`).
+
+Import the submodules directly."""

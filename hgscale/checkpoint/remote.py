@@ -215,15 +215,18 @@ class RemoteCheckpoints:
             self._get_files(tag, lambda n: needed(n, self.rank, stage, layers))
         return self.local
 
-    def _get_files(self, tag: str, wanted) -> None:
-        """The files of remote ``tag`` whose name ``wanted`` takes (never the pseudo-directories), into staging."""
+    def file_names(self, tag: str) -> set[str]:
+        """The names of the files directly under remote ``tag`` (not its pseudo-directories)."""
         self.fs.invalidate_cache()
         entries = self._call(lambda: self.fs.ls(join(self.path, tag), detail=True), "list")
+        return {e["name"].rstrip("/").split("/")[-1] for e in entries if e.get("type") == "file"}
+
+    def _get_files(self, tag: str, wanted) -> None:
+        """The files of remote ``tag`` whose name ``wanted`` takes (never the pseudo-directories), into staging."""
         dest = self.local / tag
         dest.mkdir(parents=True, exist_ok=True)
-        for e in entries:
-            name = e["name"].rstrip("/").split("/")[-1]
-            if e.get("type") == "file" and wanted(name) and not (dest / name).is_file():
+        for name in sorted(self.file_names(tag)):
+            if wanted(name) and not (dest / name).is_file():
                 self._call(lambda n=name: self.fs.get_file(join(self.path, f"{tag}/{n}"), str(dest / n)), "download")
 
     def _get_tree(self, rel: str, dest: Path) -> None:

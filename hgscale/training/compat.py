@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from hgscale.checkpoint.layout import describe, layout_changed, read_meta, saved_dp
-from hgscale.checkpoint.reshard import converted, partition_file
+from hgscale.checkpoint.reshard import converted
 from hgscale.config import Config, config_from_dict
 from hgscale.training.layout import ParallelLayout
 
@@ -44,15 +44,18 @@ def _batch_problem(where: str, saved_ds: dict, cfg: Config, world_size: int) -> 
     return f"{was}: {keep}, or set checkpoint.allow_batch_change=true to continue with global batch {G2}"
 
 
-def missing_files(tag_dir: Path, meta: dict) -> list[str]:
-    """The DeepSpeed and hgscale files a conversion of ``tag_dir`` reads that are not there."""
+def missing_files(tag_dir: Path, meta: dict, names: set[str] | None = None) -> list[str]:
+    """The DeepSpeed and hgscale files a conversion of ``tag_dir`` reads that are not there (``names``: the files
+    the checkpoint holds, when it is on object storage; else those in ``tag_dir``)."""
+    have = (lambda f: f in names) if names is not None else (lambda f: (tag_dir / f).is_file())  # noqa: E731
     topo = meta["topology"]
     stages, dp = topo["pipeline_stages"], saved_dp(topo)
     want = [f"mp_rank_{s:02d}_model_states.pt" for s in range(stages)] + ["rank00000.pt"]
     if topo["zero_stage"] in (1, 2) or meta["config"]["train"]["precision"] == "bf16":
-        want += [f"zero_pp_rank_{d}_mp_rank_{s:02d}_optim_states.pt" for s in range(stages) for d in range(dp)
-                 if partition_file(tag_dir, d, s) is None]
-    return [f for f in want if not (tag_dir / f).is_file()]
+        # ZeRO 1/2 write zero_pp_rank_*, DeepSpeed's bf16 optimizer bf16_zero_pp_rank_* (the same contents)
+        want += [f for s in range(stages) for d in range(dp)
+                 if not have("bf16_" + (f := f"zero_pp_rank_{d}_mp_rank_{s:02d}_optim_states.pt"))]
+    return [f for f in want if not have(f)]
 
 
 def conversion_problem(tag_dir: Path, meta: dict) -> str | None:
@@ -70,9 +73,11 @@ def conversion_problem(tag_dir: Path, meta: dict) -> str | None:
     return None
 
 
-def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict, local: bool = True) -> list[str]:
+def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict, local: bool = True,
+                    names: set[str] | None = None) -> list[str]:
     """Why the checkpoint in ``tag_dir`` cannot resume this run (topology ``want``); [] when it can. ``local``: the
-    checkpoint's files are here (a remote one has only its hgscale.json staged before any process group)."""
+    checkpoint's files are here; a remote one has only its hgscale.json staged before any process group, and
+    ``names`` lists the files it holds on the store (None: it holds a finished conversion, nothing to check)."""
     meta = read_meta(tag_dir)
     where = repr(str(tag_dir))
     diff = model_differences(meta["config"], cfg)
@@ -98,8 +103,8 @@ def resume_problems(tag_dir: Path, cfg: Config, world_size: int, want: dict, loc
             out.append(f"checkpoint {where} was written by {describe(have)}; this run is {describe(want)} with fp16, "
                        f"whose fp32 master weights a conversion does not fill: use parallel.zero_stage=1 or 2 (or "
                        f"train.precision=fp32 / bf16), or launch the checkpoint's layout")
-        elif local and converted(tag_dir) is None and missing_files(tag_dir, meta):
-            gone = missing_files(tag_dir, meta)
+        elif (names is not None or local and converted(tag_dir) is None) and missing_files(tag_dir, meta, names):
+            gone = missing_files(tag_dir, meta, names)
             out.append(f"checkpoint {where} lacks {', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}, which a "
                        f"conversion to {describe(want)} reads: copy the whole checkpoint directory, or launch its "
                        f"layout ({describe(have)}) if only other ranks' files are missing")

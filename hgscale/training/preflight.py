@@ -2,6 +2,8 @@
 process group starts (``hgscale/train.py`` turns the problems into one error message)."""
 from __future__ import annotations
 
+import os
+
 from hgscale.checkpoint.layout import CheckpointError
 from hgscale.checkpoint.manager import resume_point
 from hgscale.config import Config
@@ -72,9 +74,15 @@ def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
         return []
     from hgscale.training.compat import resume_problems
 
+    names = None
+    if is_remote(cfg.checkpoint.dir):  # what the store holds of the checkpoint (its hgscale.json alone is staged)
+        from hgscale.checkpoint.remote import RemoteCheckpoints
+
+        store = RemoteCheckpoints(cfg, int(os.environ.get("RANK", "0")), world_size)
+        names = None if store.remote_conversion(where[1]) else store.file_names(where[1])
     # another layout is converted on resume; a different model, batch or an unconvertible layout is not
     return resume_problems(where[0] / where[1], cfg, world_size, _layout(cfg, world_size),
-                           local=not is_remote(cfg.checkpoint.dir))
+                           local=not is_remote(cfg.checkpoint.dir), names=names)
 
 
 def convert_for_layout(cfg: Config, world_size: int, rank: int) -> None:

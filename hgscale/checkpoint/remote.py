@@ -242,21 +242,27 @@ class RemoteCheckpoints:
         """Whether a finished conversion of ``tag`` is on the store (its elastic.json is uploaded last)."""
         return self._exists(join(self.path, f"{tag}/{CONVERTED}/elastic.json"))
 
-    def share_conversion(self, tag: str, build) -> Path:
+    def share_conversion(self, tag: str, build, say=print) -> Path:
         """Before any process group: the conversion of ``tag`` in this rank's staging. The store's, if it has one
         (a later resume reuses it); else rank 0 downloads the checkpoint, builds it with ``build(tag_dir)`` and
         uploads it (elastic.json last), while the other ranks wait for it on the store."""
         local = self.local / tag / CONVERTED
+        where = f"{self.url}/{tag}/{CONVERTED}"
         if not self.remote_conversion(tag):
             if self.rank == 0:
+                t0 = time.perf_counter()
                 self._get_files(tag, source_file)
                 build(self.local / tag)
                 for f in sorted(p for p in local.rglob("*") if p.is_file() and p.name != "elastic.json"):
                     self._put(f, f"{tag}/{CONVERTED}/{f.relative_to(local).as_posix()}")
                 self._put(local / "elastic.json", f"{tag}/{CONVERTED}/elastic.json")
+                say(f"converted {tag} for this layout and uploaded it to {where} in "
+                    f"{time.perf_counter() - t0:.1f} s", flush=True)
                 return local
             while not self.remote_conversion(tag):  # rank 0 converts; a launcher ends this rank if rank 0 dies
                 time.sleep(1.0)
+        elif self.rank == 0:
+            say(f"reusing the conversion of {tag} at {where}", flush=True)
         if not (local / "elastic.json").is_file():
             self._get_tree(f"{tag}/{CONVERTED}", local)
         return local

@@ -242,36 +242,47 @@ def test_a_conversion_is_uploaded_once_and_reused(tmp_path, s3_env):
 
 
 def test_elastic_resume_from_s3_two_ranks_to_one_and_back(tmp_path, demo_data, s3_env):  # noqa: F811
-    """2 ranks save step 4 to S3; 1 rank (accumulation doubled) resumes from it to step 8; 2 ranks resume from that
-    to step 12. Each change of layout converts once, uploads the conversion beside the checkpoint and resumes
-    exactly: the 12 losses equal an uninterrupted 2-rank run's (rtol 1e-5)."""
+    """2 ranks save step 4 to S3. 1 rank (accumulation doubled) resumes from it: converts once, uploads the
+    conversion beside the checkpoint, and is killed (SIGKILL) at step 6. Run again, it reuses the uploaded
+    conversion, and is preempted (SIGUSR1) after step 12. 2 ranks resume from that checkpoint, taken on 1 rank, to
+    step 24. At least 10 steps follow each resume, and the 24 losses equal an uninterrupted 2-rank run's (rtol 1e-5)."""
     bucket = s3_env.make_bucket()
     # decay_steps fixes the schedule whatever train.steps each leg runs to
-    train = {"steps": 12, "log_interval": 1, "lr_schedule": "cosine", "warmup_steps": 2, "decay_steps": 12}
+    train = {"steps": 24, "log_interval": 1, "lr_schedule": "cosine", "warmup_steps": 2, "decay_steps": 24}
     ref = tiny_config(tmp_path, demo_data, "eref.json", train=train)
     r = subprocess.run(_cmd(ref), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     cfg = tiny_config(tmp_path, demo_data, "el.json", train=train,
                       checkpoint={"dir": f"s3://{bucket}/run", "interval": 4, "keep_last": 5,
                                   "staging_dir": str(tmp_path / "staging")})
-    runs = [(_cmd(cfg, "train.steps=4"), None),
-            ([sys.executable, str(TRAIN), "--config", str(cfg), "train.steps=8", "train.grad_accum_steps=4"], 4),
-            (_cmd(cfg), 8)]
-    for cmd, resumed_at in runs:
-        r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-        if resumed_at:
-            assert f"resumed from s3://{bucket}/run/step{resumed_at:08d} at step {resumed_at}" in r.stdout, \
-                r.stdout[-2000:]
-            assert "layout changed since step" in r.stdout
+    r = subprocess.run(_cmd(cfg, "train.steps=4"), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    one_rank = [sys.executable, str(TRAIN), "--config", str(cfg), "train.grad_accum_steps=4"]
+    killed = Watched(one_rank, start_new_session=True)
+    killed.wait_for_step(6, of=24)
+    os.killpg(killed.proc.pid, signal.SIGKILL)
+    killed.wait(30)
+    assert f"converted step00000004 for this layout and uploaded it to s3://{bucket}/run/step00000004/elastic" \
+        in killed.text, killed.tail()
+    preempted = Watched(one_rank)
+    preempted.wait_for_step(12, of=24)
+    preempted.proc.send_signal(signal.SIGUSR1)
+    assert preempted.wait(120) == 0, preempted.tail()
+    assert f"reusing the conversion of step00000004 at s3://{bucket}/run/step00000004/elastic" in preempted.text
+    assert "converted step00000004" not in preempted.text and "resumed from" in preempted.text, preempted.tail()
+    saved = int(re.search(r"preempted at step (\d+); checkpoint saved", preempted.text).group(1))
+    assert 12 <= saved <= 14, preempted.tail()  # 10 or more steps follow it
+    r = subprocess.run(_cmd(cfg), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert f"resumed from s3://{bucket}/run/step{saved:08d} at step {saved}" in r.stdout, r.stdout[-2000:]
+    assert f"converted step{saved:08d} for this layout" in r.stdout
     want, got = _losses(tmp_path / "eref_run"), _losses(tmp_path / "el_run")
-    assert sorted(got) == list(range(1, 13))
-    assert_close(torch.tensor([got[s] for s in range(1, 13)], dtype=torch.float64),
-                 torch.tensor([want[s] for s in range(1, 13)], dtype=torch.float64), rtol=1e-5, atol=0)
-    objs = _objects(s3_env, bucket)
-    for step in (4, 8):  # each conversion was uploaded beside its checkpoint, elastic.json last
-        assert f"run/step{step:08d}/elastic/elastic.json" in objs
-        assert any(k.startswith(f"run/step{step:08d}/elastic/params/") for k in objs)
+    assert sorted(got) == list(range(1, 25))
+    assert_close(torch.tensor([got[s] for s in range(1, 25)], dtype=torch.float64),
+                 torch.tensor([want[s] for s in range(1, 25)], dtype=torch.float64), rtol=1e-5, atol=0)
+    objs = _objects(s3_env, bucket)  # the conversion was uploaded beside its checkpoint (step 4's is pruned)
+    assert f"run/step{saved:08d}/elastic/elastic.json" in objs and "run/step00000004/COMPLETE" not in objs
+    assert any(k.startswith(f"run/step{saved:08d}/elastic/params/") for k in objs)
 
 
 def test_a_save_slower_than_the_hang_timeout_completes(tmp_path, demo_data, s3_env, fault_proxy):  # noqa: F811

@@ -161,6 +161,8 @@ class RemoteCheckpoints:
                 probe = join(self.path, f".write-test-{time.time_ns()}")
                 self._call(lambda: self.fs.pipe_file(probe, b""), "write to")
                 self._call(lambda: self.fs.rm_file(probe), "delete from")
+        except storage.StorageUnavailable:  # an outage is no problem of the config: raised, exit INFRA (requeued)
+            raise
         except StorageError as e:
             out.append(str(e))
         return out

@@ -7,7 +7,7 @@ import os
 from hgscale.checkpoint.layout import CheckpointError
 from hgscale.checkpoint.manager import resume_point
 from hgscale.config import Config
-from hgscale.core.storage import StorageError
+from hgscale.core.storage import StorageError, StorageUnavailable
 from hgscale.training.layout import ParallelLayout
 
 
@@ -19,6 +19,8 @@ def _data_problems(cfg: Config, dataset, world_size: int) -> list[str]:
     for field in ("train_split",) + (("valid_split",) if t.eval_interval else ()):
         try:
             dataset.num_tokens(getattr(d, field))
+        except StorageUnavailable:  # an outage: exit INFRA (requeued), not a problem to fix in the config
+            raise
         except StorageError as e:
             out.append(str(e))
             continue
@@ -68,6 +70,8 @@ def _checkpoint_problems(cfg: Config, world_size: int) -> list[str]:
         return storage
     try:
         where = resume_point(cfg)
+    except StorageUnavailable:  # an outage, not a problem of the config: raised, exit INFRA (requeued)
+        raise
     except (CheckpointError, StorageError) as e:
         return [str(e)]
     if not where:

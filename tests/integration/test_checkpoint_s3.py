@@ -306,8 +306,9 @@ def test_a_save_slower_than_the_hang_timeout_completes(tmp_path, demo_data, s3_e
 
 def test_an_outage_of_checkpoint_storage_is_infrastructure_not_a_user_error(tmp_path, s3_env, fault_proxy):
     """Object storage that refuses every request (the proxy resets each connection) past the retries: reading
-    ``latest`` and uploading a checkpoint both fail as StorageUnavailable, exit status INFRA (requeued with
-    back-off), never USER_ERROR (which would stop the job for good); a wrong bucket stays a USER_ERROR."""
+    ``latest``, uploading a checkpoint and the start-up checks all fail as StorageUnavailable, exit status INFRA
+    (requeued with back-off), never USER_ERROR (which would stop the job for good); a wrong bucket stays a
+    start-up problem of the config."""
     bucket = s3_env.make_bucket()
     cfg = config_from_dict({"data": {"url": "/d", "s3_endpoint_url": fault_proxy.endpoint_url, "retries": 2,
                                      "retry_backoff_s": 0.05},
@@ -320,6 +321,8 @@ def test_an_outage_of_checkpoint_storage_is_infrastructure_not_a_user_error(tmp_
     with pytest.raises(StorageUnavailable, match="checkpoint upload to .* failed") as upload:
         st.wait(60)
     assert status_of(read.value) == status_of(upload.value) == INFRA
+    with pytest.raises(StorageUnavailable):  # at start-up too: raised (exit INFRA), not listed as a config problem
+        st.problems()
     fault_proxy.outage(0)
     wrong = config_from_dict({"data": {"url": "/d", "s3_endpoint_url": fault_proxy.endpoint_url},
                               "checkpoint": {"dir": f"s3://{bucket}-missing/run", "staging_dir": str(tmp_path)}})

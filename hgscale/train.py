@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hgscale.config import ConfigError, load_config  # noqa: E402
-from hgscale.core.status import UserError, status_of  # noqa: E402
+from hgscale.core.status import InfraError, UserError, status_of  # noqa: E402
 
 
 def parse_args(argv=None, prog: str = "hgscale/train.py") -> argparse.Namespace:
@@ -57,16 +57,16 @@ def main(argv=None, prog: str = "hgscale/train.py") -> int:
     rank = os.environ.get("RANK", "0")
     try:
         cfg, ds_json, dataset = prepare(args)
-    except UserError as e:  # config, data, credentials, checkpoint; storage down after retries: INFRA
+    except (UserError, InfraError) as e:  # config, data, credentials, checkpoint; storage down after retries: INFRA
         if rank == "0":
             print(f"error: {e}", file=sys.stderr)
         return status_of(e)
     from hgscale.training.trainer import Trainer
     try:
         return Trainer(cfg, ds_json, dataset).run()
-    # storage failed mid-run (after retries): the message names the URL, resume later (INFRA); or the checkpoint
-    # changed between preflight and loading
-    except UserError as e:
+    # storage failed mid-run (after retries) or the rendezvous did: the message names the URL, a requeued job
+    # resumes later (INFRA); or the checkpoint changed between preflight and loading (USER_ERROR)
+    except (UserError, InfraError) as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
         return status_of(e)
 

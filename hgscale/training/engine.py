@@ -22,6 +22,7 @@ from torch import nn
 from hgscale.config import Config
 from hgscale.core.net import free_port
 from hgscale.core.schedule import lr_multiplier
+from hgscale.core.status import InfraError
 from hgscale.models import HourglassLM, lm_loss
 from hgscale.models.dropout import DropoutKeys
 from hgscale.training.pipeline import pipeline_module, stage_parts
@@ -68,6 +69,10 @@ def release_shm_segment(dist) -> Path | None:
     return path
 
 
+class RendezvousError(InfraError):
+    """The process group could not form (the rendezvous store or a peer unreachable): exit INFRA, requeued."""
+
+
 def init_distributed(cfg: Config) -> Runtime:
     import deepspeed
     import torch.distributed as dist
@@ -80,8 +85,14 @@ def init_distributed(cfg: Config) -> Runtime:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         from datetime import timedelta  # a lost rank ends a collective after parallel.timeout_s, not 30 min
-        deepspeed.init_distributed(dist_backend=backend, verbose=False,
-                                   timeout=timedelta(seconds=cfg.parallel.timeout_s))
+        try:
+            deepspeed.init_distributed(dist_backend=backend, verbose=False,
+                                       timeout=timedelta(seconds=cfg.parallel.timeout_s))
+        except dist.DistError as e:  # the store or a peer unreachable: the network or a node, not the config
+            addr = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise RendezvousError(f"rendezvous of {world} processes at {addr} failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200]}) within parallel.timeout_s = "
+                                  f"{cfg.parallel.timeout_s:g} s; a requeued job retries it") from None
         release_shm_segment(dist)
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if not cuda:

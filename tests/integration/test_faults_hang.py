@@ -89,3 +89,19 @@ def test_frozen_rank_is_named_and_the_job_ends_then_resumes(tmp_path, demo_data)
     assert steps == list(range(1, STEPS + 1))  # every step once: the steps after the checkpoint ran again
     (run,) = client.search_runs([client.get_experiment_by_name("hgscale").experiment_id])  # the same run, continued
     assert (run.info.status, run.data.tags.get("hgscale.exit")) == ("FINISHED", "OK")
+
+
+def test_a_rendezvous_that_cannot_form_is_infrastructure(tmp_path, demo_data):  # noqa: F811
+    """Rank 1 of 2 whose rendezvous store (rank 0's MASTER_PORT) never answers: after parallel.timeout_s the rank
+    exits with the infrastructure status (requeued with back-off, no node excluded), one line naming the address."""
+    from hgscale.core.net import free_port
+    from hgscale.core.status import INFRA
+
+    cfg = tiny_config(tmp_path, demo_data, "rdzv.json", parallel={"timeout_s": 3})
+    port = free_port()  # nothing listens on it
+    e = {**env(), "RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+         "MASTER_PORT": str(port)}
+    r = subprocess.run([sys.executable, str(TRAIN), "--config", str(cfg)], cwd=ROOT, env=e, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == INFRA, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"rendezvous of 2 processes at 127.0.0.1:{port} failed" in r.stderr and "Traceback" not in r.stderr

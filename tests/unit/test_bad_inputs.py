@@ -105,6 +105,18 @@ def plan_zero_stages(tmp, demo):
     return ["hgscale", "plan", "--config", str(_tiny_config(tmp, demo)), "--stages", "0"]
 
 
+def corrupt_checkpoint(command: str, *extra: str):
+    """``hgscale <command>`` on a checkpoint whose only complete step has a truncated hgscale.json."""
+    def build(tmp, demo):
+        step = tmp / "ckpt" / "step00000002"
+        step.mkdir(parents=True)
+        (step / "hgscale.json").write_text('{"step": 2, "topology": {"world_si')
+        (step / "COMPLETE").write_text("")
+        (tmp / "ckpt" / "latest").write_text("step00000002")
+        return ["hgscale", command, "--checkpoint", str(tmp / "ckpt"), *extra]
+    return build
+
+
 # ------------------------------------------------------------------------------------------------ table
 
 @dataclass
@@ -139,6 +151,9 @@ CASES = {
     "merge: a task record without its keys": Case(task_record_without_keys, ("task-00001-of-00002.json lacks "
                                                                              "num_tasks", "re-run task 1")),
     "plan: --stages 0": Case(plan_zero_stages, ("--stages 0 must be >= 1",)),
+    **{f"{cmd}: a corrupt hgscale.json": Case(corrupt_checkpoint(cmd, *extra), (
+        "/ckpt/step00000002/hgscale.json' is corrupt (JSONDecodeError",))
+       for cmd, extra in (("export", ("--out", "out")), ("sample", ("--tokens", "4")), ("evaluate", ()))},
 }
 
 

@@ -94,6 +94,7 @@ class MlflowSink:
         self.max_backoff_s = max_backoff_s
         self.run_id: str | None = None
         self.resumed = False
+        self._through: dict[str, int] = {}  # per metric key, the last step the run holds (see _new_only)
         self.dropped = 0                   # records the server rejected as invalid
         self.delivered = 0                 # records delivered (metrics count per value)
         self.last_error: str | None = None
@@ -279,15 +280,17 @@ class MlflowSink:
             n, metrics, params, tags = batch_entities(pending, self._existing_params)
 
             def send():
+                kept, through = self._new_only(metrics)
                 # one item may itself exceed a limit (a config of 300 keys): chunk within the call
                 for i in range(0, max(len(params), len(tags)), MAX_PARAMS_TAGS_PER_BATCH):
                     self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_TAGS_PER_BATCH],
                                           tags=tags[i:i + MAX_PARAMS_TAGS_PER_BATCH])
-                for i in range(0, len(metrics), MAX_METRICS_PER_BATCH):
-                    self.client.log_batch(self.run_id, metrics=metrics[i:i + MAX_METRICS_PER_BATCH])
+                for i in range(0, len(kept), MAX_METRICS_PER_BATCH):
+                    self.client.log_batch(self.run_id, metrics=kept[i:i + MAX_METRICS_PER_BATCH])
                 for p in params:
                     self._existing_params[p.key] = p.value
-                self.delivered += len(metrics) + len(params) + len(tags)
+                self._through.update(through)
+                self.delivered += len(kept) + len(params) + len(tags)
             return n, send
         item = pending[0]
         if isinstance(item, Artifact):
@@ -308,6 +311,27 @@ class MlflowSink:
             return 1, lambda: item.fn(self.client, self.run_id)
         log.warning("unknown tracking record %r dropped", item)
         return 1, lambda: None
+
+    def _new_only(self, metrics: list) -> tuple[list, dict]:
+        """(the metrics at steps after the last one the run holds of their key, the new last steps). An attempt
+        resumed from a checkpoint runs the steps after it again, which the attempt before may have logged (with the
+        same values: the resume is exact): each step is kept once, the first time. The last steps become this
+        sink's only once sent (a failed send is retried with the same metrics)."""
+        kept, through = [], {}
+        for m in metrics:
+            last = through.get(m.key, self._through.get(m.key))
+            if last is None:  # the store's own state: safe to keep whether or not this send succeeds
+                last = self._through[m.key] = self._last_step(m.key)
+            if m.step > last:
+                kept.append(m)
+                through[m.key] = m.step
+        return kept, through
+
+    def _last_step(self, key: str) -> int:
+        """The last step of ``key`` in the run: -1 for a new run, else read once per key after a resume."""
+        if not self.resumed:
+            return -1
+        return max((m.step for m in self.client.get_metric_history(self.run_id, key)), default=-1)
 
     def _one_by_one(self, n: int, first_error: BaseException) -> None:
         """The server rejected a batch as invalid: send its items singly, drop only the ones it still rejects."""

@@ -102,6 +102,26 @@ def test_resume_continues_the_same_run(tmp_path):
     assert len(c.search_runs([run.info.experiment_id])) == 1
 
 
+def test_steps_an_attempt_runs_again_after_a_resume_are_logged_once(tmp_path):
+    """Attempt A logs steps 1-8 and dies; B resumes from A's step-5 checkpoint and runs 6-10 again: MLflow holds each
+    step once (the first value: a resume is exact, the values are the same), for every key, and B's new steps."""
+    cfg = make_cfg(tmp_path / "run")
+    a = Tracker(cfg, 0, 1)
+    for s in range(1, 9):
+        a.log_metrics({names.TRAIN_LOSS: 1.0 / s, names.LR: 0.1}, s)
+    assert a.close(status="KILLED")
+    b = Tracker(cfg, 0, 1, resume_run_id=a.run_id)
+    for s in range(6, 11):
+        b.log_metrics({names.TRAIN_LOSS: 2.0 / s, names.LR: 0.2, names.GRAD_NORM: 3.0}, s)
+    assert b.close()
+    c = MlflowClient(b.uri)
+    for key in (names.TRAIN_LOSS, names.LR):
+        assert steps_of(c, a.run_id, key) == list(range(1, 11)), key
+    assert steps_of(c, a.run_id, names.GRAD_NORM) == list(range(6, 11))  # a key A never logged: all of B's
+    got = {m.step: m.value for m in c.get_metric_history(a.run_id, names.TRAIN_LOSS)}
+    assert got[8] == 1.0 / 8 and got[9] == 2.0 / 9
+
+
 def test_other_ranks_and_disabled_tracking_touch_nothing(tmp_path):
     cfg = make_cfg(tmp_path / "run")
     r1 = Tracker(cfg, rank=1, world_size=2)

@@ -216,3 +216,53 @@ def test_restart_cap_stops_a_job_that_always_crashes(slurm_cluster, demo_data, t
     assert log.count("simulated crash") == 4  # two ranks, two attempts
     assert "restart 1/1 after failures" in log
     assert "restarted 1 time(s) after failures already (HGSCALE_MAX_RESTARTS=1); not requeueing" in log
+
+
+# ------------------------------------------------------------------------------------------ outages
+
+def test_a_storage_outage_requeues_without_exclusion_and_resumes_exactly(slurm_cluster, demo_data, reference_run,
+                                                                         tmp_path, s3_server, fault_proxy):
+    """Checkpoints go to S3 through the fault proxy. Once step 10's checkpoint is complete the proxy refuses every
+    request for 60 s: the ranks exit with the infrastructure status (the upload failed after its retries; then,
+    while the outage lasts, the start-up checks of each requeued attempt), the job is requeued with back-off and no
+    node excluded, resumes from step 10 once storage answers, and logs every step once, in metrics.jsonl and in
+    MLflow, with the losses of the uninterrupted job."""
+    bucket = s3_server.make_bucket()
+    client = s3_server.client()
+    cfg = _config(tmp_path, demo_data)
+    sections = json.loads(cfg.read_text())
+    sections["checkpoint"] = {"dir": f"s3://{bucket}/run", "interval": 5, "keep_last": 3,
+                              "staging_dir": str(tmp_path / "staging")}
+    sections["data"].update(s3_endpoint_url=fault_proxy.endpoint_url, retries=3, retry_backoff_s=0.2)
+    cfg.write_text(json.dumps(sections))
+    env = {**_fault_env(tmp_path, HGSCALE_RESTART_BACKOFF_S="4", HGSCALE_MAX_RESTARTS="8"),
+           **s3_server.env(fault_proxy.endpoint_url)}
+    job_id = slurm_cluster.sbatch(*CPU_JOB, f"--output={tmp_path}/job-%j.log", str(SCRIPT), str(cfg), OVERRIDE,
+                                  cwd=tmp_path, env=env)
+
+    def latest() -> str:
+        try:
+            return client.get_object(Bucket=bucket, Key="run/latest")["Body"].read().decode()
+        except client.exceptions.NoSuchKey:
+            return ""
+    deadline = time.monotonic() + 180
+    while latest() != "step00000010":
+        assert time.monotonic() < deadline, (tmp_path / f"job-{job_id}.log").read_text()
+        time.sleep(0.05)
+    fault_proxy.outage(60)
+    job = slurm_cluster.wait_job(job_id, timeout=600)
+    log = (tmp_path / f"job-{job_id}.log").read_text()
+    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, log
+    assert "an outage (exit status 5" in log and "no node is excluded" in log
+    assert "excluded node" not in log and "not excluding node" not in log
+    assert re.search(rf"resumed from s3://{bucket}/run/step00000010 at step 10\b", log), log[-3000:]
+    assert f"finished {STEPS} steps" in log and fault_proxy.injected["outage"] > 0
+    jsonl = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if "train/loss" in line]
+    assert jsonl == list(range(1, STEPS + 1))
+    runs, steps, losses = _mlflow(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED" and runs[0].data.tags["hgscale.exit"] == "OK"
+    assert steps == list(range(1, STEPS + 1))  # the steps run again after the resume are not logged twice
+    _, _, ref = _mlflow(reference_run[0])
+    torch.testing.assert_close(torch.tensor([losses[s] for s in steps]), torch.tensor([ref[s] for s in steps]),
+                               rtol=1e-5, atol=0)

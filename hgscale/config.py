@@ -194,7 +194,8 @@ class TrainConfig:
     """Optimisation, schedule, precision and the training loop."""
 
     micro_batch_size: int = fld(8, "Sequences per micro-batch per data-parallel rank.", ge=1)
-    grad_accum_steps: int = fld(1, "Micro-batches accumulated per optimizer step.", ge=1)
+    grad_accum_steps: int = fld(1, "Micro-batches accumulated per optimizer step; 0 derives it from "
+                                   "global_batch_size on any world size (a job that may shrink).", ge=0)
     global_batch_size: int = fld(0, "Sequences per optimizer step; 0 derives micro x accum x data-parallel size.", ge=0)
     steps: int = fld(1000, "Optimizer steps to train.", ge=1)
     lr: float = fld(4.1e-4, "Peak learning rate (trax multifactor schedules: multifactor.constant).", gt=0)

@@ -39,7 +39,7 @@ def prepare(args: argparse.Namespace):
 
     cfg = load_config(args.config, args.overrides)
     world = world_from_env()
-    ParallelLayout.of(cfg, world, source=args.config)
+    ParallelLayout.of(cfg, world, source=args.config).resolve(cfg)  # train.grad_accum_steps=0: derived here
     ds_json = deepspeed_config(cfg, world)
     dataset = open_dataset(cfg.data)  # reads and checks the manifest: a bad URL fails here, on every rank
     problems = preflight(cfg, dataset, world)

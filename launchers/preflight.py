@@ -58,9 +58,11 @@ def check_config(path: str, overrides: list[str], world_size: int):
     from hgscale.training.layout import ParallelLayout
     cfg = load_config(path, overrides)
     lay = ParallelLayout.of(cfg, world_size, source=path)
+    lay.resolve(cfg)  # train.grad_accum_steps = 0: the accumulation this allocation needs, shown below
     deepspeed_config(cfg, world_size)  # conflicts between `deepspeed` pass-through keys and generated ones
-    print(f"hgscale: layout {world_size} tasks = {lay.stages} pipeline stage(s) x {lay.dp} "
-          f"data-parallel; config {os.path.abspath(path)} overrides {' '.join(mask_args(overrides)) or '(none)'}")
+    print(f"hgscale: layout {world_size} tasks = {lay.stages} pipeline stage(s) x {lay.dp} data-parallel, "
+          f"accumulation {lay.accum}; config {os.path.abspath(path)} overrides "
+          f"{' '.join(mask_args(overrides)) or '(none)'}")
     # The job log is read by others: credentials go the way they go in MLflow params (masked).
     print("hgscale: resolved config\n" + json.dumps(mask_secrets(cfg.to_dict()), indent=2), flush=True)
     return cfg

@@ -35,7 +35,7 @@ def _generated(cfg: Config, world_size: int) -> tuple[dict, dict]:
     put(ds, "train_batch_size", lay.global_batch,
         "train.micro_batch_size x train.grad_accum_steps x data-parallel size")
     put(ds, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size")
-    put(ds, "gradient_accumulation_steps", t.grad_accum_steps, "train.grad_accum_steps")
+    put(ds, "gradient_accumulation_steps", lay.accum, "train.grad_accum_steps")
     # DeepSpeed's default is 1.0, not "off": always write it.
     put(ds, "gradient_clipping", float(t.grad_clip), "train.grad_clip")
     put(ds, "steps_per_print", _QUIET_STEPS, "(progress lines are hgscale's)")

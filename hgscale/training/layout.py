@@ -31,8 +31,21 @@ class ParallelLayout:
 
     @classmethod
     def unchecked(cls, cfg: Config, world_size: int) -> "ParallelLayout":
+        """The layout as configured; ``train.grad_accum_steps = 0`` takes global_batch_size / (micro x dp), so the
+        same config keeps its global batch on whatever world size a (shrunk) allocation gives (0 if it does not
+        divide: :meth:`problems` says so)."""
         t, p = cfg.train, cfg.parallel
-        return cls(world_size, p.pipeline_stages, t.micro_batch_size, t.grad_accum_steps, p.zero_stage)
+        accum = t.grad_accum_steps
+        if accum == 0:
+            per_step = t.micro_batch_size * (world_size // max(p.pipeline_stages, 1))
+            accum = t.global_batch_size // per_step if per_step and t.global_batch_size % per_step == 0 else 0
+        return cls(world_size, p.pipeline_stages, t.micro_batch_size, accum, p.zero_stage)
+
+    def resolve(self, cfg: Config) -> Config:
+        """``cfg`` with this layout's accumulation written in (for train.grad_accum_steps = 0), for everything that
+        reads the config after the world size is known."""
+        cfg.train.grad_accum_steps = self.accum
+        return cfg
 
     @property
     def dp(self) -> int:
@@ -51,6 +64,13 @@ class ParallelLayout:
                     f"launch a multiple of {self.stages} processes"]
         out = []
         want = cfg.train.global_batch_size
+        if cfg.train.grad_accum_steps == 0 and not want:
+            return ["train.grad_accum_steps = 0 derives the accumulation from train.global_batch_size, which is 0: "
+                    "set train.global_batch_size (or grad_accum_steps >= 1)"]
+        if cfg.train.grad_accum_steps == 0 and self.accum == 0:
+            return [f"train.global_batch_size = {want} is not a multiple of micro_batch_size {self.micro} x "
+                    f"data-parallel size {self.dp} (= {self.world} processes / {self.stages} stages), so no "
+                    f"grad_accum_steps reaches it: choose a global batch divisible by {self.micro * self.dp}"]
         if want and want != self.global_batch:
             out.append(f"train.global_batch_size = {want} != micro_batch_size {self.micro} x grad_accum_steps "
                        f"{self.accum} x data-parallel size {self.dp} (= {self.world} processes / {self.stages} "

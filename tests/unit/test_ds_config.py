@@ -53,6 +53,27 @@ def test_batch_arithmetic_error_prints_numbers():
     assert "= 16" in msg
 
 
+@pytest.mark.parametrize("world, stages, accum", [(8, 1, 1), (4, 1, 2), (2, 1, 4), (1, 1, 8), (4, 2, 4)])
+def test_accumulation_derived_from_the_global_batch_on_any_world(world, stages, accum):
+    """train.grad_accum_steps = 0: the same config keeps global batch 16 on whatever allocation a job gets."""
+    cfg = cfg_of(train={"micro_batch_size": 2, "grad_accum_steps": 0, "global_batch_size": 16},
+                 parallel={"pipeline_stages": stages})
+    lay = ParallelLayout.of(cfg, world)
+    assert (lay.accum, lay.global_batch) == (accum, 16)
+    ds = deepspeed_config(cfg, world)
+    assert (ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (accum, 16)
+    assert lay.resolve(cfg).train.grad_accum_steps == accum
+
+
+def test_derived_accumulation_that_cannot_be_is_one_message():
+    cfg = cfg_of(train={"micro_batch_size": 2, "grad_accum_steps": 0, "global_batch_size": 12})
+    with pytest.raises(ConfigError, match=r"global_batch_size = 12 is not a multiple of micro_batch_size 2 x "
+                                          r"data-parallel size 4 .*divisible by 8"):
+        ParallelLayout.of(cfg, 4)
+    with pytest.raises(ConfigError, match="derives the accumulation from train.global_batch_size, which is 0"):
+        ParallelLayout.of(cfg_of(train={"grad_accum_steps": 0}), 1)
+
+
 def test_precisions():
     bf = deepspeed_config(cfg_of(train={"precision": "bf16"}, parallel={"pipeline_stages": 2}), 2)
     assert bf["bf16"] == {"enabled": True}

@@ -26,9 +26,10 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
-import signal
 import sys
 from typing import Iterator
+
+from hgscale.core.signals import stop_signals_held
 
 from .errors import DataError, DataUnavailable
 from .reader import start_thread, worker_main
@@ -48,21 +49,6 @@ def check_start_method(method: str) -> None:
     if method not in START_METHODS:
         raise DataError(f"data.worker_start_method = {method!r} is not one of {', '.join(START_METHODS)} "
                         f"(fork is unsafe with s3fs)")
-
-
-@contextlib.contextmanager
-def _preemption_signals_blocked():
-    """Workers (and the fork server and resource tracker started with the first of them) inherit a
-    signal mask blocking SIGUSR1/SIGUSR2 and SIGTERM: Slurm signals every process of a job step on preemption,
-    scancel and at the time limit, and only the trainer should act on it (checkpoint, then stop its workers, with
-    SIGKILL if they do not stop). In this process the signals are only held while workers start, and delivered on
-    unblocking."""
-    sigs = {signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextlib.contextmanager
@@ -197,7 +183,7 @@ class Stream:
             # milliseconds. It creates no s3fs client or event loop, so the forks are clean.
             ctx.set_forkserver_preload(["hgscale.data.reader", "s3fs"])
         queues, stops, procs = [], [], []
-        with _main_not_reimported(), _preemption_signals_blocked():
+        with _main_not_reimported(), stop_signals_held():  # workers must outlive a stop signal
             for w in range(self._n):
                 q, stop = ctx.Queue(maxsize=self._prefetch), ctx.Event()
                 env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
@@ -228,7 +214,7 @@ class Stream:
         for q, h in zip(queues, handles, strict=True):
             if isinstance(h, mp.process.BaseProcess):
                 h.join(timeout=3)
-                if h.is_alive():  # stuck in a read: SIGKILL (it blocks SIGTERM, see _preemption_signals_blocked)
+                if h.is_alive():  # stuck in a read: SIGKILL (it blocks SIGTERM: hgscale.core.signals)
                     h.kill()
                     h.join(timeout=3)
                 q.cancel_join_thread()

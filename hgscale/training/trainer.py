@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hgscale.checkpoint.manager import CheckpointManager, resume_point
 from hgscale.config import Config
+from hgscale.core.signals import stop_signals_held
 from hgscale.core.status import HANG, OK, name_of, status_of
 from hgscale.training.callbacks import (
     Callback,
@@ -47,9 +48,10 @@ class Trainer:
 
         preemption = Preemption()  # before the process group: a signal during start-up is not lost
         self.cfg, self.dataset = cfg, dataset
-        self.rt = init_distributed(cfg)
+        with stop_signals_held():  # DeepSpeed may compile an op (a child process): held, handled after start-up
+            self.rt = init_distributed(cfg)
+            self.eng = TrainEngine(cfg, ds_json, self.rt)
         self.layout = ParallelLayout.of(cfg, self.rt.world_size)
-        self.eng = TrainEngine(cfg, ds_json, self.rt)
         self.ckpt = CheckpointManager(cfg, self.eng, ds_json)
         self._stopped = False
         state = self._resume()

@@ -143,6 +143,34 @@ def test_preempted_job_checkpoints_requeues_and_resumes_same_run(slurm_cluster, 
                                rtol=1e-5, atol=1e-6)  # resumed exactly: same data position, same weights
 
 
+@pytest.mark.parametrize("how", ["scancel --signal=TERM", "time limit"])
+def test_sigterm_checkpoints_with_data_workers_and_the_ranks_exit_0(how, slurm_cluster, demo_data, tmp_path):
+    """SIGTERM reaches every process of the ranks, their data workers included (scancel --signal=TERM signals the
+    steps; at the time limit Slurm signals the batch script too, which forwards it): the workers ignore it, the
+    trainer finishes its step, saves a checkpoint and the ranks exit 0, so nothing since the last interval is lost.
+    The job is not requeued (a cancelled job stays cancelled); its MLflow run ends KILLED, exit status OK."""
+    cfg = _config(tmp_path, demo_data)
+    job_args = [a for a in CPU_JOB if not a.startswith("--time")] + ["--time=10"]
+    if how == "time limit":  # the script's own --signal=B:USR1@300 would preempt a 1-minute job at once; SIGURG
+        job_args = job_args[:-1] + ["--time=1", "--signal=B:URG@1"]  # is ignored: the limit's SIGTERM comes alone
+    job_id = slurm_cluster.sbatch(*job_args, f"--output={tmp_path}/job-%j.log", str(SCRIPT), str(cfg),
+                                  "train.steps=100000", "data.num_workers=2", cwd=tmp_path, env=_env())
+    log_path = tmp_path / f"job-{job_id}.log"
+    _wait_for(log_path, r"step\s+5/100000", timeout=180)
+    if how != "time limit":
+        slurm_cluster.cmd("scancel", "--signal=TERM", str(job_id))
+    job = slurm_cluster.wait_job(job_id, timeout=300)
+    log = log_path.read_text()
+    assert job["JobState"] == ("TIMEOUT" if how == "time limit" else "COMPLETED") and job["Restarts"] == "0", log
+    stopped = int(re.search(r"preempted at step (\d+); checkpoint saved", log).group(1))
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == f"step{stopped:08d}", log
+    assert (tmp_path / "ckpt" / f"step{stopped:08d}" / "COMPLETE").exists()
+    assert "Traceback" not in log and "exited with exit code" not in log and "requeueing" not in log, log
+    runs, steps, _ = _mlflow(tmp_path)
+    assert len(runs) == 1 and runs[0].info.status == "KILLED" and runs[0].data.tags["hgscale.exit"] == "OK"
+    assert steps == list(range(1, stopped + 1))
+
+
 # ------------------------------------------------------------------------------------------ crashes
 
 def _trainer_pid(cfg: Path, rank: int, timeout: float) -> int:

@@ -107,7 +107,7 @@ class Watchdog(Callback):
         self.fixed = hang_timeout_s if hang_timeout_s > 0 else None
         # one heartbeat (a single store write) and one look for a declared hang per period
         self.period = period_s or min(2.0, (self.fixed or DERIVED_MIN_S) / 10)
-        self.stale_s = max(3 * self.period, 10.0)
+        self.stale_s = max(3 * self.period, 10.0)  # a heartbeat older than this: a frozen or dead rank
         self.dump_dir = Path(run_dir) / "hang"
         self.host = socket.gethostname()
         self.step_times: list[float] = []
@@ -153,8 +153,9 @@ class Watchdog(Callback):
             except Exception:  # noqa: BLE001 - the store's host is frozen or gone: judged below by progress
                 declared = False
             armed = self.progress.step > self.first_step  # the first step (compile, warm-up) is never a hang
-            if declared or (armed and (self._stalled() or self._peer_frozen())):
-                self._on_hang(declared)
+            frozen = armed and not declared and self._peer_frozen()
+            if declared or frozen or (armed and self._stalled()):
+                self._on_hang(declared, frozen)
                 return
             if self._stop.wait(self.period):
                 return
@@ -193,11 +194,15 @@ class Watchdog(Callback):
                     out[r] = {**self._beat(), "time": time.time()} if r == self.rank else None
             return out
 
-    def _report(self) -> dict:
+    def _report(self, frozen_peer: bool = False) -> dict:
+        """What the hang line says. ``frozen_peer``: found by a peer's heartbeat inside a long phase, so the limit
+        that was passed is the hang timeout, not the phase's budget."""
         beats = self._read_beats()
         beats[self.rank] = self._beat()  # this thread is alive, whatever the store says
-        ranks, why = culprits(beats, time.time(), self.stale_s)
-        limit, setting = self.limit()
+        # found by a peer's heartbeat older than the hang timeout: stale by that measure, however short it is
+        stale_s = min(self.stale_s, self.timeout()) if frozen_peer else self.stale_s
+        ranks, why = culprits(beats, time.time(), stale_s)
+        limit, setting = (self.timeout(), "train.hang_timeout_s") if frozen_peer else self.limit()
         return {"ranks": ranks, "why": why, "timeout_s": limit, "setting": setting, "dumps": str(self.dump_dir),
                 # live ranks finished it; a step finishes only with every rank's part in its collectives
                 "step": min(b["step"] for r, b in beats.items() if b is not None and (r not in ranks or
@@ -207,17 +212,17 @@ class Watchdog(Callback):
                 "phases": {str(r): (beats[r] or {}).get("phase", "unknown") for r in range(self.world)},
                 "time": time.time()}
 
-    def _on_hang(self, declared: bool) -> None:
+    def _on_hang(self, declared: bool, frozen_peer: bool = False) -> None:
         report = None
         try:
             if declared:
                 report = json.loads(self.store.get(HANG_KEY))
             else:  # first to notice: tell the others, so that every live rank dumps its stacks
-                report = self._report()
+                report = self._report(frozen_peer)
                 self.store.compare_set(HANG_KEY, "", json.dumps(report))
                 report = json.loads(self.store.get(HANG_KEY))
         except Exception:  # noqa: BLE001 - no store (rank 0 frozen or gone): judge alone
-            report = report or self._report()
+            report = report or self._report(frozen_peer)
         self._dump(report)
         alive = [r for r in range(self.world) if r not in report["ranks"] or report["why"] != "heartbeat stopped"]
         if self.rank == min(alive, default=0):

@@ -1,6 +1,7 @@
 """Checkpoints on S3 (moto server, authentication on): staged per rank, uploaded in the background, `latest`
 moved last, pruned remotely, resumed after kill -9, no secret in any object, bad credentials refused at start-up.
 """
+import contextlib
 import os
 import re
 import signal
@@ -302,6 +303,39 @@ def test_a_save_slower_than_the_hang_timeout_completes(tmp_path, demo_data, s3_e
     objs = _objects(s3_env, bucket)
     assert {f"run/step{s:08d}/COMPLETE" for s in (2, 4, 6)} <= set(objs)
     assert_one_attempt_per_complete_tag(objs)
+
+
+def test_a_rank_frozen_inside_a_slow_save_is_caught_and_named(tmp_path, demo_data, s3_env, fault_proxy):  # noqa: F811
+    """The upload of step 4 is held 30 s per request, so the save at step 8 waits for it (a slow phase with a budget
+    of its own). Rank 1 is stopped (SIGSTOP) inside that wait: its heartbeat stops, and rank 0's watchdog ends the
+    job with the hang status within train.hang_timeout_s, naming rank 1; a slow save alone is not a hang."""
+    import psutil
+
+    from hgscale.core.status import HANG
+
+    bucket = s3_env.make_bucket()
+    fault_proxy.slow_s = 30.0
+    cfg = tiny_config(tmp_path, demo_data, "frozen.json", train={"steps": 8, "log_interval": 1, "hang_timeout_s": 5},
+                      checkpoint={"dir": f"s3://{bucket}/run", "interval": 4, "keep_last": 5,
+                                  "staging_dir": str(tmp_path / "staging")},
+                      data={"s3_endpoint_url": fault_proxy.endpoint_url})
+    fault_proxy.inject("slow", count=50, match="step00000004", method="PUT")
+    run = Watched(_cmd(cfg), start_new_session=True)
+    try:
+        run.wait_for_step(8, of=8)
+        time.sleep(2)  # both ranks are in the save of step 8, waiting for step 4's upload
+        [rank1] = [p for p in psutil.Process(run.proc.pid).children(recursive=True)
+                   if p.environ().get("RANK") == "1" and "train.py" in " ".join(p.cmdline())]
+        rank1.send_signal(signal.SIGSTOP)
+        frozen_at = time.monotonic()
+        rc = run.wait(60)
+        took = time.monotonic() - frozen_at
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a stopped rank left behind
+            os.killpg(run.proc.pid, signal.SIGKILL)
+    assert rc == HANG and took < 40, run.tail()
+    [line] = [ln for ln in run.lines if "error: hang:" in ln]
+    assert re.search(r"rank 1 \([^;]+; last heartbeat \d+ s ago in phase '[^']*'\): heartbeat stopped", line), line
 
 
 def test_an_outage_of_checkpoint_storage_is_infrastructure_not_a_user_error(tmp_path, s3_env, fault_proxy):

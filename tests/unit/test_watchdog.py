@@ -84,6 +84,9 @@ def test_a_slow_save_is_not_a_hang_but_a_frozen_peer_inside_it_is(store_env, tmp
     assert not wd._stalled() and not wd._peer_frozen()  # longer than the hang timeout, within the save's budget
     store_env.set(beat_key(1), json.dumps(beat(4, time.time() - 5)))  # the peer stopped beating (SIGSTOP)
     assert wd._peer_frozen()
+    report = wd._report(frozen_peer=True)  # the line names the frozen peer and the limit it passed, not the budget
+    assert (report["ranks"], report["why"]) == ([1], "heartbeat stopped")
+    assert (report["timeout_s"], report["setting"]) == (1.0, "train.hang_timeout_s")
     progress.mark("step 5")
     assert not wd._peer_frozen()  # outside a long phase the collective itself stalls: judged by progress
 

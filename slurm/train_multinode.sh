@@ -44,8 +44,11 @@
 # script requeues the job, which resumes from the last complete checkpoint, up to HGSCALE_MAX_RESTARTS times per job
 # (default 3; preemptions do not count), after a back-off of HGSCALE_RESTART_BACKOFF_S seconds (default 30),
 # doubled on every further restart, at most 600. After a crash or a hang the node named by the hang report, or
-# the node of the rank that died first, is excluded from the requeued job (scontrol update ExcNodeList), unless
-# too few nodes would remain in the partition; after an outage no node is excluded. Each rank's wrapper records
+# the node of the rank that died first, is excluded from the requeued job (requeued held, ExcNodeList set while it
+# waits, released: Slurm refuses it for a running job), unless too few nodes would remain in the partition; with
+# HGSCALE_MIN_NODES below the job's node count (default: equal), the requeued job may instead run on fewer nodes
+# (as many as remain, at least that minimum) and resumes on that layout (train.grad_accum_steps=0 keeps the global
+# batch); after an outage no node is excluded. Each rank's wrapper records
 # its failure under HGSCALE_STATE_DIR (default .hgscale/ in the submit dir, a shared filesystem), where the
 # restart count lives too. Everything the script decides is logged with a "hgscale:" prefix.
 #
@@ -123,6 +126,12 @@ load_statuses
 JOB_ID=$(uint SLURM_JOB_ID "$SLURM_JOB_ID") || exit "$ST_USER_ERROR"
 RESTART_COUNT=$(uint SLURM_RESTART_COUNT "${SLURM_RESTART_COUNT:-0}") || exit "$ST_USER_ERROR"
 NUM_NODES=$(uint SLURM_JOB_NUM_NODES "${SLURM_JOB_NUM_NODES:-1}") || exit "$ST_USER_ERROR"
+MIN_NODES=$(uint HGSCALE_MIN_NODES "${HGSCALE_MIN_NODES:-$NUM_NODES}") || exit "$ST_USER_ERROR"
+TASKS_PER_NODE=$(uint SLURM_NTASKS_PER_NODE "${SLURM_NTASKS_PER_NODE:-1}") || exit "$ST_USER_ERROR"
+if [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then
+    # after a shrink, the job's own task counts may still be the larger allocation's: one task per GPU of each node
+    export SLURM_NTASKS=$((NUM_NODES * TASKS_PER_NODE)) SLURM_TASKS_PER_NODE="$TASKS_PER_NODE(x$NUM_NODES)"
+fi
 MAX_RESTARTS=$(uint HGSCALE_MAX_RESTARTS "${HGSCALE_MAX_RESTARTS:-3}") || exit "$ST_USER_ERROR"
 BACKOFF_S=$(uint HGSCALE_RESTART_BACKOFF_S "${HGSCALE_RESTART_BACKOFF_S:-30}") || exit "$ST_USER_ERROR"
 MAX_REQUEUES=$(uint HGSCALE_MAX_REQUEUES "${HGSCALE_MAX_REQUEUES:-50}") || exit "$ST_USER_ERROR"
@@ -167,8 +176,10 @@ trap on_term TERM
 failed_node() {  # the node to blame: the hang report's, else that of the rank that died first
     "$PYTHON" -m launchers.faults culprit "$HGSCALE_EVENTS_DIR"
 }
-exclude_node() {  # keep the requeued job off NODE, unless too few nodes would be left in the partition
-    local node=$1 old list total excluded
+EXCLUDE=""  # the requeued job's ExcNodeList, when a node is to be left out
+SHRINK_TO=""  # the requeued job's node count, when it must run on fewer nodes than now
+exclude_node() {  # decide to keep the requeued job off NODE (and, if need be, to shrink it to HGSCALE_MIN_NODES)
+    local node=$1 old list total excluded left
     [[ $node =~ ^[A-Za-z0-9._-]+$ ]] || { say "not excluding node '$node': not a node name"; return 0; }
     old=$(scontrol show job "$JOB_ID" | grep -o 'ExcNodeList=[^ ]*' | cut -d= -f2)
     case "$old" in ""|"(null)") list=$node ;; *) list="$old,$node" ;; esac
@@ -176,13 +187,36 @@ exclude_node() {  # keep the requeued job off NODE, unless too few nodes would b
     excluded=$(echo "$list" | tr ',' '\n' | sort -u | wc -l | tr -d ' ')
     if ! total=$(uint "the partition's node count" "$total") || ! excluded=$(uint "excluded nodes" "$excluded"); then
         say "not excluding node $node: cannot count the partition's nodes"
-    elif [ $((total - excluded)) -lt "$NUM_NODES" ]; then
-        say "not excluding node $node: the partition has $total node(s) and the job needs $NUM_NODES"
-    elif scontrol update JobId="$JOB_ID" ExcNodeList="$list"; then
-        say "excluded node $node from the requeued job (ExcNodeList=$list)"
-    else
-        say "could not exclude node $node (scontrol update ExcNodeList=$list failed)"
+        return 0
     fi
+    left=$((total - excluded))
+    if [ "$left" -ge "$NUM_NODES" ]; then
+        say "excluding node $node from the requeued job (ExcNodeList=$list)"
+    elif [ "$left" -ge "$MIN_NODES" ] && [ "$left" -ge 1 ]; then
+        SHRINK_TO=$left
+        say "excluding node $node from the requeued job (ExcNodeList=$list); it runs on $left node(s) instead" \
+            "of $NUM_NODES (HGSCALE_MIN_NODES=$MIN_NODES) and resumes on that layout"
+    else
+        say "not excluding node $node: the partition has $total node(s) and the job needs $MIN_NODES" \
+            "(HGSCALE_MIN_NODES)"
+        return 0
+    fi
+    EXCLUDE=$list
+}
+requeue_job() {  # requeue; a node to exclude (or fewer nodes) is set while the job waits, held, then released
+    # Slurm refuses ExcNodeList and NumNodes for a running job, and signals this script once the job is requeued:
+    # the signals are ignored (by the scontrol calls too) so that the release below always runs
+    trap '' TERM USR1
+    if [ -z "$EXCLUDE" ]; then
+        scontrol requeue "$JOB_ID"
+        return
+    fi
+    scontrol requeuehold "$JOB_ID" || return 1
+    if ! scontrol update JobId="$JOB_ID" ExcNodeList="$EXCLUDE" \
+            ${SHRINK_TO:+NumNodes=$SHRINK_TO NumTasks=$((SHRINK_TO * TASKS_PER_NODE))}; then
+        say "could not exclude node(s) $EXCLUDE (scontrol update failed); the job is requeued on any node"
+    fi
+    scontrol release "$JOB_ID"
 }
 requeue_after_failure() {  # a crash, a hang or an outage: requeue with back-off, up to HGSCALE_MAX_RESTARTS per job
     local rc=$1 count=$FAILURES max=$MAX_RESTARTS delay=$BACKOFF_S i=0 node
@@ -212,7 +246,7 @@ requeue_after_failure() {  # a crash, a hang or an outage: requeue with back-off
     [ "$delay" -gt 600 ] && delay=600
     say "requeueing job $JOB_ID after the failure (restart $((count + 1))/$max after failures) in $delay s"
     sleep "$delay"
-    scontrol requeue "$JOB_ID" || { echo "hgscale: error: scontrol requeue $JOB_ID failed" >&2; exit "$rc"; }
+    requeue_job || { echo "hgscale: error: scontrol requeue $JOB_ID failed" >&2; exit "$rc"; }
     exit "$ST_OK"
 }
 
@@ -251,7 +285,7 @@ if [ $PREEMPTED -eq 1 ]; then
         exit 1
     fi
     say "checkpoint saved; requeueing job $JOB_ID (restart $((RESTART_COUNT + 1)))"
-    scontrol requeue "$JOB_ID" || { echo "hgscale: error: scontrol requeue $JOB_ID failed" >&2; exit 1; }
+    requeue_job || { echo "hgscale: error: scontrol requeue $JOB_ID failed" >&2; exit 1; }
     exit "$ST_OK"
 fi
 if [ "$rc" -ne 0 ] && [ $TERMINATED -eq 0 ] && [ "$rc" -ne "$ST_USER_ERROR" ] && [ "$rc" -ne "$ST_NAN" ]; then

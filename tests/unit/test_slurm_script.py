@@ -187,8 +187,27 @@ def test_a_crash_requeues_excluding_the_node_that_failed_first_with_doubled_back
     assert "the ranks failed (srun exit status 139)" in r.stdout
     assert "(restart 3/3 after failures) in 28 s" in r.stdout             # 7 x 2^2
     calls = fake.calls()
-    assert f"scontrol update JobId={JOB} ExcNodeList=n2" in calls and "sleep 28" in calls
-    assert calls[-1] == f"scontrol requeue {JOB}"
+    # Slurm refuses ExcNodeList for a running job: requeued held, updated while it waits, released
+    assert calls[-4:] == ["sleep 28", f"scontrol requeuehold {JOB}", f"scontrol update JobId={JOB} ExcNodeList=n2",
+                          f"scontrol release {JOB}"]
+
+
+@pytest.mark.parametrize("min_nodes, update", [
+    ("2", f"scontrol update JobId={JOB} ExcNodeList=n2 NumNodes=2 NumTasks=8"), (None, None)])
+def test_a_job_on_every_node_of_the_partition_shrinks_to_its_minimum_or_excludes_none(fake, min_nodes, update):
+    """3 nodes of 4 tasks, all of the partition: a node that crashed can only be left out if the job may run on 2
+    (HGSCALE_MIN_NODES=2); then it is requeued on 2 nodes (8 tasks), which resume on that layout."""
+    fake.record("crash-rank00005.json", {"kind": "crash", "rank": 5, "host": "n2", "status": 137, "time": 1.0})
+    env = {"SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS_PER_NODE": "4", "HGSCALE_RESTART_BACKOFF_S": "0"}
+    r = fake.run(FAKE_SRUN_RC="137", **env, **({"HGSCALE_MIN_NODES": min_nodes} if min_nodes else {}))
+    assert r.returncode == 0, r.stderr
+    calls = fake.calls()
+    if update:
+        assert "it runs on 2 node(s) instead of 3 (HGSCALE_MIN_NODES=2)" in r.stdout
+        assert calls[-3:] == [f"scontrol requeuehold {JOB}", update, f"scontrol release {JOB}"]
+    else:
+        assert "not excluding node n2: the partition has 3 node(s) and the job needs 3" in r.stdout
+        assert calls[-1] == f"scontrol requeue {JOB}" and not any("ExcNodeList=" in c for c in calls)
 
 
 def test_a_hang_excludes_the_culprit_and_the_back_off_is_capped(fake):

@@ -214,6 +214,8 @@ class TrainConfig:
     log_interval: int = fld(10, "Steps between progress lines and logged metrics.", ge=1)
     eval_interval: int = fld(500, "Steps between validation runs (0 disables).", ge=0)
     eval_batches: int = fld(20, "Micro-batches scored per validation run.")
+    eval_timeout_s: float = fld(3600.0, "Seconds a validation run may take (its own budget; a rank that stops in it "
+                                        "is caught at hang_timeout_s all the same).", gt=0)
     hang_timeout_s: float = fld(-1.0, "Seconds without progress before the job counts as hung and stops (exit "
                                       "status 4); -1 derives max(300, 20 x median step time), 0 disables.")
     compile: bool = fld(False, "torch.compile each layer (regional); a layer that fails runs eager.")

@@ -108,6 +108,7 @@ class Validation(Callback):
     source for a mixture (then the overall loss weighs the sources' batches). ``sets`` holds (name, batches,
     bits per nat) per source, name None for a plain dataset; a pipeline's middle stage has batches None but runs
     the same collectives."""
+    budget_key = "train.eval_timeout_s"  # a long validation is slow, not stuck
 
     pauses_clock = True
 

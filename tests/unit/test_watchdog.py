@@ -105,3 +105,17 @@ def test_no_node_is_excluded_when_no_rank_is_behind(store_env, tmp_path, monkeyp
     assert json.loads((tmp_path / "events" / "hang.json").read_text())["culprit_hosts"] == []
     wd._publish({**report, "ranks": [1], "why": "behind the other ranks"})
     assert json.loads((tmp_path / "events" / "hang.json").read_text())["culprit_hosts"] == ["b"]
+
+
+def test_every_long_phase_names_a_budget_the_config_has():
+    """Validation, a save and a preemption save each have a time budget of their own, read from the config."""
+    from hgscale.config import Config
+    from hgscale.training.callbacks import Checkpointing, Preemption, Validation
+
+    cfg = Config()
+    budgets = {cls.__name__: cls.budget_key for cls in (Validation, Checkpointing, Preemption)}
+    assert budgets == {"Validation": "train.eval_timeout_s", "Checkpointing": "checkpoint.save_timeout_s",
+                       "Preemption": "checkpoint.save_timeout_s"}
+    for key in budgets.values():
+        section, name = key.split(".")
+        assert getattr(getattr(cfg, section), name) == 3600.0

@@ -54,9 +54,8 @@
 #
 # Every number read from the environment or a file (HGSCALE_MAX_RESTARTS, HGSCALE_RESTART_BACKOFF_S,
 # HGSCALE_MAX_REQUEUES, HGSCALE_MIN_NODES, SLURM_*, the restart count) must be a non-negative integer, digits only;
-# anything else
-# ends the job with one error line (exit status USER_ERROR) before any rank starts. No such text is ever
-# evaluated: $(( )) on unchecked text would run the command substitutions inside it.
+# anything else ends the job with one error line (exit status USER_ERROR) before any rank starts. No such text is
+# ever evaluated: $(( )) on unchecked text would run the command substitutions inside it.
 #
 #SBATCH --job-name=hgscale
 #SBATCH --nodes=1

@@ -95,29 +95,30 @@ def _zero_stage_state(tag_dir: Path, stage: int, dp: int, shapes: list[dict]):
     yield None, (step, osds[-1].get("loss_scaler"))
 
 
-def _zero0_stage_state(tag_dir: Path, states: dict, meta: dict, stage: int) -> tuple[dict, float]:
-    """ZeRO-0: weights from the module (or the pipeline's layer files), moments from torch's optimizer state."""
+def _zero0_stage_state(tag_dir: Path, states: dict, meta: dict, stage: int):
+    """ZeRO-0: yields (name, {fp32, exp_avg, exp_avg_sq}) parameter by parameter, weights from the module (or the
+    pipeline's layer files), moments from torch's optimizer state, all memory-mapped; then (None, (adam step, None))."""
     buffers = set(states.get("buffer_names") or [])
     if meta["topology"]["pipeline_stages"] > 1:
         parts = meta["topology"]["stage_boundaries"]
         weights = {}
         for layer in range(parts[stage], parts[stage + 1]):
-            sd = torch.load(tag_dir / f"layer_{layer:02d}-model_states.pt", map_location="cpu", weights_only=False)
+            sd = _load_mapped(tag_dir / f"layer_{layer:02d}-model_states.pt")
             weights.update({f"{layer}.{k}": v for k, v in sd.items()})
     else:
         weights = states["module"]
     names = [k for k in weights if k not in buffers]  # the order of module.parameters(): optimizer indices
     opt = states["optimizer"]
-    out, step = {}, 0.0
+    step = 0.0
     for group in opt["param_groups"]:
         for i in group["params"]:
             st = opt["state"].get(i)
             w = weights[names[i]].float()
             if st is None:  # never stepped: zero moments
                 st = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(w), "exp_avg_sq": torch.zeros_like(w)}
-            out[names[i]] = {"fp32": w.clone(), **{k: st[k].float() for k in _STATES[1:]}}
+            yield names[i], {"fp32": w.clone(), **{k: st[k].float() for k in _STATES[1:]}}
             step = float(st["step"])
-    return out, step
+    yield None, (step, None)
 
 
 def _pending(conv: Path) -> list[Path]:
@@ -150,11 +151,10 @@ def convert(tag_dir: str | Path) -> tuple[Path, bool]:
             counters = {k: states.get(k) for k in ("global_steps", "global_samples", "skipped_steps")}
             counters["lr_scheduler"] = states.get("lr_scheduler")
         if partition_file(tag_dir, 0, stage) is None:  # torch's optimizer state, unpartitioned
-            params, step = _zero0_stage_state(tag_dir, states, meta, stage)
-            params = list(params.items())
+            params = _zero0_stage_state(tag_dir, states, meta, stage)
         else:
             params = _zero_stage_state(tag_dir, stage, topo["data_parallel_size"], states["param_shapes"])
-        del states
+        del states  # the generator keeps what it reads, memory-mapped
         for name, st in params:
             if name is None:
                 step, scaler = st

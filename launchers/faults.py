@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from hgscale.core.status import INFRA, STOPS, USER_ERROR
+from hgscale.core.status import INFRA, STOPS, USER_ERROR, deciding
 
 
 def _record(kind: str, rank: int, status: int, events_dir: str | None) -> Path | None:
@@ -78,13 +78,12 @@ def stop_status(events_dir: str | Path) -> int | None:
 
 
 def attempt_status(events_dir: str | Path) -> int | None:
-    """The status the ranks' records give this attempt: the first deliberate stop's, else INFRA when the first rank
-    to fail exited INFRA (srun may report the status of the ranks it killed instead), else None."""
-    stop = stop_status(events_dir)
-    if stop is not None:
-        return stop
-    first = _first(_records(events_dir, "crash"))
-    return INFRA if first and first["status"] == INFRA else None
+    """The status the ranks' records give this attempt (:func:`hgscale.core.status.deciding`): a deliberate stop's,
+    else INFRA when a rank exited INFRA, even after a peer that lost it (srun may report the status of the ranks it
+    killed instead); else None (srun's status stands)."""
+    records = sorted(_records(events_dir, "stop") + _records(events_dir, "crash"), key=lambda r: r["time"])
+    status = deciding([r["status"] for r in records])
+    return status if status in STOPS or status == INFRA else None
 
 
 def culprit(events_dir: str | Path) -> str | None:
@@ -99,8 +98,11 @@ def culprit(events_dir: str | Path) -> str | None:
         listed = hang.get("culprit_hosts")
         hosts = [h for h in listed if isinstance(h, str) and h] if isinstance(listed, list) else []
         return hosts[0].split(".")[0] if hosts else None
-    first = _first(_records(d, "crash"))
-    return first["host"] if first and first["status"] != INFRA else None
+    crashes = _records(d, "crash")
+    if attempt_status(d) == INFRA:  # an outage is no node's fault, whichever rank failed first
+        return None
+    first = _first(crashes)
+    return first["host"] if first else None
 
 
 COMMANDS = {"culprit": culprit, "stop-status": stop_status, "status": attempt_status}

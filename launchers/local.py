@@ -7,8 +7,8 @@ maps through), so a program that runs here runs unchanged under ``slurm/train_mu
 SIGINT, SIGTERM, SIGUSR1 and SIGUSR2 sent to the launcher reach every rank once (the ranks live in
 their own session, so a terminal's Ctrl-C is not delivered twice); a SIGUSR1 that arrives while a rank
 is still starting is held until it can catch it (launchers.signals, as under srun). When a rank fails
-the others are stopped (at once after a hang, exit status 4), and the launcher exits with the failed rank's
-status.
+the others are stopped (at once after a hang, exit status 4), and the launcher exits with the status of the cause
+(a rank's deliberate stop or outage, not the status of a peer that lost it first).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import sys
 import time
 
 from hgscale.core.net import free_port
-from hgscale.core.status import HANG
+from hgscale.core.status import HANG, deciding
 from launchers.env import rendezvous_env
 from launchers.signals import SignalRelay, child_setup, exit_status
 
@@ -32,7 +32,8 @@ def local_rank_envs(nproc: int, master_addr: str, master_port: int) -> list[dict
 
 def launch_local(cmd: list[str], nproc: int, master_addr: str = "127.0.0.1", master_port: int | None = None,
                  env: dict[str, str] | None = None, grace_s: float = 10.0) -> int:
-    """Run ``cmd`` as ``nproc`` ranks; return 0 when all succeed, else the first failing rank's status."""
+    """Run ``cmd`` as ``nproc`` ranks; 0 when all succeed, else the status that names the cause
+    (:func:`hgscale.core.status.deciding`: a peer that lost a rank often fails first)."""
     if nproc < 1:
         raise ValueError(f"--nproc {nproc} must be >= 1")
     base = dict(os.environ if env is None else env)
@@ -66,8 +67,8 @@ def launch_local(cmd: list[str], nproc: int, master_addr: str = "127.0.0.1", mas
                 # after a hang the others are stuck in a collective and have dumped their stacks: no grace
                 deadline = time.monotonic() + (min(grace_s, 2.0) if failed == HANG else grace_s)
                 interrupt(signal.SIGTERM, None)
-            if all(c is not None for c in codes):
-                return failed if failed is not None else 0
+            if all(c is not None for c in codes):  # the cause, not a peer that lost its rank first
+                return deciding([failed, *(exit_status(c) for c in codes)]) if failed is not None else 0
             if failed is not None and time.monotonic() > deadline:
                 for p in procs:
                     if p.poll() is None:

@@ -25,91 +25,22 @@ reader): keys stay in the environment, never in an object.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
-import re
 import shutil
-import stat
-import tempfile
 import threading
 import time
 from pathlib import Path
 
-from hgscale.checkpoint.layout import COMPLETE, CONVERTED, LATEST, META, RANK_FILE_RE, TAG_RE, UPLOADED, saved_dp
+from hgscale.checkpoint.layout import COMPLETE, CONVERTED, LATEST, META, TAG_RE, UPLOADED
+from hgscale.checkpoint.staging import for_conversion, needed, private_dir, source_file, stage_of, staging_root
 from hgscale.core import storage
 from hgscale.core.storage import StorageError, filesystem, join, storage_options, user_error, with_retries
-
-_LAYER_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 
 
 def is_remote(url: str) -> bool:
     """Object storage (staged and uploaded) rather than a directory every node mounts."""
     return "://" in url and url.split("://", 1)[0].lower() in ("s3", "s3a")
-
-
-def default_staging_base() -> Path:
-    """A per-user directory on node-local disk: $SLURM_TMPDIR or $TMPDIR when set, else the system temp dir."""
-    tmp = os.environ.get("SLURM_TMPDIR") or os.environ.get("TMPDIR") or tempfile.gettempdir()
-    return Path(tmp) / f"hgscale-staging-{os.getuid()}"
-
-
-def private_dir(path: Path) -> Path:
-    """``path`` created with mode 0700, or checked to be this user's and closed to others: in a shared temp dir
-    another local user could otherwise plant files that this rank uploads or resumes from."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    st = path.lstat()
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise StorageError(f"checkpoint.staging_dir {str(path)!r} is not a private directory of this user (owner uid "
-                           f"{st.st_uid}, mode {stat.S_IMODE(st.st_mode):o}; want uid {os.getuid()}, mode 700): "
-                           f"remove it, or set checkpoint.staging_dir to a directory only you can write")
-    return path
-
-
-def staging_root(cfg, rank: int) -> Path:
-    """checkpoint.staging_dir (default: :func:`default_staging_base`) / one folder per checkpoint URL / this rank."""
-    base = Path(cfg.checkpoint.staging_dir) if cfg.checkpoint.staging_dir else default_staging_base()
-    url_id = hashlib.sha256(cfg.checkpoint.dir.encode()).hexdigest()[:12]
-    return base / url_id / f"rank{rank:05d}"
-
-
-def needed(name: str, rank: int, stage: int, layers: range | None) -> bool:
-    """Whether the rank at pipeline ``stage`` reads ``name`` of a checkpoint on resume: the metadata, its own rank
-    file, its stage's files (DeepSpeed names them mp_rank_<stage>; ZeRO reads every data-parallel rank's
-    optimizer slice of its stage) and, in a pipeline, the layer files of its stage."""
-    m = RANK_FILE_RE.match(name)
-    if m:
-        return int(m.group(1)) == rank
-    m = _LAYER_RE.match(name)
-    if m:
-        return layers is None or int(m.group(1)) in layers
-    if "mp_rank_" in name:
-        return f"mp_rank_{stage:02d}" in name
-    return not name.startswith(".") and name not in (COMPLETE, CONVERTED)
-
-
-def for_conversion(name: str) -> bool:
-    """Whether ``name`` is read when a checkpoint of another layout is loaded from its conversion: the metadata and
-    rank 0's file (the data position and meters are the same on every rank); the conversion itself comes apart."""
-    return name in (META, "rank00000.pt")
-
-
-def source_file(name: str) -> bool:
-    """Whether rank 0 reads ``name`` to build a conversion: every file of the checkpoint, no markers."""
-    return not name.startswith(".") and name not in (COMPLETE, CONVERTED)
-
-
-def stage_of(meta: dict, rank: int) -> tuple[int, range | None]:
-    """(pipeline stage of ``rank``, the layer indices it holds) from a checkpoint's topology (pipe-major ranks)."""
-    topo = meta["topology"]
-    stages = topo["pipeline_stages"]
-    if stages <= 1:
-        return 0, None
-    stage = rank // saved_dp(topo)
-    bounds = topo.get("stage_boundaries")
-    if isinstance(bounds, list) and len(bounds) == stages + 1:
-        return stage, range(bounds[stage], bounds[stage + 1])
-    return stage, None
 
 
 class RemoteCheckpoints:
@@ -183,13 +114,16 @@ class RemoteCheckpoints:
         tags = {p.rstrip("/").split("/")[-2] for p in found}
         return sorted((t for t in tags if TAG_RE.match(t)), key=lambda t: int(TAG_RE.match(t).group(1)))
 
+    def _named(self) -> str | None:
+        """The tag ``latest`` names, None if there is no ``latest``."""
+        try:
+            return self._call(lambda: self.fs.cat_file(join(self.path, LATEST)), "read").decode().strip()
+        except StorageError:
+            return None
+
     def candidates(self) -> list[str]:
         """Complete tags, newest first, the one ``latest`` names (if complete) at the front."""
-        tags = self.complete_tags()[::-1]
-        try:
-            named = self._call(lambda: self.fs.cat_file(join(self.path, LATEST)), "read").decode().strip()
-        except StorageError:
-            named = None
+        tags, named = self.complete_tags()[::-1], self._named()
         return [named] + [t for t in tags if t != named] if named in tags else tags
 
     def latest(self) -> str | None:
@@ -337,9 +271,16 @@ class RemoteCheckpoints:
         """Rank 0, before a save of ``tag`` (and before any rank uploads): remove what an earlier attempt left
         under it, so the checkpoint holds this attempt's files only."""
         target = join(self.path, tag)
-        if self._exists(target):
-            self._call(lambda: self.fs.rm(target, recursive=True), "delete from")
-            self.fs.invalidate_cache(target)
+        if not self._exists(target):
+            return
+        if self._named() == tag:  # a resume that skipped a corrupt newer checkpoint saves this step again: latest
+            older = [t for t in self.complete_tags() if t != tag]  # must not name it while it is rewritten
+            if older:
+                self._call(lambda: self.fs.pipe_file(join(self.path, LATEST), older[-1].encode()), "upload to")
+            else:
+                self._call(lambda: self.fs.rm_file(join(self.path, LATEST)), "delete from")
+        self._call(lambda: self.fs.rm(target, recursive=True), "delete from")
+        self.fs.invalidate_cache(target)
 
     def _complete(self, tag: str, poll_s: float = 0.5) -> None:
         """Rank 0: the markers of exactly ranks 0..W-1 of this attempt, then COMPLETE, then ``latest``, then pruning.

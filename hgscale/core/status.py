@@ -42,6 +42,18 @@ def status_of(exc: BaseException) -> int:
     return USER_ERROR if isinstance(exc, UserError) else 1
 
 
+def deciding(statuses: list[int]) -> int:
+    """The status of an attempt whose ranks ended with ``statuses`` (in the order they ended): a deliberate stop
+    (USER_ERROR, NAN) first, then an outage (INFRA), then a hang, else the first failure. The ranks that lose a
+    peer fail too, often before the one that found the cause: their status says nothing of it."""
+    failed = [s for s in statuses if s != OK]
+    for kind in (STOPS, (INFRA,), (HANG,)):
+        found = next((s for s in failed if s in kind), None)
+        if found is not None:
+            return found
+    return failed[0] if failed else OK
+
+
 def name_of(status: int) -> str:
     """'OK', 'USER_ERROR', ... for a status, 'CRASH' for one that is none of them."""
     return next((n for n, v in NAMES.items() if v == status), "CRASH")

@@ -4,7 +4,7 @@
                                                                # after the first completed step
 
 Every rank's thread publishes a heartbeat ``{step, phase, host, pid, time}`` to the TCPStore rank 0 serves for the
-process group (MASTER_ADDR:MASTER_PORT; our own client connection with short timeouts, so a frozen store cannot
+process group (MASTER_ADDR:MASTER_PORT; our own client connection, every call bounded in time, so a frozen store cannot
 block the thread for long). Progress is what the main thread marks: a step started or done, a part at work
 (``progress.phase``). When a rank sees no progress for ``train.hang_timeout_s`` seconds (or another rank declared a
 hang in the store) it
@@ -84,6 +84,46 @@ def hang_line(report: dict) -> str:
             f"{report['dumps']}; exiting with status {HANG}")
 
 
+class BoundedStore:
+    """A rendezvous-store client whose every call returns within ``timeout_s`` or raises TimeoutError.
+
+    torch's TCPStore client waits far longer than its own timeout for a store host that is stopped (SIGSTOP, a
+    frozen node) rather than gone: check/get/add block in recv. The watchdog must judge by its own progress whatever
+    the store does, so each call runs in a short-lived thread. After a call that did not return, the client (its
+    socket in an unknown state) is dropped: calls fail at once for ``timeout_s``, then a new client is made."""
+
+    def __init__(self, connect, timeout_s: float):
+        self._connect, self.timeout_s = connect, timeout_s
+        self._client, self._dead_until = None, 0.0
+
+    def _run(self, fn, *args):
+        box: dict = {}
+
+        def call():
+            try:
+                box["value"] = fn(*args)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
+                box["error"] = e
+        t = threading.Thread(target=call, name="hgscale-watchdog-store", daemon=True)
+        t.start()
+        t.join(self.timeout_s)
+        if t.is_alive():  # left to finish, or to die with the process
+            self._client, self._dead_until = None, time.monotonic() + self.timeout_s
+            raise TimeoutError(f"the rendezvous store did not answer within {self.timeout_s:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def __getattr__(self, name: str):
+        def call(*args):
+            if time.monotonic() < self._dead_until:
+                raise TimeoutError("the rendezvous store did not answer a moment ago")
+            if self._client is None:
+                self._client = self._run(self._connect)
+            return self._run(getattr(self._client, name), *args)
+        return call
+
+
 class Progress:
     """What the main thread is doing, since when, and how long that phase may take (written by the trainer, read
     by the watchdog's thread). ``budget_s`` None: the hang timeout; a long phase (a save, the final upload wait)
@@ -114,7 +154,7 @@ class Watchdog(Callback):
         self.first_step = progress.step
         self.started = time.time()
         self._stop = threading.Event()
-        self.store = self._connect()
+        self.store = BoundedStore(self._connect, max(2 * self.period, 5.0))
         self.thread = threading.Thread(target=self._loop, name="hgscale-watchdog", daemon=True)
         if start:
             self.thread.start()
@@ -122,7 +162,7 @@ class Watchdog(Callback):
     def _connect(self):
         import torch.distributed as dist
 
-        # a client of the store the process group rendezvoused through; its own timeout bounds every call
+        # a client of the store the process group rendezvoused through (BoundedStore bounds every call)
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                              timeout=timedelta(seconds=max(2 * self.period, 5.0)), wait_for_workers=False)
 

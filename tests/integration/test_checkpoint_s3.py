@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from hgscale.checkpoint.remote import COMPLETE, LATEST, UPLOADED, RemoteCheckpoints, needed
+from hgscale.checkpoint.remote import COMPLETE, LATEST, UPLOADED, RemoteCheckpoints
+from hgscale.checkpoint.staging import needed
 from hgscale.config import config_from_dict
 from hgscale.core.status import INFRA, status_of
 from hgscale.core.storage import StorageUnavailable
@@ -208,6 +209,25 @@ def test_a_requeued_attempt_never_mixes_with_the_one_before(tmp_path, s3_env):
                                                             for r in range(world)}
         assert {v for k, v in under.items() if k.endswith(".pt")} == {f"from {attempt}".encode()}  # not A's file
         assert_one_attempt_per_complete_tag(objs)
+
+
+def test_latest_never_names_a_checkpoint_being_saved_again(tmp_path, s3_env):
+    """A run that skipped a corrupt newest checkpoint (step 4) resumes from step 2 and saves step 4 again: before
+    the old step 4 is cleared, latest moves back to step 2, so at no moment does it name a tag without COMPLETE."""
+    bucket = s3_env.make_bucket()
+    cfg = config_from_dict({"data": {"url": "/d"}, "checkpoint": {"dir": f"s3://{bucket}/run",
+                                                                   "staging_dir": str(tmp_path)}})
+    st = RemoteCheckpoints(cfg, 0, 1, attempt="A")
+    for tag in ("step00000002", "step00000004"):
+        _stage_and_upload(st, tag)
+        assert st.wait(30)
+    assert _objects(s3_env, bucket)["run/latest"] == b"step00000004"
+    again = RemoteCheckpoints(cfg, 0, 1, attempt="B")
+    again.clear("step00000004")
+    objs = _objects(s3_env, bucket)
+    assert objs["run/latest"] == b"step00000002" and not any(k.startswith("run/step00000004/") for k in objs)
+    again.clear("step00000002")  # the only complete one: latest goes, rather than name a cleared tag
+    assert "run/latest" not in _objects(s3_env, bucket)
 
 
 def test_a_conversion_is_uploaded_once_and_reused(tmp_path, s3_env):

@@ -34,3 +34,18 @@ def test_a_deliberate_stop_is_told_apart_from_the_ranks_killed_with_it(tmp_path,
     record_stop(0, 2, str(tmp_path))
     assert stop_status(tmp_path) == 2 and culprit(tmp_path) is None
     assert main(["stop-status", str(tmp_path)]) == 0 and capsys.readouterr().out == "2\n"
+
+
+def test_an_outage_decides_the_attempt_even_after_a_peer_that_lost_its_rank(tmp_path):
+    """Rank 0's upload failed after every retry (INFRA 5); rank 1, waiting in a barrier, lost its peer and exited 1
+    a moment before: the attempt is an outage (requeued, no node excluded), not a crash of rank 1's node."""
+    from hgscale.core.status import HANG, INFRA, NAN, USER_ERROR, deciding
+    from launchers.faults import attempt_status
+
+    for rank, host, status, t in ((1, "n2", 1, 10.0), (0, "n1", INFRA, 10.5)):
+        (tmp_path / f"crash-rank{rank:05d}.json").write_text(json.dumps(
+            {"kind": "crash", "rank": rank, "host": host, "status": status, "time": t}))
+    assert attempt_status(tmp_path) == INFRA and culprit(tmp_path) is None
+    assert deciding([1, INFRA, 143]) == INFRA and deciding([143, NAN, INFRA]) == NAN
+    assert deciding([1, HANG]) == HANG and deciding([139, 1]) == 139 and deciding([0, 0]) == 0
+    assert deciding([INFRA, USER_ERROR]) == USER_ERROR

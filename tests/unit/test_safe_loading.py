@@ -85,7 +85,7 @@ def test_vet_names_a_foreign_class_and_passes_deepspeed_records(tmp_path):
 
 
 def test_staging_directory_is_private_and_checked(tmp_path, monkeypatch):
-    from hgscale.checkpoint.remote import default_staging_base, private_dir
+    from hgscale.checkpoint.staging import default_staging_base, private_dir
     from hgscale.core.storage import StorageError
 
     monkeypatch.setenv("SLURM_TMPDIR", str(tmp_path / "node"))

@@ -119,3 +119,50 @@ def test_every_long_phase_names_a_budget_the_config_has():
     for key in budgets.values():
         section, name = key.split(".")
         assert getattr(getattr(cfg, section), name) == 3600.0
+
+
+def test_a_stopped_store_host_bounds_every_call_and_the_report_names_rank_0():
+    """Rank 0 serves the rendezvous store; stopped (SIGSTOP), its store answers nothing and torch's client would
+    wait in recv far past its own timeout. Every call returns within the bound, later calls fail at once, and the
+    hang report of rank 1 names rank 0 as the rank whose heartbeat stopped; once the host answers, a new client
+    works again."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from hgscale.core.net import free_port
+    from hgscale.training.watchdog import BoundedStore, Progress, Watchdog
+
+    port = free_port()
+    host = subprocess.Popen([sys.executable, "-c", (
+        "import time, torch.distributed as d\n"
+        f"s = d.TCPStore('127.0.0.1', {port}, is_master=True, wait_for_workers=False)\n"
+        "print('up', flush=True)\ntime.sleep(120)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert host.stdout.readline().strip() == "up"
+        connect = lambda: dist.TCPStore("127.0.0.1", port, is_master=False,  # noqa: E731
+                                        timeout=timedelta(seconds=5), wait_for_workers=False)
+        store = BoundedStore(connect, 1.0)
+        store.set("k", "v")
+        assert store.check(["k"])
+        host.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            store.check(["k"])
+        with pytest.raises(TimeoutError):
+            store.get("k")  # at once: the client that did not answer was dropped
+        assert time.monotonic() - t0 < 3
+        wd = Watchdog(Progress(step=5), rank=1, world=2, hang_timeout_s=1.0, run_dir="/tmp", start=False)
+        wd.store = store
+        report = wd._report()
+        assert (report["ranks"], report["why"]) == ([0], "heartbeat stopped") and time.monotonic() - t0 < 6
+        host.send_signal(signal.SIGCONT)
+        time.sleep(1.2)
+        assert store.get("k") == b"v"  # a new client once the host answers again
+    finally:
+        host.kill()
+        host.wait()

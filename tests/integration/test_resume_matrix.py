@@ -1,11 +1,11 @@
 """Exact resume on another layout, with real launches on CPU (gloo, fp32, dropout 0).
 
-Three uninterrupted 16-step runs with the same global batch of 4 (2 data-parallel ranks ZeRO-1; 1 rank ZeRO-0 with
-accumulation 2; 2 pipeline stages) agree with each other, so a failure below points at the resume, not at the
-layouts. Each resume starts from a step-5 checkpoint of one of them on another layout and must equal the
-uninterrupted run loss for loss at rtol 1e-5 over the 11 steps after it; the lr the optimizer applied (logged from
-its param groups) must equal the schedule at every step. The schedule warms up and decays, so an lr left at the
-freshly built scheduler's value after a conversion shows in the first update.
+Five uninterrupted 16-step runs with the same global batch of 4 (2 data-parallel ranks ZeRO-1 and ZeRO-2; 1 rank
+ZeRO-1 and ZeRO-0 with accumulation 2; 2 pipeline stages) agree with each other, so a failure below points at the
+resume, not at the layouts. Each resume starts from a step-5 checkpoint of one of them on another layout and must
+equal the uninterrupted run loss for loss at rtol 1e-5 over the 11 steps after it; the lr the optimizer applied
+(logged from its param groups) must equal the schedule at every step. The schedule warms up and decays, so an lr
+left at the freshly built scheduler's value after a conversion shows in the first update.
 
     interval checkpoint: 2 DP ZeRO-1 -> 1 rank ZeRO-1 and ZeRO-0;  1 rank ZeRO-0 -> 2 DP ZeRO-2;
                          2 stages -> 2 DP;  2 DP -> 2 stages
@@ -75,12 +75,12 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def straight(work, demo_data):  # noqa: F811
     """The uninterrupted runs, each with checkpoints every 5 steps."""
-    return {layout: run(work, demo_data, f"u_{layout}", layout) for layout in ("dp2_z1", "one_z0", "pp2")}
+    return {layout: run(work, demo_data, f"u_{layout}", layout) for layout in LAYOUTS}
 
 
 def test_uninterrupted_layouts_agree(work, straight):
     assert sorted(straight["dp2_z1"]) == list(range(1, STEPS + 1))
-    for layout in ("one_z0", "pp2"):
+    for layout in LAYOUTS:  # every target of a resume below too, so a failure there points at the resume
         assert_losses_equal(straight[layout], straight["dp2_z1"], range(1, STEPS + 1))
     for layout, got in straight.items():
         assert_lr_follows_schedule(work, f"u_{layout}", got)

@@ -306,16 +306,21 @@ def test_elastic_resume_from_s3_two_ranks_to_one_and_back(tmp_path, demo_data, s
     assert any(k.startswith(f"run/step{saved:08d}/elastic/params/") for k in objs)
 
 
+def _slow_save_config(tmp_path, data, name: str, bucket: str, proxy, steps: int, interval: int, slow_s: float):
+    """2 ranks checkpointing to S3 through ``proxy``, whose held requests wait ``slow_s``; hang timeout 5 s."""
+    proxy.slow_s = slow_s
+    return tiny_config(tmp_path, data, f"{name}.json", train={"steps": steps, "log_interval": 1, "hang_timeout_s": 5},
+                       checkpoint={"dir": f"s3://{bucket}/run", "interval": interval, "keep_last": 5,
+                                   "staging_dir": str(tmp_path / "staging")},
+                       data={"s3_endpoint_url": proxy.endpoint_url})
+
+
 def test_a_save_slower_than_the_hang_timeout_completes(tmp_path, demo_data, s3_env, fault_proxy):  # noqa: F811
     """Every upload request of the first checkpoint is held 8 s by the proxy, longer than train.hang_timeout_s = 5:
     the save (and the next one, which waits for it) is within checkpoint.save_timeout_s, so the job is not taken
     for hung; it finishes with every checkpoint complete."""
     bucket = s3_env.make_bucket()
-    fault_proxy.slow_s = 8.0
-    cfg = tiny_config(tmp_path, demo_data, "slow.json", train={"steps": 6, "log_interval": 1, "hang_timeout_s": 5},
-                      checkpoint={"dir": f"s3://{bucket}/run", "interval": 2, "keep_last": 5,
-                                  "staging_dir": str(tmp_path / "staging")},
-                      data={"s3_endpoint_url": fault_proxy.endpoint_url})
+    cfg = _slow_save_config(tmp_path, demo_data, "slow", bucket, fault_proxy, steps=6, interval=2, slow_s=8.0)
     fault_proxy.inject("slow", count=6, match="step00000002", method="PUT")
     r = subprocess.run(_cmd(cfg), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -334,11 +339,7 @@ def test_a_rank_frozen_inside_a_slow_save_is_caught_and_named(tmp_path, demo_dat
     from hgscale.core.status import HANG
 
     bucket = s3_env.make_bucket()
-    fault_proxy.slow_s = 30.0
-    cfg = tiny_config(tmp_path, demo_data, "frozen.json", train={"steps": 8, "log_interval": 1, "hang_timeout_s": 5},
-                      checkpoint={"dir": f"s3://{bucket}/run", "interval": 4, "keep_last": 5,
-                                  "staging_dir": str(tmp_path / "staging")},
-                      data={"s3_endpoint_url": fault_proxy.endpoint_url})
+    cfg = _slow_save_config(tmp_path, demo_data, "frozen", bucket, fault_proxy, steps=8, interval=4, slow_s=30.0)
     fault_proxy.inject("slow", count=50, match="step00000004", method="PUT")
     run = Watched(_cmd(cfg), start_new_session=True)
     try:

@@ -61,14 +61,16 @@ def main(argv=None, prog: str = "hgscale/train.py") -> int:
         if rank == "0":
             print(f"error: {e}", file=sys.stderr)
         return status_of(e)
+    from hgscale.training.engine import leave_process_group
     from hgscale.training.trainer import Trainer
     try:
-        return Trainer(cfg, ds_json, dataset).run()
+        status = Trainer(cfg, ds_json, dataset).run()
     # storage failed mid-run (after retries) or the rendezvous did: the message names the URL, a requeued job
     # resumes later (INFRA); or the checkpoint changed between preflight and loading (USER_ERROR)
     except (UserError, InfraError) as e:
         print(f"error (rank {rank}): {e}", file=sys.stderr, flush=True)
-        return status_of(e)
+        return leave_process_group(status_of(e), clean=False)
+    return leave_process_group(status, clean=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ same samples in the same order (``reads_data``, ``dp_rank``).
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,25 @@ def release_shm_segment(dist) -> Path | None:
         return None  # DeepSpeed's shared-memory op is not built here
     path.unlink(missing_ok=True)
     return path
+
+
+def leave_process_group(status: int, clean: bool) -> int:
+    """The exit of a training process: returns ``status`` after a clean end, never returns otherwise.
+
+    ``clean``: every rank passed the final barrier, so the process group is destroyed and the interpreter
+    finalizes as usual. Otherwise (an error raised on some ranks) the process exits at once: gloo's worker
+    threads still alive at interpreter finalization abort the process (SIGABRT, exit -6 in place of the status
+    the launcher acts on), and destroying a group whose peers may still be inside a collective can block."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return status
+    if clean:
+        dist.destroy_process_group()
+        return status
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 class RendezvousError(InfraError):

@@ -208,8 +208,8 @@ class Trainer:
                 self.train()
         except Halt as h:
             status = h.status
-        except BaseException as e:  # a crash still closes the tracking run, marked FAILED with the exit status
-            self.tracker.close(status="FAILED", exit_status=name_of(status_of(e)))
+        except BaseException as e:
+            self._abandon(status_of(e))
             raise
         return self._finish(status)
 
@@ -229,6 +229,16 @@ class Trainer:
             cb.after_step(info)
             if cb.pauses_clock:
                 self.progress_log.pause(time.perf_counter() - t0)
+
+    def _abandon(self, status: int) -> None:
+        """After a crash: the tracking run closed FAILED with the exit status, the watchdog's thread stopped, and
+        the data workers ended (they block the stop signals, so nothing else would end them)."""
+        self.tracker.close(status="FAILED", exit_status=name_of(status))
+        for cb in self.callbacks:
+            if isinstance(cb, Watchdog):
+                cb.close()
+        if self.stream is not None:
+            self.stream.close()
 
     def _finish(self, status: int) -> int:
         for cb in self.callbacks:

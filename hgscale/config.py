@@ -17,14 +17,13 @@ import dataclasses
 import json
 import math
 import os
-import re
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 from hgscale.core.loader import ConfigError, build, fld, range_problems, read_json_file, with_overrides
 from hgscale.core.loader import field_docs as _field_docs
-from hgscale.core.notation import parse_hierarchy, steps_problem
+from hgscale.core.notation import checkpointed_levels, mixture_problems, parse_hierarchy, steps_problem
 from hgscale.core.presets import MODEL_SIZES
 from hgscale.core.schedule import lr_schedule_problems
 
@@ -125,37 +124,6 @@ class ModelConfig:
 
 # ---------------------------------------------------------------------------------------------- data
 
-SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")  # names metrics: val/<name>/bpc, data/share/<name>
-
-
-def mixture_problems(mixture) -> list[str]:
-    """Problems of a ``data.mixture`` list (no I/O): shape, names, weights."""
-    if not isinstance(mixture, list):
-        return [f"data.mixture must be a list of {{\"name\", \"url\", \"weight\"}} objects, got {mixture!r:.60}"]
-    out, names = [], []
-    for i, e in enumerate(mixture):
-        where = f"data.mixture[{i}]"
-        if not isinstance(e, dict) or set(e) != {"name", "url", "weight"}:
-            keys = sorted(e) if isinstance(e, dict) else type(e).__name__
-            out.append(f"{where} must be an object with exactly the keys name, url, weight (got {keys})")
-            continue
-        name, url, w = e["name"], e["url"], e["weight"]
-        if not isinstance(name, str) or not SOURCE_NAME_RE.match(name):
-            out.append(f"{where}.name = {name!r} must be a non-empty string of letters, digits, '_', '.', '-' "
-                       f"(it names metrics such as val/<name>/bpc)")
-        elif name in names:
-            out.append(f"{where}.name = {name!r} is used twice; give every source its own name")
-        names.append(name)
-        if not isinstance(url, str) or not url:
-            out.append(f"{where}.url must be the dataset root of the source (a path, file:// or s3:// URL)")
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
-            out.append(f"{where}.weight = {w!r} must be a number > 0 (weights are relative: 0.8 and 0.2, or 4 and 1)")
-    if not mixture:
-        out.append("data.mixture is an empty list; list at least one source, or use data.url")
-    return out
-
-
-
 @dataclass
 class DataConfig:
     """Where shards live and how they stream (hgscale.data)."""
@@ -232,7 +200,11 @@ class ParallelConfig:
     pipeline_stages: int = fld(1, "Pipeline stages (1 = data-parallel only).", ge=1)
     zero_stage: int = fld(1, "DeepSpeed ZeRO stage 0-3 (pipelines allow 0 or 1).")
     partition: str = fld("flops", "Pipeline split: 'flops' (balanced by compute), 'parameters' or 'uniform'.")
-    activation_checkpointing: bool = fld(False, "Recompute block activations in the backward pass.")
+    activation_checkpointing: bool | str | list = fld(
+        False, "Recompute activations in the backward pass: true/'all', false/'none', 'full_resolution' (the factor-1 "
+               "levels, which hold most activations) or a list of level indices of model.hierarchy.")
+    sequence_parallel: int = fld(1, "Ranks sharing each sequence (DeepSpeed-Ulysses): each holds 1/N of the tokens; "
+                                    "attention runs on all tokens for 1/N of the heads.", ge=1)
     backend: str = fld("auto", "Process-group backend: 'auto' (nccl on GPU, gloo on CPU), 'nccl' or 'gloo'.")
     timeout_s: float = fld(600.0, "Process-group timeout: a collective waiting longer raises an error.", gt=0)
 
@@ -337,6 +309,11 @@ class Config:
             out.append(f"parallel.partition = {p.partition!r} is not one of flops, parameters, uniform")
         if p.backend not in ("auto", "nccl", "gloo"):
             out.append(f"parallel.backend = {p.backend!r} is not one of auto, nccl, gloo")
+        if not self.model.problems():
+            try:
+                checkpointed_levels(p.activation_checkpointing, self.model.levels())
+            except ValueError as e:
+                out.append(str(e))
         if d.on_corrupt not in ("error", "skip"):
             out.append(f"data.on_corrupt = {d.on_corrupt!r} is not one of error, skip")
         if d.mixture:

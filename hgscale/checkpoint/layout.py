@@ -24,7 +24,8 @@ COMPLETE, META, LATEST, UPLOADED = "COMPLETE", "hgscale.json", "latest", ".uploa
 TAG_RE = re.compile(r"^step(\d{8,})$")
 RANK_FILE_RE = re.compile(r"^rank(\d{5})\.pt$")
 # what a checkpoint's optimizer state is tied to: another value needs a conversion (reshard)
-LAYOUT_KEYS = ("world_size", "pipeline_stages", "zero_stage", "stage_boundaries")
+LAYOUT_KEYS = ("world_size", "pipeline_stages", "zero_stage", "stage_boundaries", "sequence_parallel_size")
+_LAYOUT_DEFAULTS = {"sequence_parallel_size": 1}  # what a checkpoint written before the key existed had
 CONVERTED = "elastic"  # <tag>/elastic/: the per-parameter form a layout change is loaded from (reshard)
 
 
@@ -123,14 +124,20 @@ def saved_dp(t: dict) -> int:
     return t.get("data_parallel_size", t["world_size"] // max(t["pipeline_stages"], 1))
 
 
+def zero_partitions(t: dict) -> int:
+    """How many ranks of a pipeline stage hold a ZeRO partition each: data-parallel x sequence-parallel ranks."""
+    return saved_dp(t) * t.get("sequence_parallel_size", 1)
+
+
 def describe(t: dict) -> str:
-    """'2 stage(s) x 1 data-parallel, ZeRO-1' for a topology dict."""
-    dp = saved_dp(t)
-    return f"{t['pipeline_stages']} stage(s) x {dp} data-parallel, ZeRO-{t['zero_stage']}"
+    """'2 stage(s) x 1 data-parallel, ZeRO-1' (' x 2 sequence-parallel' when so) for a topology dict."""
+    sp = t.get("sequence_parallel_size", 1)
+    sp = f" x {sp} sequence-parallel" if sp > 1 else ""
+    return f"{t['pipeline_stages']} stage(s) x {saved_dp(t)} data-parallel{sp}, ZeRO-{t['zero_stage']}"
 
 
 def layout_changed(have: dict, want: dict) -> bool:
-    return any(have.get(k) != want.get(k) for k in LAYOUT_KEYS)
+    return any(have.get(k, _LAYOUT_DEFAULTS.get(k)) != want.get(k, _LAYOUT_DEFAULTS.get(k)) for k in LAYOUT_KEYS)
 
 
 # ------------------------------------------------------------------------------------- durable writes

@@ -41,6 +41,7 @@ from hgscale.checkpoint.layout import (
     fsync_tree,
     rank_file,
     read_meta,
+    zero_partitions,
 )
 
 _STATES = ("fp32", "exp_avg", "exp_avg_sq")
@@ -153,7 +154,7 @@ def convert(tag_dir: str | Path) -> tuple[Path, bool]:
         if partition_file(tag_dir, 0, stage) is None:  # torch's optimizer state, unpartitioned
             params = _zero0_stage_state(tag_dir, states, meta, stage)
         else:
-            params = _zero_stage_state(tag_dir, stage, topo["data_parallel_size"], states["param_shapes"])
+            params = _zero_stage_state(tag_dir, stage, zero_partitions(topo), states["param_shapes"])
         del states  # the generator keeps what it reads, memory-mapped
         for name, st in params:
             if name is None:

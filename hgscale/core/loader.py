@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import json
 import math
+import types
 import typing
 from dataclasses import field
 from typing import Any
@@ -61,20 +62,25 @@ def _type_name(tp) -> str:
             list: "a list", dict: "an object"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
+_TYPE_OK = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    list: lambda v: isinstance(v, list),
+    dict: lambda v: isinstance(v, dict),
+}
+
+
 def _coerce(value: Any, tp, path: str, problems: list[str]):
-    """Check ``value`` against ``tp``; ints are accepted for floats. Returns the value or None on error."""
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        list: lambda v: isinstance(v, list),
-        dict: lambda v: isinstance(v, dict),
-    }[tp]
-    if not ok(value):
+    """Check ``value`` against ``tp`` (one type or a union such as ``bool | str | list``); ints are accepted for
+    floats. Returns the value or None on error."""
+    options = typing.get_args(tp) if isinstance(tp, types.UnionType) else (tp,)
+    if not any(_TYPE_OK[t](value) for t in options):
         shown = json.dumps(value)
         shown = shown if len(shown) <= 80 else shown[:76] + "..."
-        problems.append(f"{path} = {shown} has the wrong type: expected {_type_name(tp)}")
+        problems.append(f"{path} = {shown} has the wrong type: expected "
+                        f"{' or '.join(_type_name(t) for t in options)}")
         return None
     try:
         return float(value) if tp is float else value

@@ -1,7 +1,8 @@
-"""The small grammars config values are written in: the paper's hierarchy notation ``"5@1 24@3 5@1"`` and step
-ranges ``"20-22"``."""
+"""The small grammars config values are written in: the paper's hierarchy notation ``"5@1 24@3 5@1"``, step
+ranges ``"20-22"``, data mixtures and activation-checkpointing policies."""
 from __future__ import annotations
 
+import math
 import re
 
 _LEVEL_RE = re.compile(r"^(\d+)@(\d+)$")
@@ -66,3 +67,55 @@ def steps_problem(spec: str) -> list[str]:
         return [f"train.profile_steps = {spec!r} is not a step range: write 'A-B' with 1 <= A <= B "
                 f"(e.g. '20-22'), or one step 'A'"]
     return []
+
+
+CHECKPOINT_POLICIES = ("none", "all", "full_resolution")
+
+
+def checkpointed_levels(policy, levels: list[tuple[int, int]]) -> set[int]:
+    """The level indices (into ``levels``, the parsed hierarchy) whose layers recompute their activations in the
+    backward pass, for ``parallel.activation_checkpointing``: true/"all", false/"none", "full_resolution" (the
+    levels at factor 1, which hold most of the activations) or a list of level indices. Raises ValueError naming
+    the value and what is accepted."""
+    if policy is True or policy == "all":
+        return set(range(len(levels)))
+    if policy is False or policy == "none":
+        return set()
+    if policy == "full_resolution":
+        return {i for i, (_, k) in enumerate(levels) if k == 1}
+    if isinstance(policy, list) and all(type(i) is int and 0 <= i < len(levels) for i in policy):
+        return set(policy)
+    last = len(levels) - 1
+    raise ValueError(f"parallel.activation_checkpointing = {policy!r} is not one of true, false, "
+                     f"{', '.join(repr(p) for p in CHECKPOINT_POLICIES)} or a list of level indices 0..{last} of "
+                     f"model.hierarchy (e.g. [0, {last}])")
+
+
+SOURCE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")  # names metrics: val/<name>/bpc, data/share/<name>
+
+
+def mixture_problems(mixture) -> list[str]:
+    """Problems of a ``data.mixture`` list (no I/O): shape, names, weights."""
+    if not isinstance(mixture, list):
+        return [f"data.mixture must be a list of {{\"name\", \"url\", \"weight\"}} objects, got {mixture!r:.60}"]
+    out, names = [], []
+    for i, e in enumerate(mixture):
+        where = f"data.mixture[{i}]"
+        if not isinstance(e, dict) or set(e) != {"name", "url", "weight"}:
+            keys = sorted(e) if isinstance(e, dict) else type(e).__name__
+            out.append(f"{where} must be an object with exactly the keys name, url, weight (got {keys})")
+            continue
+        name, url, w = e["name"], e["url"], e["weight"]
+        if not isinstance(name, str) or not SOURCE_NAME_RE.match(name):
+            out.append(f"{where}.name = {name!r} must be a non-empty string of letters, digits, '_', '.', '-' "
+                       f"(it names metrics such as val/<name>/bpc)")
+        elif name in names:
+            out.append(f"{where}.name = {name!r} is used twice; give every source its own name")
+        names.append(name)
+        if not isinstance(url, str) or not url:
+            out.append(f"{where}.url must be the dataset root of the source (a path, file:// or s3:// URL)")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w <= 0:
+            out.append(f"{where}.weight = {w!r} must be a number > 0 (weights are relative: 0.8 and 0.2, or 4 and 1)")
+    if not mixture:
+        out.append("data.mixture is an empty list; list at least one source, or use data.url")
+    return out

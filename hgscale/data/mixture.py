@@ -24,7 +24,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from hgscale.config import mixture_problems
+from hgscale.core.notation import mixture_problems
 
 from .errors import DataError
 from .io import read_bytes

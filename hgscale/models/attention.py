@@ -42,6 +42,7 @@ from torch import nn
 from hgscale.models import blocked_attention
 from hgscale.models.blocked_attention import blocked_rel_attention
 from hgscale.models.fused_attention import rel_attention_fused
+from hgscale.models.sequence import WHOLE
 
 BLOCK = 128  # query rows per block of the CPU path (64-128 measured fastest at T=2048, d_head=64)
 
@@ -247,6 +248,7 @@ class Attention(nn.Module):
         self.n_heads, self.d_head = n_heads, d_model // n_heads
         self.relative = attention == "relative"
         self.attn_dropout, self.impl = attn_dropout, impl
+        self.seq = WHOLE  # the sequence as this rank holds it (hgscale.models.sequence)
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         if self.relative:
@@ -269,16 +271,27 @@ class Attention(nn.Module):
 
     def forward(self, xq: torch.Tensor, xkv: torch.Tensor | None, uv: torch.Tensor | None, geo: Geometry,
                 kernel: str | None = None) -> torch.Tensor:
-        """xq (B, n_q, D), xkv (B, n_k, D) or None for self-attention; uv (2, H, dh) shared biases."""
+        """xq (B, n_q, D), xkv (B, n_k, D) or None for self-attention; uv (2, H, dh) shared biases. With a sharded
+        sequence (``self.seq``), xq and xkv are this rank's shards and ``geo`` their kind and factors; the core
+        sees every position for its share of the heads."""
         q, k, v = self.project(xq, xkv)  # (B, H, n, dh)
-        if self.relative:
-            scale = 1.0 / math.sqrt(self.d_head)
-            qu = torch.add(q, uv[0][:, None]).mul_(scale)  # scale folded into the (n, dh) operands, not (n, n)
-            qv = torch.add(q, uv[1][:, None]).mul_(scale)
-            kern = REL_KERNELS[kernel or pick_kernel(self.impl, xq.device)]
-            o = kern(qu, qv, k, v, self.pos.weight, geo, self.attn_dropout, self.training)
-        else:
-            fn = rotary_attention_naive if kernel == "naive" else rotary_attention
-            o = fn(q, k, v, geo, self.attn_dropout, self.training)
+        o = self.seq.attend(lambda q, k, v, heads: self.core(q, k, v, uv, heads, geo, kernel), q, k, v)
         B, H, n, dh = o.shape
         return self.out(o.transpose(1, 2).reshape(B, n, H * dh))
+
+    def core(self, q, k, v, uv: torch.Tensor | None, heads: slice, geo: Geometry, kernel: str | None = None):
+        """Attention of q (B, h, n_q, dh) on k, v (B, h, n_k, dh), the model's heads ``heads`` (h of them) over
+        every position: u, v and the rows of W_r are those heads' own."""
+        if (q.shape[2], k.shape[2]) != (geo.n_q, geo.n_k):  # a shard's geometry: the gathered lengths
+            geo = Geometry(geo.kind, q.shape[2], k.shape[2], geo.f, geo.P)
+        if not self.relative:
+            fn = rotary_attention_naive if kernel == "naive" else rotary_attention
+            return fn(q, k, v, geo, self.attn_dropout, self.training)
+        scale = 1.0 / math.sqrt(self.d_head)
+        qu = torch.add(q, uv[0][heads][:, None]).mul_(scale)  # scale folded into the (n, dh) operands, not (n, n)
+        qv = torch.add(q, uv[1][heads][:, None]).mul_(scale)
+        Wr = self.pos.weight  # (D, D): output rows h*dh .. (h+1)*dh project head h's position features
+        if heads != slice(None):
+            Wr = Wr[heads.start * self.d_head:heads.stop * self.d_head]
+        kern = REL_KERNELS[kernel or pick_kernel(self.impl, q.device)]
+        return kern(qu, qv, k, v, Wr, geo, self.attn_dropout, self.training)

@@ -94,8 +94,11 @@ class DropoutKeys:
     a layer's entry, recomputes the same masks. Micro-batches are counted as they enter ``entry``: the k-th of a
     step on this rank is global micro-batch ``first_micro + k``. Eval (``training`` False) draws nothing here."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, shard: int = 0):
         self.seed, self.step, self.first_micro, self.count = seed, 0, 0, -1
+        # a sequence shard other than the first draws its own masks (rank r of a sequence-parallel group holds
+        # other positions than rank 0): masks then depend on parallel.sequence_parallel, nothing else
+        self.shard = (shard,) if shard else ()
 
     def attach(self, entry: torch.nn.Module, layers: list[tuple[int, torch.nn.Module]]) -> None:
         indices = [i for i, _ in layers]
@@ -113,7 +116,7 @@ class DropoutKeys:
 
     def _seed(self, module: torch.nn.Module, index: int) -> None:
         if module.training:
-            seed = _mix(self.seed, self.step, self.first_micro + self.count, index)
+            seed = _mix(self.seed, self.step, self.first_micro + self.count, index, *self.shard)
             torch.default_generator.manual_seed(seed)  # 1 us; torch.manual_seed visits every backend (~80 us)
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.manual_seed(seed)  # this device's generator: GPU dropout and attention kernels

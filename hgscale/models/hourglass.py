@@ -42,6 +42,7 @@ from hgscale.models.blocks import Block, layer_norm
 from hgscale.models.decode import DecodeCache, decode
 from hgscale.models.dropout import dropout
 from hgscale.models.resampling import Shorten, Upsample, shift_right
+from hgscale.models.sequence import WHOLE
 
 UV_INIT_STD = 1e-6  # trax get_rel_att_inputs
 TRAX_BIAS_STD = 1e-6  # trax core.Dense bias_initializer = RandomNormalInitializer(1e-6)
@@ -53,6 +54,7 @@ class EmbedLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.total, self.max_len, self.dropout = cfg.total_factor(), cfg.max_seq_len, cfg.dropout
+        self.seq = WHOLE
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.attention == "relative":
             self.uv = nn.Parameter(torch.zeros(2, cfg.n_heads, cfg.d_model // cfg.n_heads))
@@ -62,9 +64,10 @@ class EmbedLayer(nn.Module):
         if T > self.max_len:
             raise ValueError(f"sequence of {T} tokens exceeds model.max_seq_len = {self.max_len}; "
                              f"raise model.max_seq_len or feed shorter sequences")
-        pad = -T % self.total
+        pad = self.seq.padded_len(T, self.total) - T
         if pad:  # right padding: causal, so no real position ever sees it; stripped after the head
             tokens = F.pad(tokens, (0, pad))
+        tokens = self.seq.shard(tokens)  # (B, T_pad / ranks sharing the sequence)
         x = dropout(self.embed(tokens), self.dropout, self.training)  # (B, T_pad, D)
         return (x, self.uv.clone()) if hasattr(self, "uv") else (x,)
 
@@ -96,13 +99,17 @@ class DownLayer(nn.Module):
         super().__init__()
         self.outer, self.inner, self.factor = outer, inner, inner
         self.f, self.relative = inner // outer, cfg.attention == "relative"
+        self.seq = WHOLE
         self.ln_in = layer_norm(cfg.d_model)  # closes the group of blocks before it
         self.shorten = Shorten(cfg, self.f, outer)
 
     def forward(self, state: tuple) -> tuple:
         x, uv, rest = unpack(state, self.relative)
         skip = self.ln_in(x)  # (B, n, D): the residual of the way up
-        xs = shift_right(skip, self.f - 1)  # causality: shortened token i sees inputs <= i*f
+        if self.seq.size == 1:
+            xs = shift_right(skip, self.f - 1)  # causality: shortened token i sees inputs <= i*f
+        else:  # a shard: its first f-1 positions come from the end of the previous rank's
+            xs = torch.cat([self.seq.halo(skip, self.f - 1), skip], dim=1)[:, :skip.shape[1]]
         y = self.shorten(xs, uv)  # (B, n/f, D)
         return (y, *rest, skip)
 
@@ -139,18 +146,29 @@ class HeadLayer(nn.Module):
 
 # ------------------------------------------------------------------------------------------ building
 
-def layer_plan(cfg: ModelConfig) -> list[tuple]:
-    """[(kind, *args)] in model order, e.g. ("block", P), ("down", outer, inner), ("up", inner, outer)."""
+def _plan(cfg: ModelConfig) -> list[tuple[tuple, int | None]]:
+    """[((kind, *args), level)]: each layer and the index of the level of model.levels() it belongs to; a down
+    layer belongs to the level it shortens, an up layer to the level it restores (both the outer one)."""
     levels = cfg.levels()
     mid = len(levels) // 2
-    plan: list[tuple] = [("embed",)]
+    plan: list[tuple[tuple, int | None]] = [(("embed",), None)]
     for li, (n, k) in enumerate(levels):
         if li > mid:
-            plan.append(("up", levels[li - 1][1], k))
-        plan += [("block", k)] * n
+            plan.append((("up", levels[li - 1][1], k), li))
+        plan += [(("block", k), li)] * n
         if li < mid:
-            plan.append(("down", k, levels[li + 1][1]))
-    return plan + [("head",)]
+            plan.append((("down", k, levels[li + 1][1]), li))
+    return plan + [(("head",), None)]
+
+
+def layer_plan(cfg: ModelConfig) -> list[tuple]:
+    """[(kind, *args)] in model order, e.g. ("block", P), ("down", outer, inner), ("up", inner, outer)."""
+    return [item for item, _ in _plan(cfg)]
+
+
+def layer_levels(cfg: ModelConfig) -> list[int | None]:
+    """The level index of each layer of :func:`layer_plan` (None for the embedding and the head)."""
+    return [level for _, level in _plan(cfg)]
 
 
 _CLASSES = {"embed": EmbedLayer, "block": BlockLayer, "down": DownLayer, "up": UpLayer, "head": HeadLayer}
@@ -258,15 +276,23 @@ class HourglassLM(nn.Module):
     def __init__(self, cfg: ModelConfig, seed: int = 0):
         _check(cfg)  # every config problem, before any module or tensor is built
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.seq = cfg, WHOLE
         self.layers = nn.ModuleList(build_layers(cfg, seed))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V); with a sharded sequence, this rank's unpadded positions (B, <= C, V)."""
         T = tokens.shape[1]
         state = tokens
         for layer in self.layers:
             state = layer(state)
-        return state[:, :T]  # strip the right padding of the embedding layer
+        return state[:, self.seq.valid(T, state.shape[1])]  # strip the right padding of the embedding layer
+
+    def shard_sequence(self, seq) -> "HourglassLM":
+        """Run on one shard of each sequence (hgscale.models.sequence); the weights are unchanged."""
+        for m in self.modules():
+            if hasattr(m, "seq"):
+                m.seq = seq
+        return self
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

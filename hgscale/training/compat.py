@@ -9,7 +9,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from hgscale.checkpoint.layout import describe, layout_changed, read_meta, saved_dp
+from hgscale.checkpoint.layout import describe, layout_changed, read_meta, zero_partitions
 from hgscale.checkpoint.reshard import converted
 from hgscale.config import Config, config_from_dict
 from hgscale.training.layout import ParallelLayout
@@ -49,7 +49,7 @@ def missing_files(tag_dir: Path, meta: dict, names: set[str] | None = None) -> l
     the checkpoint holds, when it is on object storage; else those in ``tag_dir``)."""
     have = (lambda f: f in names) if names is not None else (lambda f: (tag_dir / f).is_file())  # noqa: E731
     topo = meta["topology"]
-    stages, dp = topo["pipeline_stages"], saved_dp(topo)
+    stages, dp = topo["pipeline_stages"], zero_partitions(topo)
     want = [f"mp_rank_{s:02d}_model_states.pt" for s in range(stages)] + ["rank00000.pt"]
     if topo["zero_stage"] in (1, 2) or meta["config"]["train"]["precision"] == "bf16":
         # ZeRO 1/2 write zero_pp_rank_*, DeepSpeed's bf16 optimizer bf16_zero_pp_rank_* (the same contents)

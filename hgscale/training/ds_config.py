@@ -67,11 +67,8 @@ def _generated(cfg: Config, world_size: int) -> tuple[dict, dict]:
         put(ds, "fp16.loss_scale_window", 1000, "train.precision")
         put(ds, "fp16.hysteresis", 2, "train.precision")
         put(ds, "fp16.min_loss_scale", 1, "train.precision")
-    if p.pipeline_stages > 1:
-        put(ds, "pipeline.activation_checkpoint_interval", 1 if p.activation_checkpointing else 0,
-            "parallel.activation_checkpointing")
-        # Non-reentrant checkpointing keeps gradients for tensors that enter a stage without requiring grad.
-        put(ds, "pipeline.use_reentrant", False, "parallel.activation_checkpointing")
+    if p.pipeline_stages > 1:  # layers recompute by level on their own (hgscale.training.recompute), not by interval
+        put(ds, "pipeline.activation_checkpoint_interval", 0, "parallel.activation_checkpointing")
     return ds, src
 
 

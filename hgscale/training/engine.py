@@ -26,7 +26,9 @@ from hgscale.core.schedule import lr_multiplier
 from hgscale.core.status import InfraError
 from hgscale.models import HourglassLM, lm_loss
 from hgscale.models.dropout import DropoutKeys
+from hgscale.models.loss import lm_loss_sum
 from hgscale.training.pipeline import pipeline_module, stage_parts
+from hgscale.training.recompute import recompute_in_backward, recomputed_layers
 
 
 @dataclass
@@ -129,18 +131,15 @@ class LossModel(nn.Module):
         self.model = model
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return lm_loss(self.model(inputs), labels)
-
-
-def checkpoint_layers(layers) -> None:
-    """Recompute each block/down/up layer in the backward pass instead of keeping its activations.
-    Done from outside (the model stays free of training concerns); state-dict keys do not change."""
-    from torch.utils.checkpoint import checkpoint
-
-    for layer in layers:
-        if getattr(layer, "kind", None) in ("block", "down", "up"):
-            inner = layer.forward
-            layer.forward = lambda state, _f=inner: checkpoint(_f, state, use_reentrant=False)
+        """inputs, labels (B, T) -> the mean loss; with a sharded sequence, this rank's share of it (the shards'
+        losses add up to the mean: hgscale.training.sequence)."""
+        logits = self.model(inputs)
+        seq = self.model.seq
+        if seq.size == 1:
+            return lm_loss(logits, labels)
+        C = seq.padded_len(labels.shape[1], self.model.cfg.total_factor()) // seq.size
+        mine = labels[:, seq.rank * C:seq.rank * C + logits.shape[1]]  # (B, <= C): the shard's unpadded labels
+        return lm_loss_sum(logits, mine) / labels.numel()
 
 
 class _Timed:
@@ -166,6 +165,7 @@ class TrainEngine:
 
         self.cfg, self.rt, self.dist = cfg, rt, dist
         self.pipeline = cfg.parallel.pipeline_stages > 1
+        self.seq = None  # the sequence-parallel shard (parallel.sequence_parallel > 1)
         self.accum = cfg.train.grad_accum_steps
         torch.manual_seed(cfg.train.seed + rt.rank)  # weights are seeded per layer, dropout per layer and micro-batch
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg))  # noqa: E731
@@ -175,8 +175,13 @@ class TrainEngine:
         else:
             self.parts = None
             model = HourglassLM(cfg.model, seed=cfg.train.seed)
-            if cfg.parallel.activation_checkpointing:
-                checkpoint_layers(model.layers)
+            if cfg.parallel.sequence_parallel > 1:
+                from hgscale.training.sequence import UlyssesSequence
+
+                self.seq = UlyssesSequence(cfg.parallel.sequence_parallel)
+                model.shard_sequence(self.seq)
+            for i in recomputed_layers(cfg):
+                recompute_in_backward(model.layers[i])
             module = LossModel(model)
         if cfg.train.compile:  # regional: per layer of this stage, after checkpointing wrapped them
             from hgscale.training.compile import compile_layers
@@ -186,7 +191,7 @@ class TrainEngine:
                            retained_backward=self.pipeline, device=rt.device)
         params = [p for p in module.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=module, config=ds_json, model_parameters=params,
-                                                    lr_scheduler=scheduler)
+                                                    lr_scheduler=scheduler, mpu=self.seq.groups if self.seq else None)
         if self.pipeline:
             grid = self.engine.grid
             self.stage_id, self.num_stages = self.engine.stage_id, self.engine.num_stages
@@ -194,12 +199,14 @@ class TrainEngine:
             self.is_first, self.is_last = self.engine.is_first_stage(), self.engine.is_last_stage()
             from hgscale.training.pipe_timing import CommTimer
             self.comm = CommTimer(self.engine)
-        else:
+        else:  # the ranks sharing a sequence read the same batches
             self.stage_id, self.num_stages = 0, 1
-            self.dp_rank, self.dp_size = rt.rank, rt.world_size
+            sp = cfg.parallel.sequence_parallel
+            self.dp_rank, self.dp_size = rt.rank // sp, rt.world_size // sp
             self.is_first = self.is_last = True
         self.reads_data = self.is_first or self.is_last
-        self.dropout_keys = DropoutKeys(cfg.train.seed)  # masks from (seed, step, global micro-batch, layer)
+        # masks from (seed, step, global micro-batch, layer[, sequence shard])
+        self.dropout_keys = DropoutKeys(cfg.train.seed, self.seq.rank if self.seq else 0)
         first = self.parts[self.stage_id] if self.pipeline else 0
         layers = module.forward_funcs if self.pipeline else module.model.layers
         self.dropout_keys.attach(module, [(first + i, layer) for i, layer in enumerate(layers)])
@@ -238,7 +245,7 @@ class TrainEngine:
             self.engine.step()
             t2 = time.perf_counter()
             acc /= self.accum
-            if self.dp_size > 1:
+            if self.rt.world_size > 1:  # the sum of the sequence shards' losses, averaged over data parallelism
                 self.dist.all_reduce(acc)
                 acc /= self.dp_size
             loss = float(acc)
@@ -287,7 +294,7 @@ class TrainEngine:
                 acc += self.engine(x.to(self.rt.device), y.to(self.rt.device)).float()
         self.engine.train()
         acc /= n
-        if self.dp_size > 1:
+        if self.rt.world_size > 1:
             self.dist.all_reduce(acc)
             acc /= self.dp_size
         return float(acc)

@@ -27,6 +27,7 @@ from torch import nn
 
 from hgscale.config import Config
 from hgscale.models import build_layer, layer_flops, layer_params, layer_plan, lm_loss, state_shapes
+from hgscale.training.recompute import recompute_in_backward, recomputed_layers
 
 
 def layer_names(cfg: Config) -> list[str]:
@@ -83,9 +84,10 @@ def activation_bytes(cfg: Config) -> list[float]:
     elt = 4 if cfg.train.precision == "fp32" else 2
     shapes = state_shapes(m, B, cfg.data.seq_len)
     out = []
-    for (kind, *_), shape in zip(layer_plan(m), shapes, strict=True):
+    recomputed = recomputed_layers(cfg)
+    for i, ((kind, *_), shape) in enumerate(zip(layer_plan(m), shapes, strict=True)):
         n = shape[0][1]  # length of the layer's main output
-        if cfg.parallel.activation_checkpointing and kind != "head":
+        if i in recomputed:
             vals = sum(torch.Size(s).numel() for s in shape)
         elif kind == "head":
             vals = B * n * (2 * m.d_model + 2 * m.vocab_size)  # LN, logits, log-softmax
@@ -109,7 +111,7 @@ def pipeline_module(cfg: Config, parts: list[int], topology=None):
     """The DeepSpeed PipelineModule of ``cfg.model`` split at ``parts``; each stage builds only its layers."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
-    names = layer_names(cfg)
+    names, recomputed = layer_names(cfg), recomputed_layers(cfg)
 
     class _Spec(LayerSpec):
         def __init__(self, index: int):
@@ -120,6 +122,8 @@ def pipeline_module(cfg: Config, parts: list[int], topology=None):
 
         def build(self, log=False):
             layer = build_layer(cfg.model, self.index, seed=cfg.train.seed)
+            if self.index in recomputed:
+                recompute_in_backward(layer)
             if layer.kind == "head":
                 layer.register_forward_hook(_keep_extras_on_grad_path)
             return layer
@@ -136,4 +140,4 @@ def pipeline_module(cfg: Config, parts: list[int], topology=None):
         raise ValueError(f"stage boundaries {parts} do not split {n} layers into {cfg.parallel.pipeline_stages} stages")
     return HourglassPipe(layers=[_Spec(i) for i in range(n)], num_stages=cfg.parallel.pipeline_stages,
                          topology=topology, loss_fn=lm_loss, partition_method="uniform",
-                         activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0)
+                         activation_checkpoint_interval=0)  # per layer, by level: recompute_in_backward

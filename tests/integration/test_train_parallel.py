@@ -131,13 +131,15 @@ def test_export_then_load_gives_the_engine_logits(job, request, tmp_path):
     assert_close(logits, saved["logits"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("nprocs", [1, 2])
-def test_activation_checkpointing_changes_nothing(nprocs, work, demo_data, reference_stream):  # noqa: F811
-    """Recomputing activations in backward (one process: torch checkpoint per layer; two: the 2-stage
-    pipeline's DeepSpeed checkpointing) gives the same losses and parameters as keeping them."""
-    par = {"activation_checkpointing": True, **({"pipeline_stages": 2} if nprocs == 2 else {})}
-    cfg = tiny_config(work, demo_data, f"ac{nprocs}.json", data=PADDED, parallel=par)
-    job = run_worker(nprocs, work / f"ac{nprocs}", cfg, "--steps", str(STEPS), "--data", "stream")
+@pytest.mark.parametrize("nprocs, policy", [(1, True), (2, True), (1, "full_resolution"), (2, [1])])
+def test_activation_checkpointing_changes_nothing(nprocs, policy, work, demo_data, reference_stream):  # noqa: F811
+    """Recomputing activations in backward (every level, the full-resolution ones, or the middle one: torch
+    checkpoint per layer, in one process or a 2-stage pipeline) gives the same losses and parameters as keeping
+    them."""
+    par = {"activation_checkpointing": policy, **({"pipeline_stages": 2} if nprocs == 2 else {})}
+    name = f"ac{nprocs}_{str(policy).strip('[]')}"
+    cfg = tiny_config(work, demo_data, f"{name}.json", data=PADDED, parallel=par)
+    job = run_worker(nprocs, work / name, cfg, "--steps", str(STEPS), "--data", "stream")
     ref = reference_stream
     assert_close(torch.tensor(job["ranks"][-1]["losses"]), torch.tensor(ref["ranks"][0]["losses"]),
                  rtol=1e-5, atol=1e-6)

@@ -151,6 +151,16 @@ CASES = {
     "merge: a task record without its keys": Case(task_record_without_keys, ("task-00001-of-00002.json lacks "
                                                                              "num_tasks", "re-run task 1")),
     "plan: --stages 0": Case(plan_zero_stages, ("--stages 0 must be >= 1",)),
+    "train: parallel.sequence_parallel=3": Case(
+        lambda tmp, demo: [*train(lambda m: None)(tmp, demo), "parallel.sequence_parallel=3"],
+        ("world size 1 is not divisible by parallel.sequence_parallel = 3",
+         "does not divide model.n_heads = 2: each rank attends with n_heads / N heads; use one of [2]")),
+    "config: parallel.activation_checkpointing=some": Case(
+        config_override("parallel.activation_checkpointing=some"),
+        ("parallel.activation_checkpointing = 'some' is not one of true, false, 'none', 'all', 'full_resolution' "
+         "or a list of level indices 0..2 of model.hierarchy (e.g. [0, 2])",)),
+    "config: parallel.activation_checkpointing=[0, 5]": Case(
+        config_override("parallel.activation_checkpointing=[0, 5]"), ("= [0, 5] is not one of true",)),
     **{f"{cmd}: a corrupt hgscale.json": Case(corrupt_checkpoint(cmd, *extra), (
         "/ckpt/step00000002/hgscale.json' is corrupt (JSONDecodeError",))
        for cmd, extra in (("export", ("--out", "out")), ("sample", ("--tokens", "4")), ("evaluate", ()))},

@@ -13,6 +13,7 @@ from hgscale.config import (
     load_config,
     parse_hierarchy,
 )
+from hgscale.core.notation import checkpointed_levels
 from hgscale.training.layout import ParallelLayout
 
 BASE = {"model": {"size": "debug"}, "data": {"url": "/tmp/none", "seq_len": 64}}
@@ -125,6 +126,41 @@ def test_batch_arithmetic_prints_the_equation():
     ParallelLayout.of(cfg, 8)  # 4 x 2 x 4 = 32
     with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.pipeline_stages = 2"):
         ParallelLayout.of(cfg, 3)
+
+
+def test_sequence_parallel_needs_heads_a_world_and_no_pipeline_or_lsh():
+    cfg = config_from_dict({**BASE, "parallel": {"sequence_parallel": 4, "pipeline_stages": 2},
+                            "model": {"size": "debug", "d_model": 48, "n_heads": 6, "vanilla_attention": "lsh",
+                                      "attention": "rotary"}})
+    with pytest.raises(ConfigError) as e:
+        ParallelLayout.of(cfg, 12)
+    msg = str(e.value)
+    assert "world size 12 is not divisible by parallel.sequence_parallel = 4 x pipeline_stages = 2" in msg
+    assert "cannot be combined with pipeline_stages = 2: DeepSpeed's pipeline topology has no sequence axis" in msg
+    assert "does not divide model.n_heads = 6: each rank attends with n_heads / N heads; use one of [2, 3, 6]" in msg
+    assert "model.vanilla_attention = 'lsh'" in msg
+    ok = config_from_dict({**BASE, "parallel": {"sequence_parallel": 2}, "train": {"micro_batch_size": 2,
+                                                                                  "grad_accum_steps": 1,
+                                                                                  "global_batch_size": 4}})
+    lay = ParallelLayout.of(ok, 4)  # 2 data-parallel x 2 sharing each sequence
+    assert (lay.dp, lay.sp, lay.global_batch) == (2, 2, 4)
+    assert lay.topology(None)["sequence_parallel_size"] == 2
+    with pytest.raises(ConfigError, match=r"data-parallel size 1 \(= 2 processes / 1 stages / 2 sharing a sequence\)"):
+        ParallelLayout.of(ok, 2)
+
+
+@pytest.mark.parametrize("policy, levels", [(True, {0, 1, 2, 3, 4}), ("all", {0, 1, 2, 3, 4}), (False, set()),
+                                            ("none", set()), ("full_resolution", {0, 4}), ([1, 3], {1, 3})])
+def test_checkpointing_policies_name_levels(policy, levels):
+    cfg = config_from_dict({**BASE, "parallel": {"activation_checkpointing": policy},
+                            "model": {"size": "debug", "hierarchy": "1@1 1@2 2@4 1@2 1@1"}})
+    assert checkpointed_levels(cfg.parallel.activation_checkpointing, cfg.model.levels()) == levels
+
+
+def test_checkpointing_policy_of_the_wrong_type():
+    with pytest.raises(ConfigError, match=r"parallel.activation_checkpointing = 3 has the wrong type: expected true "
+                                          r"or false or a string or a list"):
+        config_from_dict({**BASE, "parallel": {"activation_checkpointing": 3}})
 
 
 def test_more_stages_than_layers():

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hgscale.config import ConfigError, config_from_dict, load_config
 from hgscale.core.schedule import lr_at
@@ -83,9 +84,20 @@ def test_precisions():
     assert fp["fp16"]["enabled"] and fp["fp16"]["loss_scale"] == 0 and fp["fp16"]["initial_scale_power"] == 12
 
 
-def test_activation_checkpointing_in_pipeline_block():
+def test_activation_checkpointing_is_per_layer_not_deepspeeds_interval():
     ds = deepspeed_config(cfg_of(parallel={"pipeline_stages": 2, "activation_checkpointing": True}), 2)
-    assert ds["pipeline"]["activation_checkpoint_interval"] == 1
+    assert ds["pipeline"]["activation_checkpoint_interval"] == 0  # hgscale.training.recompute wraps the layers
+
+
+@pytest.mark.parametrize("policy, layers", [
+    # "1@1 2@2 1@1": embed 0, block 1 (level 0), down 2 (0), blocks 3-4 (1), up 5 (2), block 6 (2), head 7
+    (True, {1, 2, 3, 4, 5, 6}), (False, set()), ("full_resolution", {1, 2, 5, 6}), ([1], {3, 4}), ([2], {5, 6})])
+def test_recomputed_layers_follow_the_levels(policy, layers):
+    from hgscale.training.recompute import recomputed_layers
+
+    cfg = cfg_of(parallel={"activation_checkpointing": policy})
+    assert cfg.model.hierarchy == "1@1 2@2 1@1"
+    assert recomputed_layers(cfg) == layers
 
 
 def test_passthrough_and_conflicts():
@@ -181,3 +193,26 @@ def test_train_entry_checks_config_against_dataset(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "vocab_size 256 > model.vocab_size = 100" in r.stderr and "no split 'validation'" in r.stderr
+
+
+def test_recomputed_layers_run_their_forward_again_in_backward():
+    """full_resolution on "1@1 2@2 1@1": layers 1, 2, 5, 6 run twice per step, the shortened blocks 3, 4 once."""
+    from collections import Counter
+
+    from torch import nn
+
+    from hgscale.models import HourglassLM, lm_loss
+    from hgscale.training.recompute import recompute_in_backward, recomputed_layers
+
+    cfg = cfg_of(parallel={"activation_checkpointing": "full_resolution"})
+    model = HourglassLM(cfg.model)
+    for i in recomputed_layers(cfg):
+        recompute_in_backward(model.layers[i])
+    calls = Counter()
+    for i, layer in enumerate(model.layers):
+        norm = next((m for m in layer.modules() if isinstance(m, nn.LayerNorm)), None)
+        if norm is not None:  # the first LayerNorm inside each layer runs once per forward of the layer
+            norm.register_forward_hook(lambda *a, _i=i: calls.update([_i]))
+    tokens = torch.randint(0, 256, (2, 17))
+    lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    assert {i: calls[i] for i in range(1, 8)} == {1: 2, 2: 2, 3: 1, 4: 1, 5: 2, 6: 2, 7: 1}

@@ -22,6 +22,7 @@ import torch.distributed as dist  # noqa: E402
 from hgscale.config import ModelConfig  # noqa: E402
 from hgscale.models import HourglassLM, lm_loss  # noqa: E402
 from hgscale.models.loss import lm_loss_sum  # noqa: E402
+from hgscale.training.engine import release_shm_segment  # noqa: E402
 from hgscale.training.sequence import UlyssesSequence  # noqa: E402
 
 DOWN = ("avg", "linear", "attention_avg", "attention_linear")
@@ -71,6 +72,7 @@ def main():
     import deepspeed
 
     deepspeed.init_distributed("gloo")  # DistributedAttention talks through deepspeed.comm
+    release_shm_segment(dist)  # as the trainer does: no /dev/shm segment outlives the job
     seq = UlyssesSequence(dist.get_world_size())
     results = [run_case(dict(c), seq) for c in cases()]
     Path(args.out, f"rank{dist.get_rank()}.json").write_text(json.dumps(results))

@@ -1,15 +1,16 @@
 """Exact resume on another layout, with real launches on CPU (gloo, fp32, dropout 0).
 
-Five uninterrupted 16-step runs with the same global batch of 4 (2 data-parallel ranks ZeRO-1 and ZeRO-2; 1 rank
-ZeRO-1 and ZeRO-0 with accumulation 2; 2 pipeline stages) agree with each other, so a failure below points at the
-resume, not at the layouts. Each resume starts from a step-5 checkpoint of one of them on another layout and must
-equal the uninterrupted run loss for loss at rtol 1e-5 over the 11 steps after it; the lr the optimizer applied
-(logged from its param groups) must equal the schedule at every step. The schedule warms up and decays, so an lr
-left at the freshly built scheduler's value after a conversion shows in the first update.
+Six uninterrupted 16-step runs with the same global batch of 4 (2 data-parallel ranks ZeRO-1 and ZeRO-2; 1 rank
+ZeRO-1 and ZeRO-0 with accumulation 2; 2 pipeline stages; 2 ranks sharing each sequence) agree with each other, so
+a failure below points at the resume, not at the layouts. Each resume starts from a step-5 checkpoint of one of them
+on another layout and must equal the uninterrupted run loss for loss at rtol 1e-5 over the 11 steps after it; the lr
+the optimizer applied (logged from its param groups) must equal the schedule at every step. The schedule warms up
+and decays, so an lr left at the freshly built scheduler's value after a conversion shows in the first update.
 
     interval checkpoint: 2 DP ZeRO-1 -> 1 rank ZeRO-1 and ZeRO-0;  1 rank ZeRO-0 -> 2 DP ZeRO-2;
-                         2 stages -> 2 DP;  2 DP -> 2 stages
-    SIGUSR1 checkpoint:  the same five pairs, from a checkpoint saved on preemption mid-interval
+                         2 stages -> 2 DP;  2 DP -> 2 stages;
+                         2 sharing a sequence -> 1 rank ZeRO-0;  1 rank and 2 DP -> 2 sharing a sequence
+    SIGUSR1 checkpoint:  the first five pairs, from a checkpoint saved on preemption mid-interval
 
 With dropout (0.1 on embeddings, residuals, feed-forward and attention) the masks come from (seed, step, global
 micro-batch, layer), not from a per-rank stream: the layouts agree with each other and a resume on another layout
@@ -36,6 +37,7 @@ LAYOUTS = {  # name: (processes, parallel section, grad_accum_steps); every one 
     "one_z0": (1, {"pipeline_stages": 1, "zero_stage": 0}, 2),
     "dp2_z2": (2, {"pipeline_stages": 1, "zero_stage": 2}, 1),
     "pp2": (2, {"pipeline_stages": 2, "zero_stage": 1}, 2),
+    "sp2": (2, {"pipeline_stages": 1, "zero_stage": 1, "sequence_parallel": 2}, 2),
 }
 
 
@@ -87,7 +89,8 @@ def test_uninterrupted_layouts_agree(work, straight):
 
 
 @pytest.mark.parametrize("source,target", [("dp2_z1", "one_z1"), ("dp2_z1", "one_z0"), ("one_z0", "dp2_z2"),
-                                           ("pp2", "dp2_z1"), ("dp2_z1", "pp2")])
+                                           ("pp2", "dp2_z1"), ("dp2_z1", "pp2"), ("sp2", "one_z0"), ("one_z1", "sp2"),
+                                           ("dp2_z1", "sp2")])
 def test_resume_from_an_interval_checkpoint_on_another_layout(work, demo_data, straight, source, target):  # noqa: F811
     name = f"r_{source}_to_{target}"
     resume = str(work / f"u_{source}_ckpt" / f"step{AT:08d}")

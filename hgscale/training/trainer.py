@@ -197,9 +197,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the loop
     def run(self) -> int:
         """Train to train.steps, or until a callback stops the run. Returns the exit status."""
-        t = self.cfg.train
+        t, sp = self.cfg.train, self.cfg.parallel.sequence_parallel
         self.say(f"training {self.cfg.model.hierarchy!r} for {t.steps} steps: {self.rt.world_size} process(es), "
-                 f"{self.eng.num_stages} stage(s) x {self.eng.dp_size} data-parallel, "
+                 f"{self.eng.num_stages} stage(s) x {self.eng.dp_size} data-parallel"
+                 f"{f' x {sp} sharing each sequence' if sp > 1 else ''}, "
                  f"ZeRO-{self.cfg.parallel.zero_stage}, {t.precision}, global batch {self.layout.global_batch} x "
                  f"{self.cfg.data.seq_len} tokens")
         status = OK

@@ -60,7 +60,8 @@ def check_config(path: str, overrides: list[str], world_size: int):
     lay = ParallelLayout.of(cfg, world_size, source=path)
     lay.resolve(cfg)  # train.grad_accum_steps = 0: the accumulation this allocation needs, shown below
     deepspeed_config(cfg, world_size)  # conflicts between `deepspeed` pass-through keys and generated ones
-    print(f"hgscale: layout {world_size} tasks = {lay.stages} pipeline stage(s) x {lay.dp} data-parallel, "
+    sp = f" x {lay.sp} sharing each sequence" if lay.sp > 1 else ""
+    print(f"hgscale: layout {world_size} tasks = {lay.stages} pipeline stage(s) x {lay.dp} data-parallel{sp}, "
           f"accumulation {lay.accum}; config {os.path.abspath(path)} overrides "
           f"{' '.join(mask_args(overrides)) or '(none)'}")
     # The job log is read by others: credentials go the way they go in MLflow params (masked).

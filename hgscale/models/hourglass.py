@@ -14,7 +14,8 @@
 
 The list is what a pipeline slices into stages: ``HourglassLM.forward`` is a fold over it.
 
-    layers[0]   embed  tokens (B, T) -> (x, [uv])           pads T up to a multiple of the total factor
+    layers[0]   embed  tokens (B, T) -> (x, [uv])           pads T up to a multiple of the total factor (x the
+                                                         ranks sharing a sequence, and keeps this rank's shard)
     block              (x, [uv], *skips) -> same shapes
     down               (x, [uv], *skips) -> (x_short, [uv], *skips, skip)   pushes the residual
     up                 (x_short, [uv], *skips, skip) -> (x, [uv], *skips)   pops it
@@ -68,7 +69,7 @@ class EmbedLayer(nn.Module):
         if pad:  # right padding: causal, so no real position ever sees it; stripped after the head
             tokens = F.pad(tokens, (0, pad))
         tokens = self.seq.shard(tokens)  # (B, T_pad / ranks sharing the sequence)
-        x = dropout(self.embed(tokens), self.dropout, self.training)  # (B, T_pad, D)
+        x = dropout(self.embed(tokens), self.dropout, self.training)  # (B, C, D), C = T_pad / shards
         return (x, self.uv.clone()) if hasattr(self, "uv") else (x,)
 
 

@@ -53,3 +53,19 @@ def write_result(path: str | Path, result: dict, indent: int = 2) -> Path:
     out.write_text(json.dumps(result, indent=indent))
     print(f"wrote {out}")
     return out
+
+
+def live_tensor_peak(prof) -> int:
+    """Peak bytes of live CPU tensors during a ``torch.profiler.profile(profile_memory=True)`` window: the maximum
+    of the running sum of its allocation (+) and free (-) events in time order. What torch.cuda.max_memory_allocated
+    counts on a GPU; resident memory would add the libraries and the pages glibc keeps after a free. Reads the
+    profiler's kineto events (``prof.profiler.kineto_results``), the one place that holds them in time order."""
+    import torch
+
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    return peak

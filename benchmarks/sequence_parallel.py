@@ -3,15 +3,15 @@
     python benchmarks/sequence_parallel.py                      # 6@1 and 2@1 8@4 2@1, d 256, T 16384 (the table)
     python benchmarks/sequence_parallel.py --lengths 4096 8192 16384 --hierarchies "2@1 8@4 2@1"
 
-For each hierarchy and length: one training step (fp32, micro-batch 1, ZeRO-1, relative attention on the CPU's
+For each hierarchy and length: two training steps (fp32, micro-batch 1, ZeRO-1, relative attention on the CPU's
 blocked kernel) on 1 rank with 2 threads and on 2 ranks with `parallel.sequence_parallel=2` and 1 thread each, so
-both use the machine's 2 cores. Measured per rank:
+both use the machine's 2 cores. Measured per rank (the worst rank is reported):
 
-    peak_mb       the step's memory high-water mark above the process before the model was built (Linux VmHWM,
-                  reset through /proc/self/clear_refs just before the step, minus VmRSS before TrainEngine):
-                  parameters, gradients, Adam states and activations, as the allocator holds them
-    step_s        the step's wall time (forward, backward, optimizer)
-    all_to_all_s  time inside the all-to-alls (torch profiler, ops named *alltoall*), forward and backward
+    peak_mb       the largest bytes of live tensors from before the model is built to the end of the second step
+                  (common.live_tensor_peak: torch.cuda.max_memory_allocated's measure, on the CPU): parameters,
+                  gradients, Adam states, DeepSpeed's buffers, activations, kernel workspaces, all-to-all buffers
+    step_s        the second step's wall time (forward, backward, optimizer), under the profiler
+    all_to_all_s  time inside the all-to-alls per step (profiler ops named *alltoall*), forward and backward
 
 The longest T within a memory budget (`--budget-gb`, 20) is extrapolated from the measured peaks: with the blocked
 kernel every term grows linearly in T, so a line through the two longest measured lengths gives it.
@@ -32,25 +32,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 
 
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _config(hierarchy: str, T: int, sp: int) -> dict:
+def _config(hierarchy: str, T: int, sp: int, parallel: dict | None = None) -> dict:
     return {"model": {"vocab_size": 256, "d_model": 256, "n_heads": 4, "d_ff": 1024, "hierarchy": hierarchy,
                       "max_seq_len": T, "dropout": 0.0, "attn_dropout": 0.0, "attn_impl": "blocked"},
             "data": {"url": "unused", "seq_len": T},
             "train": {"micro_batch_size": 1, "grad_accum_steps": 1, "steps": 1, "precision": "fp32",
                       "warmup_steps": 0, "lr_schedule": "constant", "hang_timeout_s": 0},
-            "parallel": {"zero_stage": 1, "sequence_parallel": sp}, "tracking": {"enabled": False}}
+            "parallel": {"zero_stage": 1, "sequence_parallel": sp, **(parallel or {})}, "tracking": {"enabled": False}}
 
 
-def worker(cfg_path: str, out: str) -> None:
-    """One step of the trainer's engine on synthetic tokens; writes this rank's figures to ``out``.rank<r>.json."""
+def worker(cfg_path: str, out: str, steps: int = 2) -> None:
+    """``steps`` training steps of the trainer's engine on synthetic tokens (the second holds Adam's states from the
+    start); writes this rank's figures to ``out``.rank<r>.json."""
     import torch
+    from torch.profiler import ProfilerActivity, profile
 
     from hgscale.config import config_from_dict
     from hgscale.training.ds_config import deepspeed_config
@@ -59,27 +54,27 @@ def worker(cfg_path: str, out: str) -> None:
     world = world_from_env()
     cfg = config_from_dict(json.loads(Path(cfg_path).read_text()))
     rt = init_distributed(cfg)
-    base_kb = _status_kb("VmRSS")
-    eng = TrainEngine(cfg, deepspeed_config(cfg, world), rt)
     T = cfg.data.seq_len
     tokens = torch.randint(0, 256, (1, T + 1), generator=torch.Generator().manual_seed(0))
-    batches = iter([(tokens[:, :-1], tokens[:, 1:])])
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS: the high-water mark of this step alone
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        t0 = time.perf_counter()
-        loss = eng.train_step(batches)
-        step_s = time.perf_counter() - t0
-    a2a = sum(e.self_cpu_time_total for e in prof.key_averages() if "alltoall" in e.key.lower().replace("_", "")) / 1e6
+    times, losses = [], []
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:  # from before the model exists
+        eng = TrainEngine(cfg, deepspeed_config(cfg, world), rt)
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            losses.append(eng.train_step(iter([(tokens[:, :-1], tokens[:, 1:])])))
+            times.append(time.perf_counter() - t0)
+    a2a = sum(e.self_cpu_time_total for e in prof.key_averages() if "alltoall" in e.key.lower().replace("_", ""))
     Path(f"{out}.rank{rt.rank}.json").write_text(json.dumps({
-        "rank": rt.rank, "loss": loss, "step_s": step_s, "all_to_all_s": a2a,
-        "peak_mb": (_status_kb("VmHWM") - base_kb) / 1024}))
+        "rank": rt.rank, "loss": losses[0], "step_s": times[-1], "all_to_all_s": a2a / 1e6 / steps,
+        "peak_mb": common.live_tensor_peak(prof) / 2**20}))
 
 
-def measure(hierarchy: str, T: int, sp: int, tmp: Path) -> dict:
-    """Launch one configuration; the worst rank's figures."""
-    cfg = tmp / f"sp{sp}_{T}.json"
-    cfg.write_text(json.dumps(_config(hierarchy, T, sp)))
-    out = tmp / f"sp{sp}_{T}"
+def measure(hierarchy: str, T: int, sp: int, tmp: Path, parallel: dict | None = None) -> dict:
+    """Launch one configuration (``parallel``: more keys of its parallel section); the worst rank's figures."""
+    name = f"{hierarchy.replace(' ', '_')}_sp{sp}_{T}_{abs(hash(json.dumps(parallel, sort_keys=True)))}"
+    cfg = tmp / f"{name}.json"
+    cfg.write_text(json.dumps(_config(hierarchy, T, sp, parallel)))
+    out = tmp / name
     env = {**os.environ, "OMP_NUM_THREADS": str(2 // sp), "PYTHONPATH": str(ROOT)}
     args = [__file__, "--worker", str(cfg), str(out)]
     cmd = [sys.executable, *args] if sp == 1 else [str(DEEPSPEED), "--num_gpus", str(sp), *args]

@@ -294,4 +294,9 @@ class Attention(nn.Module):
         if heads != slice(None):
             Wr = Wr[heads.start * self.d_head:heads.stop * self.d_head]
         kern = REL_KERNELS[kernel or pick_kernel(self.impl, q.device)]
+        if kern is rel_attention_blocked and heads != slice(None):
+            # the probabilities kept for backward: a whole call's budget, shared by the ranks holding its heads (each
+            # recomputes the same fraction as one rank would, in 1/N of the memory)
+            keep = blocked_attention.KEEP_BYTES * (heads.stop - heads.start) // self.n_heads
+            return kern(qu, qv, k, v, Wr, geo, self.attn_dropout, self.training, keep_bytes=keep)
         return kern(qu, qv, k, v, Wr, geo, self.attn_dropout, self.training)

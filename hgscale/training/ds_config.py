@@ -52,6 +52,13 @@ def _generated(cfg: Config, world_size: int) -> tuple[dict, dict]:
     # Our optimizer is torch's Adam; DeepSpeed calls every optimizer it did not write itself "untested".
     put(ds, "zero_allow_untested_optimizer", True, "train (optimizer)")
     put(ds, "zero_optimization.stage", p.zero_stage, "parallel.zero_stage")
+    if p.zero_stage in (1, 2) and "reduce_bucket_size" not in cfg.deepspeed.get("zero_optimization", {}):
+        from hgscale.models.flops import layer_params
+
+        # DeepSpeed allocates a gradient bucket of reduce_bucket_size elements (default 5e8: 2 GB in fp32) per rank
+        # whatever the model's size; no bucket need exceed the model (a `deepspeed` section value wins)
+        put(ds, "zero_optimization.reduce_bucket_size", int(min(5e8, sum(layer_params(cfg.model)))),
+            "model (parameter count)")
     if p.zero_stage == 3:
         # Gather the full weights into the saved model states so checkpoints export without the optimizer.
         put(ds, "zero_optimization.stage3_gather_16bit_weights_on_model_save", True, "parallel.zero_stage")

@@ -216,3 +216,13 @@ def test_recomputed_layers_run_their_forward_again_in_backward():
     tokens = torch.randint(0, 256, (2, 17))
     lm_loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
     assert {i: calls[i] for i in range(1, 8)} == {1: 2, 2: 2, 3: 1, 4: 1, 5: 2, 6: 2, 7: 1}
+
+
+def test_the_gradient_bucket_is_no_larger_than_the_model():
+    from hgscale.models.flops import layer_params
+
+    n = sum(layer_params(cfg_of().model))
+    assert deepspeed_config(cfg_of(), 1)["zero_optimization"]["reduce_bucket_size"] == n < 5e8
+    mine = deepspeed_config(cfg_of(deepspeed={"zero_optimization": {"reduce_bucket_size": 123}}), 1)
+    assert mine["zero_optimization"]["reduce_bucket_size"] == 123  # the user's own value is kept
+    assert "reduce_bucket_size" not in deepspeed_config(cfg_of(parallel={"zero_stage": 0}), 1)["zero_optimization"]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from hgscale.core.secrets import mask_value
 from hgscale.core.status import USER_ERROR
+from hgscale.tracking.links import link_lines
 from hgscale.tracking.report import ReportError, build_report
 
 DESCRIPTION = "Compare runs by compute: validation against training FLOPs and wall-clock, a table, a summary run."
@@ -53,4 +54,6 @@ def main(argv: list[str] | None = None) -> int:
     print(res["markdown"].read_text())
     print(f"wrote {res['markdown']}, {', '.join(str(p) for p in res['pngs'])}"
           + (f"; summary run {res['summary_run_id']}" if res["summary_run_id"] else ""))
+    for line in link_lines(args.tracking_uri, res["experiment_id"], res["summary_run_id"]):
+        print(line)
     return 0

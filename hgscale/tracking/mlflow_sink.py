@@ -93,6 +93,7 @@ class MlflowSink:
         self.tags = dict(tags or {})
         self.max_backoff_s = max_backoff_s
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.resumed = False
         self._through: dict[str, int] = {}  # per metric key, the last step the run holds (see _new_only)
         self.dropped = 0                   # records the server rejected as invalid
@@ -251,6 +252,7 @@ class MlflowSink:
                 self._existing_params = dict(run.data.params)
                 c.update_run(run.info.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
                 self.run_id, self.resumed = run.info.run_id, True
+                self.experiment_id = run.info.experiment_id
                 return
         exp = c.get_experiment_by_name(self.experiment)
         if exp is not None and exp.lifecycle_stage == "deleted":
@@ -272,7 +274,7 @@ class MlflowSink:
             c.set_experiment_tag(exp_id, *EXPERIMENT_KIND)
         tags = {clean_key(k): str(v)[:MAX_TAG_LEN] for k, v in self.tags.items()}
         run = c.create_run(exp_id, run_name=self.run_name or None, tags=tags)
-        self.run_id = run.info.run_id
+        self.run_id, self.experiment_id = run.info.run_id, exp_id
 
     def _make_batch(self, pending):
         """(number of leading items of ``pending`` covered, a callable that sends them)."""

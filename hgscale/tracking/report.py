@@ -163,4 +163,5 @@ def build_report(tracking_uri: str, experiment: str, run_filter: list[str] | Non
         for p in (flops_png, wall_png, md):
             client.log_artifact(summary_id, str(p), "report")
         client.set_terminated(summary_id)
-    return {"markdown": md, "pngs": [flops_png, wall_png], "rows": rows, "summary_run_id": summary_id}
+    return {"markdown": md, "pngs": [flops_png, wall_png], "rows": rows, "summary_run_id": summary_id,
+            "experiment_id": exp.experiment_id}

@@ -211,6 +211,14 @@ class Tracker:
 
     # ------------------------------------------------------------------------------------------- end
 
+    def link_lines(self) -> list[str]:
+        """Where to look at this run in the MLflow UI (rank 0, once the run exists; else nothing)."""
+        from hgscale.tracking.links import link_lines
+
+        if not self.enabled or self._sink is None:
+            return []
+        return link_lines(self.uri, self._sink.experiment_id, self._sink.run_id)
+
     def close(self, status: str = "FINISHED", timeout: float | None = None, exit_status: str | None = None) -> bool:
         """Plot loss vs FLOPs, mark the run ``status`` (FINISHED / KILLED / FAILED) and tag ``hgscale.exit`` with the
         process's exit status by name (hgscale.core.status), deliver what is queued within ``timeout`` (default

@@ -250,6 +250,8 @@ class Trainer:
             self.say(f"finished {self.cfg.train.steps} steps; checkpoint {self.cfg.checkpoint.dir}/latest")
         self.tracker.close(status="FINISHED" if finished else ("KILLED" if status == OK else "FAILED"),
                            exit_status=name_of(status))
+        for line in self.tracker.link_lines():
+            self.say(line)
         if self.stream is not None:
             self.stream.close()
         self.eng.barrier()

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,14 @@ def test_train_records_one_run_and_resume_continues_it(tmp_path, mlflow_server):
     assert p["ds.train_batch_size"] == "8"                  # 2 x 2 accumulation x 2 ranks
     assert p["dataset.vocab_size"] == "256" and int(p["dataset.splits.train.num_tokens"]) > 100_000
     assert p["version.torch"].startswith("2.") and p["version.deepspeed"]
+    # the end of the run links the UI's training runs and the run's metrics, in machine-learning mode
+    base = mlflow_server.uri.rstrip("/")
+    assert (f"MLflow training runs: {base}/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+            in out)
+    assert (f"MLflow run metrics:   {base}/#/experiments/{exp.experiment_id}/runs/{run_id}/model-metrics"
+            f"?workflowType=machine_learning" in out)
+    with urllib.request.urlopen(base + "/", timeout=30) as page:  # the server serves the UI those links open
+        assert page.status == 200 and b"<div id=\"root\"" in page.read()
 
     out = _train(tmp_path, mlflow_server.uri, steps=6)      # the same command, longer: resumes at step 4
     assert "resumed from" in out and "finished 6 steps" in out

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from hgscale.config import Config
-from hgscale.models import build_layer, layer_flops, layer_params, layer_plan, lm_loss, state_shapes
+from hgscale.models import build_layer, layer_flops, layer_params, layer_plan, lm_loss
 from hgscale.training.recompute import recompute_in_backward, recomputed_layers
 
 
@@ -71,32 +71,6 @@ def stage_parts(cfg: Config, stages: int, method: str | None = None) -> list[int
     if method == "parameters":
         return partition([float(p) for p in layer_param_counts(cfg)], stages)
     return [int(p) for p in partition_uniform(len(layer_plan(cfg.model)), stages)]
-
-
-def activation_bytes(cfg: Config) -> list[float]:
-    """Rough activation memory each layer keeps for backward, per micro-batch (bytes).
-
-    A pre-LN block at length n keeps about n*(16*D + 2*d_ff) values (LayerNorm in/out, q/k/v, attention
-    and projection outputs, the two FF hidden tensors; fused attention keeps no T x T matrix). With
-    activation checkpointing a layer keeps only its input tuple.
-    """
-    m, B = cfg.model, cfg.train.micro_batch_size
-    elt = 4 if cfg.train.precision == "fp32" else 2
-    shapes = state_shapes(m, B, cfg.data.seq_len)
-    out = []
-    recomputed = recomputed_layers(cfg)
-    for i, ((kind, *_), shape) in enumerate(zip(layer_plan(m), shapes, strict=True)):
-        n = shape[0][1]  # length of the layer's main output
-        if i in recomputed:
-            vals = sum(torch.Size(s).numel() for s in shape)
-        elif kind == "head":
-            vals = B * n * (2 * m.d_model + 2 * m.vocab_size)  # LN, logits, log-softmax
-        elif kind == "embed":
-            vals = B * n * m.d_model
-        else:
-            vals = B * n * (16 * m.d_model + 2 * m.d_ff)
-        out.append(float(vals * elt))
-    return out
 
 
 def _keep_extras_on_grad_path(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:

@@ -29,11 +29,12 @@ def _stages(parts: list[int], names: list[str], costs: list[float], params: list
 def stage_plan(cfg: Config, stages: int) -> dict:
     """The FLOPs-balanced split and DeepSpeed's parameter split of ``cfg`` over ``stages`` stages."""
     from hgscale.models import flops_per_token
-    from hgscale.training.pipeline import activation_bytes, layer_costs, layer_names, layer_param_counts, partition
+    from hgscale.training.memory import layer_activation_bytes
+    from hgscale.training.pipeline import layer_costs, layer_names, layer_param_counts, partition
 
     names, costs = layer_names(cfg), layer_costs(cfg)
     params = layer_param_counts(cfg)
-    act = activation_bytes(cfg)
+    act = layer_activation_bytes(cfg)
     if stages > len(names):
         raise ConfigError([f"--stages {stages} exceeds the {len(names)} pipeline layers of model.hierarchy "
                            f"{cfg.model.hierarchy!r}"])

@@ -15,9 +15,11 @@ from hgscale.core.notation import checkpointed_levels
 from hgscale.models.hourglass import layer_levels
 
 
-def recomputed_layers(cfg: Config) -> set[int]:
-    """Indices (into the model's layer list) of the layers the policy recomputes; never the embedding or head."""
-    levels = checkpointed_levels(cfg.parallel.activation_checkpointing, cfg.model.levels())
+def recomputed_layers(cfg: Config, policy=None) -> set[int]:
+    """Indices (into the model's layer list) of the layers ``policy`` (default: parallel.activation_checkpointing)
+    recomputes; never the embedding or the head."""
+    policy = cfg.parallel.activation_checkpointing if policy is None else policy
+    levels = checkpointed_levels(policy, cfg.model.levels())
     return {i for i, level in enumerate(layer_levels(cfg.model)) if level in levels}
 
 

@@ -113,12 +113,7 @@ def _memory(cfg, args) -> str:
     if args.stages is not None:  # the memory of the config on that many stages
         p.pipeline_stages = args.stages
         cfg.validate(source=f"--stages {args.stages}")
-    world = args.world
-    if world is None:  # the config's own layout: its global batch over micro x accumulation sets the data-parallel size
-        t = cfg.train
-        per_rank = t.micro_batch_size * t.grad_accum_steps
-        dp = t.global_batch_size // per_rank if per_rank and t.global_batch_size % per_rank == 0 else 1
-        world = p.pipeline_stages * p.sequence_parallel * max(dp, 1)
+    world = ParallelLayout.implied_world(cfg) if args.world is None else args.world
     if world < 1:
         raise FlagError(f"--world {world} must be >= 1: the number of processes of the run")
     pred = predict_layout(cfg, ParallelLayout.of(cfg, world, source=f"--world {world}"), device=args.device)

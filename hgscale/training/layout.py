@@ -42,6 +42,15 @@ class ParallelLayout:
             accum = t.global_batch_size // per_step if per_step and t.global_batch_size % per_step == 0 else 0
         return cls(world_size, p.pipeline_stages, t.micro_batch_size, accum, p.zero_stage, p.sequence_parallel)
 
+    @staticmethod
+    def implied_world(cfg: Config) -> int:
+        """The processes a config's own numbers imply: stages x ranks sharing a sequence x the data-parallel size
+        that train.global_batch_size / (micro_batch_size x grad_accum_steps) gives (1 when it gives none)."""
+        t, p = cfg.train, cfg.parallel
+        per_rank = t.micro_batch_size * t.grad_accum_steps
+        dp = t.global_batch_size // per_rank if per_rank and t.global_batch_size % per_rank == 0 else 1
+        return p.pipeline_stages * p.sequence_parallel * max(dp, 1)
+
     def resolve(self, cfg: Config) -> Config:
         """``cfg`` with this layout's accumulation written in (for train.grad_accum_steps = 0), for everything that
         reads the config after the world size is known."""

@@ -151,10 +151,10 @@ CASES = {
     "merge: a task record without its keys": Case(task_record_without_keys, ("task-00001-of-00002.json lacks "
                                                                              "num_tasks", "re-run task 1")),
     "plan: --stages 0": Case(plan_zero_stages, ("--stages 0 must be >= 1",)),
-    "train: parallel.sequence_parallel=3": Case(
-        lambda tmp, demo: [*train(lambda m: None)(tmp, demo), "parallel.sequence_parallel=3"],
-        ("world size 1 is not divisible by parallel.sequence_parallel = 3",
-         "does not divide model.n_heads = 2: each rank attends with n_heads / N heads; use one of [2]")),
+    "train: parallel.sequence_parallel=2 on one process": Case(
+        lambda tmp, demo: [*train(lambda m: None)(tmp, demo), "parallel.sequence_parallel=2"],
+        ("world size 1 is not divisible by parallel.sequence_parallel = 2 x pipeline_stages = 1: launch a multiple "
+         "of 2 processes",)),
     "config: parallel.activation_checkpointing=some": Case(
         config_override("parallel.activation_checkpointing=some"),
         ("parallel.activation_checkpointing = 'some' is not one of true, false, 'none', 'all', 'full_resolution' "

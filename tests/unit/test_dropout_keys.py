@@ -7,7 +7,7 @@ from torch import nn
 from hgscale.config import config_from_dict
 from hgscale.models import HourglassLM
 from hgscale.models.dropout import DropoutKeys
-from hgscale.training.engine import checkpoint_layers
+from hgscale.training.recompute import recompute_in_backward
 
 
 def model(seed=3):
@@ -65,7 +65,8 @@ def test_pipeline_stages_and_checkpointing_draw_the_masks_of_the_whole_model():
     want_grads = [p.grad.clone() for p in whole.parameters()]
 
     split = model()  # the same weights, as two stages, with activation checkpointing
-    checkpoint_layers(split.layers)
+    for layer in split.layers[1:-1]:  # every layer but the embedding and the head: the policy "all"
+        recompute_in_backward(layer)
     k = len(split.layers) // 2
     stages = [Stage(split.layers[:k]), Stage(split.layers[k:])]
     per_stage = [DropoutKeys(7), DropoutKeys(7)]  # each stage is a process of its own, counting its micro-batches

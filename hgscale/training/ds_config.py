@@ -2,8 +2,9 @@
 
     ds = deepspeed_config(cfg, world_size)      # dict, saved with every checkpoint
 
-Pure: imports neither torch nor deepspeed, so it runs (and fails with a clear message) before any
-process group starts. The learning-rate schedule is handed to DeepSpeed as a client scheduler
+No process group, no deepspeed: it runs (and fails with a clear message) before any process group starts;
+torch is imported only to count the model's parameters for ZeRO's gradient bucket (hgscale.models.flops).
+The learning-rate schedule is handed to DeepSpeed as a client scheduler
 (:mod:`hgscale.core.schedule`), not as a scheduler block.
 """
 from __future__ import annotations

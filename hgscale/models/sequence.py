@@ -34,6 +34,13 @@ class WholeSequence:
         C = t.shape[1] // self.size
         return t[:, self.rank * C:(self.rank + 1) * C]
 
+    def shard_labels(self, labels: torch.Tensor, total_factor: int, n: int) -> torch.Tensor:
+        """labels (B, T) -> (B, n): those of this rank's shard, n = its unpadded positions (the model's output)."""
+        if self.size == 1:
+            return labels
+        C = self.padded_len(labels.shape[1], total_factor) // self.size
+        return labels[:, self.rank * C:self.rank * C + n]
+
     def valid(self, T: int, C: int) -> slice:
         """The positions of this rank's shard of length C that fall within the first T (the unpadded ones)."""
         return slice(0, max(0, min(C, T - self.rank * C)))

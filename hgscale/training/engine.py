@@ -133,12 +133,11 @@ class LossModel(nn.Module):
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """inputs, labels (B, T) -> the mean loss; with a sharded sequence, this rank's share of it (the shards'
         losses add up to the mean: hgscale.training.sequence)."""
-        logits = self.model(inputs)
+        logits = self.model(inputs)  # (B, n, V): this rank's unpadded positions
         seq = self.model.seq
         if seq.size == 1:
             return lm_loss(logits, labels)
-        C = seq.padded_len(labels.shape[1], self.model.cfg.total_factor()) // seq.size
-        mine = labels[:, seq.rank * C:seq.rank * C + logits.shape[1]]  # (B, <= C): the shard's unpadded labels
+        mine = seq.shard_labels(labels, self.model.cfg.total_factor(), logits.shape[1])
         return lm_loss_sum(logits, mine) / labels.numel()
 
 

@@ -25,26 +25,18 @@ from hgscale.models.sequence import WholeSequence
 class SequenceGroups:
     """The process groups DeepSpeed reads from an ``mpu`` (Megatron's interface): sequence-parallel groups of N
     consecutive ranks, data-parallel groups of the ranks at the same place in theirs, ZeRO and gradient
-    averaging over both (the whole world: no pipeline), and no model parallelism. Every rank creates every
-    group, in the same order (torch.distributed.new_group is collective)."""
+    averaging over both (the whole world: no pipeline), and no model parallelism. Each rank creates only the
+    groups it belongs to (``use_local_synchronization``), so start-up does not grow with the world."""
 
     def __init__(self, n: int):
         world, rank = dist.get_world_size(), dist.get_rank()
         self.n, self.dp = n, world // n
         self.seq_rank, self.dp_rank = rank % n, rank // n
-        for g in range(self.dp):  # sequence groups: ranks g*n .. g*n+n-1
-            group = dist.new_group(list(range(g * n, (g + 1) * n)))
-            if g == self.dp_rank:
-                self.seq_group = group
-        for i in range(n):  # data-parallel groups: ranks i, i+n, i+2n, ...
-            group = dist.new_group(list(range(i, world, n)))
-            if i == self.seq_rank:
-                self.dp_group = group
-        for r in range(world):  # model-parallel groups of one rank each
-            group = dist.new_group([r])
-            if r == rank:
-                self.mp_group = group
-        self.seq_dp_group = dist.new_group(list(range(world)))
+        mine = lambda ranks: dist.new_group(ranks, use_local_synchronization=True)  # noqa: E731
+        self.seq_group = mine(list(range(self.dp_rank * n, (self.dp_rank + 1) * n)))  # ranks g*n .. g*n+n-1
+        self.dp_group = mine(list(range(self.seq_rank, world, n)))  # ranks i, i+n, i+2n, ...
+        self.mp_group = mine([rank])  # model parallelism of one rank
+        self.seq_dp_group = dist.group.WORLD
 
     # sequence parallelism
     def get_sequence_parallel_group(self):

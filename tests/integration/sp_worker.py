@@ -49,9 +49,8 @@ def run_case(case: dict, seq: UlyssesSequence) -> dict:
     lm_loss(ref, y).backward()
     shard = HourglassLM(cfg, seed=3).shard_sequence(seq)
     out = shard(x)  # (B, <= C, V): this rank's unpadded positions
-    C = seq.padded_len(T, cfg.total_factor()) // seq.size
-    start = seq.rank * C
-    (lm_loss_sum(out, y[:, start:start + out.shape[1]]) / y.numel()).backward()
+    (lm_loss_sum(out, seq.shard_labels(y, cfg.total_factor(), out.shape[1])) / y.numel()).backward()
+    start = seq.rank * (seq.padded_len(T, cfg.total_factor()) // seq.size)  # where the shard sits in the sequence
     logit_err = (out - ref[:, start:start + out.shape[1]]).abs().max().item() if out.shape[1] else 0.0
     grad_err, grad_scale = 0.0, 0.0
     for p, q in zip(whole.parameters(), shard.parameters(), strict=True):

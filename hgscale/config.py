@@ -68,6 +68,8 @@ class ModelConfig:
     lsh_n_buckets: int = fld(0, "LSH: buckets per round, even; 0 = trax's 2 * max(1, T // lsh_chunk_len).")
     attn_impl: str = fld("auto", "Relative attention kernel: 'auto' (fused on GPU, blocked on CPU), 'fused', 'sdpa', "
                                  "'blocked' or 'naive'.")
+    init_from: str = fld("", "Start from the weights of an exported directory (hgscale export, either --format) "
+                             "instead of model.init; a run that resumes a checkpoint ignores it.")
 
     def levels(self) -> list[tuple[int, int]]:
         return parse_hierarchy(self.hierarchy)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from hgscale.checkpoint.hf import PREFIX, is_hf_export, read_hf_config
 from hgscale.checkpoint.layout import CheckpointError, read_meta, resolve
 from hgscale.config import Config, ConfigError, config_from_dict
 
@@ -137,20 +138,31 @@ def export(root: str | Path, out: str | Path, tag: str | None = None) -> Path:
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu"):
-    """(HourglassLM in eval mode, Config) from an exported directory."""
+    """(HourglassLM in eval mode, Config) from an exported directory: ours, or a Hugging Face one (its config.json
+    holds only the model's keys; the weights are named ``model.`` + ours)."""
     from safetensors.torch import load_file
 
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise CheckpointError(f"{str(path)!r} holds no model.safetensors: export a checkpoint first with "
                               f"hgscale export --checkpoint DIR --out {path}")
+    cfg = _exported_config(path)
+    sd = load_file(str(path / "model.safetensors"))
+    if is_hf_export(path):
+        sd = {k.removeprefix(PREFIX): v for k, v in sd.items()}
+    model = _model(cfg, sd, str(path))
+    return model.to(device).eval(), cfg
+
+
+def _exported_config(path: Path) -> Config:
+    """The Config of an exported directory: ours holds the whole training config, a Hugging Face one only the
+    model's keys (the other sections take their defaults)."""
+    if is_hf_export(path):
+        return _config({"config": {"model": read_hf_config(path)}}, str(path))
     try:
-        meta = {"config": json.loads((path / "config.json").read_text())}
+        return _config({"config": json.loads((path / "config.json").read_text())}, str(path))
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{str(path / 'config.json')!r} is missing or corrupt ({e}): export again") from None
-    cfg = _config(meta, str(path))
-    model = _model(cfg, load_file(str(path / "model.safetensors")), str(path))
-    return model.to(device).eval(), cfg
 
 
 def load_any(path: str | Path, device: str | torch.device = "cpu"):
@@ -159,3 +171,43 @@ def load_any(path: str | Path, device: str | torch.device = "cpu"):
         return load_exported(path, device)
     sd, cfg = consolidated_state_dict(path)
     return _model(cfg, sd, str(path)).to(device).eval(), cfg
+
+
+# What shapes the weights: an exported model fine-tunes under a config that agrees on these (dropout, max_seq_len,
+# the kernel and the init scheme may differ)
+ARCHITECTURE_KEYS = ("vocab_size", "d_model", "n_heads", "d_ff", "hierarchy", "downsample", "upsample", "attention",
+                     "vanilla_attention")
+
+
+def init_from_problem(model_cfg) -> str | None:
+    """Why model.init_from cannot start ``model_cfg``'s model (one sentence), or None: the directory, its files, and
+    the keys of :data:`ARCHITECTURE_KEYS`. Reads config.json only: preflight calls it before any process group."""
+    path = Path(model_cfg.init_from)
+    if "://" in model_cfg.init_from:
+        return f"model.init_from = {model_cfg.init_from!r}: a local directory is needed (copy the export first)"
+    if not (path / "model.safetensors").is_file():
+        return (f"model.init_from = {str(path)!r} holds no model.safetensors: export a checkpoint there with "
+                f"hgscale export --checkpoint DIR --out {path}")
+    try:
+        saved = _exported_config(path).model
+    except CheckpointError as e:
+        return f"model.init_from: {e}"
+    diff = [f"{k} {getattr(saved, k)!r} (ours {getattr(model_cfg, k)!r})" for k in ARCHITECTURE_KEYS
+            if getattr(saved, k) != getattr(model_cfg, k)]
+    return (f"model.init_from = {str(path)!r} is a different model: {'; '.join(diff)}; set these model keys as "
+            f"the export has them") if diff else None
+
+
+def initial_weights(model_cfg) -> dict:
+    """model.init_from's state dict (HourglassLM names), checked by :func:`init_from_problem`."""
+    problem = init_from_problem(model_cfg)
+    if problem:
+        raise CheckpointError(problem)
+    model, _ = load_exported(model_cfg.init_from)
+    return model.state_dict()
+
+
+def layer_weights(state: dict, index: int) -> dict:
+    """The entries of layer ``index`` in an HourglassLM state dict, named as the layer names them."""
+    prefix = f"layers.{index}."
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -18,7 +18,7 @@ table, so its backward only computes the weight gradient (2 x forward in all).
 from __future__ import annotations
 
 from hgscale.config import ModelConfig
-from hgscale.models.hourglass import _check, layer_plan
+from hgscale.models.hourglass import _check_config, layer_plan
 from hgscale.models.lsh_attention import bucket_factors
 
 
@@ -90,7 +90,7 @@ def layer_flops(cfg: ModelConfig, seq_len: int, batch_size: int = 1, causal: boo
     seq_len is the real length; the model pads it to a multiple of the total factor and computes on the
     padding, which is counted. batch_size matters only for the position projection (once per batch).
     causal=True counts attention over visible (query, key) pairs only (about half the square)."""
-    _check(cfg)
+    _check_config(cfg)
     T = seq_len + (-seq_len % cfg.total_factor())
     return [_layer_total(cfg, item, batch_size, T, causal) / (batch_size * seq_len) for item in layer_plan(cfg)]
 
@@ -111,7 +111,7 @@ def _ff_params(cfg: ModelConfig) -> int:
 
 def layer_params(cfg: ModelConfig) -> list[int]:
     """Parameter count of each layer, in ``build_layers`` order."""
-    _check(cfg)
+    _check_config(cfg)
     D, out = cfg.d_model, []
     ln = 2 * D
     for kind, *args in layer_plan(cfg):

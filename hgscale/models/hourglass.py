@@ -223,7 +223,7 @@ def init_layer_(layer: nn.Module, init_std: float, generator: torch.Generator, s
     return layer
 
 
-def _check(cfg: ModelConfig) -> None:
+def _check_config(cfg: ModelConfig) -> None:
     problems = cfg.problems()
     if problems:
         raise ConfigError(problems, "model config")
@@ -242,7 +242,7 @@ def build_layer(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:
 
 def layer_constructors(cfg: ModelConfig, seed: int = 0) -> list[tuple]:
     """[(callable, args)]: ``callable(*args)`` builds layer i; a pipeline stage builds only its own."""
-    _check(cfg)
+    _check_config(cfg)
     return [(build_layer, (cfg, i, seed)) for i in range(len(layer_plan(cfg)))]
 
 
@@ -252,7 +252,7 @@ def build_layers(cfg: ModelConfig, seed: int = 0) -> list[nn.Module]:
 
 def state_shapes(cfg: ModelConfig, batch: int, seq_len: int) -> list[list[tuple]]:
     """Shapes of each layer's output (the tuple passed to the next layer; logits for the head)."""
-    _check(cfg)
+    _check_config(cfg)
     T = seq_len + (-seq_len % cfg.total_factor())
     D, H = cfg.d_model, cfg.n_heads
     uv = [(2, H, D // H)] if cfg.attention == "relative" else []
@@ -275,7 +275,7 @@ class HourglassLM(nn.Module):
     """tokens (B, T) -> logits (B, T, V); logits at t predict token t+1 from tokens <= t."""
 
     def __init__(self, cfg: ModelConfig, seed: int = 0):
-        _check(cfg)  # every config problem, before any module or tensor is built
+        _check_config(cfg)  # every config problem, before any module or tensor is built
         super().__init__()
         self.cfg, self.seq = cfg, WHOLE
         self.layers = nn.ModuleList(build_layers(cfg, seed))

@@ -158,7 +158,9 @@ class _Timed:
 
 
 class TrainEngine:
-    def __init__(self, cfg: Config, ds_json: dict, rt: Runtime):
+    def __init__(self, cfg: Config, ds_json: dict, rt: Runtime, initial: dict | None = None):
+        """``initial``: HourglassLM weights (model.init_from) loaded into the layers this rank builds, before
+        DeepSpeed copies them into its optimizer's fp32 masters."""
         import deepspeed
         import torch.distributed as dist
 
@@ -170,10 +172,12 @@ class TrainEngine:
         scheduler = lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_multiplier(cfg))  # noqa: E731
         if self.pipeline:
             self.parts = stage_parts(cfg, cfg.parallel.pipeline_stages)
-            module = pipeline_module(cfg, self.parts)
+            module = pipeline_module(cfg, self.parts, initial)
         else:
             self.parts = None
             model = HourglassLM(cfg.model, seed=cfg.train.seed)
+            if initial is not None:
+                model.load_state_dict(initial)
             if cfg.parallel.sequence_parallel > 1:
                 from hgscale.training.sequence import UlyssesSequence
 

@@ -25,6 +25,7 @@ import sys
 import torch
 from torch import nn
 
+from hgscale.checkpoint.export import layer_weights
 from hgscale.config import Config
 from hgscale.models import build_layer, layer_flops, layer_params, layer_plan, lm_loss
 from hgscale.training.recompute import recompute_in_backward, recomputed_layers
@@ -81,8 +82,9 @@ def _keep_extras_on_grad_path(module: nn.Module, inputs: tuple, output: torch.Te
     return output + 0.0 * sum(t.sum() for t in extras)
 
 
-def pipeline_module(cfg: Config, parts: list[int], topology=None):
-    """The DeepSpeed PipelineModule of ``cfg.model`` split at ``parts``; each stage builds only its layers."""
+def pipeline_module(cfg: Config, parts: list[int], initial: dict | None = None, topology=None):
+    """The DeepSpeed PipelineModule of ``cfg.model`` split at ``parts``; each stage builds only its layers (with
+    their entries of ``initial``, HourglassLM weights, when given)."""
     from deepspeed.pipe import LayerSpec, PipelineModule
 
     names, recomputed = layer_names(cfg), recomputed_layers(cfg)
@@ -96,6 +98,8 @@ def pipeline_module(cfg: Config, parts: list[int], topology=None):
 
         def build(self, log=False):
             layer = build_layer(cfg.model, self.index, seed=cfg.train.seed)
+            if initial is not None:
+                layer.load_state_dict(layer_weights(initial, self.index))
             if self.index in recomputed:
                 recompute_in_backward(layer)
             if layer.kind == "head":

@@ -115,4 +115,7 @@ def convert_for_layout(cfg: Config, world_size: int, rank: int) -> None:
 
 def preflight(cfg: Config, dataset, world_size: int) -> list[str]:
     """Every problem found, as one sentence each; empty when the run can start."""
-    return _data_problems(cfg, dataset, world_size) + _checkpoint_problems(cfg, world_size)
+    from hgscale.checkpoint.export import init_from_problem
+
+    init = init_from_problem(cfg.model) if cfg.model.init_from else None
+    return _data_problems(cfg, dataset, world_size) + _checkpoint_problems(cfg, world_size) + ([init] if init else [])

@@ -50,11 +50,12 @@ class Trainer:
         self.cfg, self.dataset = cfg, dataset
         with stop_signals_held():  # DeepSpeed may compile an op (a child process): held, handled after start-up
             self.rt = init_distributed(cfg)
-            self.eng = TrainEngine(cfg, ds_json, self.rt)
+            where = resume_point(cfg)  # a fresh start builds its layers from model.init_from, when set
+            self.eng = TrainEngine(cfg, ds_json, self.rt, self._initial_weights() if not where else None)
         self.layout = ParallelLayout.of(cfg, self.rt.world_size)
         self.ckpt = CheckpointManager(cfg, self.eng, ds_json)
         self._stopped = False
-        state = self._resume()
+        state = self._resume(where)
         self.step = int(state.get("step", 0))
         self.last_saved = self.step if state else None
         self.progress = Progress(self.step)
@@ -66,8 +67,15 @@ class Trainer:
         self.progress.mark("started")
 
     # ------------------------------------------------------------------------------------------ set-up
-    def _resume(self) -> dict:
-        where = resume_point(self.cfg)
+    def _initial_weights(self) -> dict | None:
+        if not self.cfg.model.init_from:
+            return None
+        from hgscale.checkpoint.export import initial_weights
+
+        self.say(f"starting from the weights of {self.cfg.model.init_from} (model.init_from)")
+        return initial_weights(self.cfg.model)
+
+    def _resume(self, where: tuple | None) -> dict:
         if not where:
             return {}
         state = self.ckpt.load(*where)

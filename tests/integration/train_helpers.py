@@ -24,6 +24,16 @@ def demo_data(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory, demo_data) -> Path:
+    """One tiny model trained for 8 steps on the demo corpus (1 rank, ZeRO-1), shared by every test that only
+    reads a checkpoint (export, sampling, evaluation): its directory, with ``config.json`` beside it."""
+    tmp = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(tmp, demo_data, "config.json", train={"steps": 8})
+    launch(1, TRAIN, ["--config", str(cfg)])
+    return tmp / "config_ckpt"
+
+
 def tiny_config(tmp: Path, data_url: Path, name: str = "c.json", **sections) -> Path:
     """configs/test/tiny.json with data, checkpoint and run directories under ``tmp``; sections update it."""
     cfg = json.loads((ROOT / "configs" / "test" / "tiny.json").read_text())

@@ -119,6 +119,19 @@ def corrupt_checkpoint(command: str, *extra: str):
 
 # ------------------------------------------------------------------------------------------------ table
 
+def export_hf_of_a_non_byte_model(tmp: Path, demo: Path) -> list[str]:
+    """An hgscale export of a 300-token model whose training data is gone: no tokenizer to ship."""
+    from safetensors.torch import save_file
+
+    from hgscale.config import load_config
+    from hgscale.models import HourglassLM
+    cfg = load_config(ROOT / "configs" / "test" / "tiny.json", ["data.url=/gone", "model.vocab_size=300"])
+    (tmp / "m").mkdir()
+    save_file(HourglassLM(cfg.model).state_dict(), str(tmp / "m" / "model.safetensors"))
+    (tmp / "m" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    return ["hgscale", "export", "--checkpoint", str(tmp / "m"), "--format", "hf", "--out", str(tmp / "hf")]
+
+
 @dataclass
 class Case:
     build: Callable[[Path, Path], list[str]]  # (tmp_path, demo dataset) -> argv after `python -m`
@@ -164,6 +177,13 @@ CASES = {
     **{f"{cmd}: a corrupt hgscale.json": Case(corrupt_checkpoint(cmd, *extra), (
         "/ckpt/step00000002/hgscale.json' is corrupt (JSONDecodeError",))
        for cmd, extra in (("export", ("--out", "out")), ("sample", ("--tokens", "4")), ("evaluate", ()))},
+    "export --format hf: a corrupt hgscale.json": Case(corrupt_checkpoint("export", "--format", "hf", "--out", "o"),
+                                                       ("/ckpt/step00000002/hgscale.json' is corrupt",)),
+    "export --format hf: a non-byte vocabulary": Case(export_hf_of_a_non_byte_model, (
+        "--format hf has no tokenizer for a non-byte model of vocabulary 300", "use --format hgscale")),
+    "train: model.init_from names no export": Case(
+        lambda tmp, demo: [*train(lambda m: None)(tmp, demo), f"model.init_from={tmp / 'none'}"],
+        ("model.init_from = ", "/none' holds no model.safetensors: export a checkpoint there")),
 }
 
 

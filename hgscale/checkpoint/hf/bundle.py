@@ -1,0 +1,183 @@
+"""The Hugging Face modeling file, generated from our own model code: one Python file that imports only the
+standard library, torch and transformers.
+
+    source = modeling_source()        # text of modeling_hourglass.py; export_hf writes it beside the weights
+
+The file is the modules of :mod:`hgscale.models` that HourglassLM needs, the hierarchy parser, a ModelConfig
+record generated from our ModelConfig's fields, and :mod:`hgscale.checkpoint.hf.modeling` (the transformers
+classes), concatenated in import order with the imports between them removed. So the exported model runs the
+very code hgscale trains and tests, never a second copy that could drift; a top-level name defined by two of
+those modules, or an hgscale import left over, is an error here, not a silently wrong file.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import textwrap
+from importlib import import_module
+from pathlib import Path
+
+PACKAGE = "hgscale"
+ROOT_MODULE = "hgscale.checkpoint.hf.modeling"
+# Provided by the generated preamble instead of their modules (config.py would bring the whole training config)
+SHIMMED = {"hgscale.config": ("ModelConfig", "ConfigError")}
+# Modules of which the model needs a few names only (the other grammars of config values stay out)
+ONLY = {"hgscale.core.notation": ("_LEVEL_RE", "parse_hierarchy")}
+CONFIG_METHODS = ("levels", "total_factor", "n_layers")  # what the model code calls on its config
+
+
+class BundleError(RuntimeError):
+    """The model code cannot be bundled as it stands (a name clash, an import the bundle cannot resolve)."""
+
+
+def _source(module: str) -> str:
+    return Path(import_module(module).__file__).read_text()
+
+
+def _internal_imports(tree: ast.Module) -> list[str]:
+    """hgscale modules a module imports at any depth of its top level (TYPE_CHECKING blocks included)."""
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == PACKAGE:
+            if node.module == "hgscale.models":  # `from hgscale.models import blocked_attention`: a module
+                out += [f"hgscale.models.{a.name}" for a in node.names]
+            else:
+                out.append(node.module)
+        elif isinstance(node, ast.Import) and any(a.name.split(".")[0] == PACKAGE for a in node.names):
+            raise BundleError(f"`import {node.names[0].name}` cannot be bundled: use `from ... import name`")
+    return out
+
+
+def _order(root: str) -> list[str]:
+    """Modules reachable from ``root`` by hgscale imports, each after those it imports (depth-first)."""
+    done: list[str] = []
+
+    def visit(mod: str, path: tuple) -> None:
+        if mod in done or mod in SHIMMED:
+            return
+        if mod in path:
+            raise BundleError(f"import circle {' -> '.join(path + (mod,))}")
+        for dep in _internal_imports(ast.parse(_source(mod))):
+            visit(dep, path + (mod,))
+        done.append(mod)
+
+    visit(root, ())
+    return done
+
+
+def _is_internal(node: ast.stmt) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return bool(node.module) and node.module.split(".")[0] == PACKAGE
+    if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+        return all(_is_internal(n) for n in node.body)  # type-only imports of bundled names
+    return False
+
+
+def _split(module: str) -> tuple[list[str], str, list[str]]:
+    """(external import lines, body without imports, top-level names) of one module; its docstring becomes a
+    comment (it says what the code below it does, with shapes)."""
+    src = _source(module)
+    tree = ast.parse(src)
+    lines = src.splitlines()
+    imports, names, drop = [], [], set()
+    for i, node in enumerate(tree.body):
+        span = range(node.lineno - 1, node.end_lineno)
+        if module in ONLY and not isinstance(node, (ast.Import, ast.ImportFrom)) and \
+                not set(_defined(node)) & set(ONLY[module]):
+            drop.update(span)
+            continue
+        if i == 0 and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            drop.update(span)  # the module docstring: kept as a comment header below
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) or _is_internal(node):
+            drop.update(span)
+            if not _is_internal(node) and not (isinstance(node, ast.ImportFrom) and node.module == "__future__"):
+                imports.append(ast.unparse(node))
+        names += _defined(node)
+    body = "\n".join(line for j, line in enumerate(lines) if j not in drop).strip("\n")
+    doc = ast.get_docstring(tree) if module not in ONLY else None
+    if doc:
+        body = "\n".join(f"# {line}".rstrip() for line in doc.splitlines()) + "\n\n" + body
+    return imports, body, names
+
+
+def _defined(node: ast.stmt) -> list[str]:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return [node.name]
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    return [t.id for t in targets if isinstance(t, ast.Name)]
+
+
+def _config_shim() -> str:
+    """ModelConfig as a plain dataclass with our ModelConfig's fields and defaults, and the methods the model
+    code calls, copied from it; ConfigError as a ValueError. The values were checked when the model was
+    exported: problems() returns none (a hand-edited hierarchy still fails in levels(), by name)."""
+    from hgscale.config import ModelConfig
+
+    fields = "\n".join(f"    {f.name}: {f.type} = {f.default!r}" for f in dataclasses.fields(ModelConfig))
+    methods = "\n".join(textwrap.indent(textwrap.dedent(inspect.getsource(getattr(ModelConfig, m))), "    ")
+                          for m in CONFIG_METHODS)
+    return (f"@dataclass\nclass ModelConfig:\n    \"\"\"hgscale's model section (config.json's hgscale_model)."""
+            f"\"\"\"\n\n{fields}\n\n{methods}\n\n    def problems(self) -> list:\n        return []\n\n\n"
+            f"class ConfigError(ValueError):\n    def __init__(self, problems: list, source: str = \"config\"):\n"
+            f"        super().__init__(f\"{{source}}: {{'; '.join(problems)}}\")")
+
+
+def modeling_source(root: str = ROOT_MODULE) -> str:
+    """The text of the self-contained modeling file (see the module docstring)."""
+    modules = ["hgscale.core.notation"] + [m for m in _order(root) if m != "hgscale.core.notation"]
+    imports = ["from dataclasses import dataclass"]
+    parts, owner = [], {}
+    for mod in modules:
+        imp, body, names = _split(mod)
+        for n in names:
+            if n in owner:
+                raise BundleError(f"{n!r} is defined by both {owner[n]} and {mod}: rename one (the model code is "
+                                  f"bundled into one file for Hugging Face export)")
+            owner[n] = mod
+        imports += [i for i in imp if i not in imports]
+        parts.append(f"# {'-' * 40} {mod}\n\n{body}")
+        if mod == "hgscale.core.notation":
+            parts.append(f"# {'-' * 40} hgscale.config (generated)\n\n{_config_shim()}")
+    aliases = [f"{name} = sys.modules[__name__]  # `from hgscale.models import {name}`: the module is this file"
+               for name in sorted(_module_imports(modules))]
+    imports = sorted(set(imports) | {"import sys"}, key=_import_key)
+    text = _header(modules) + "\n".join(imports) + "\n\n" + "\n".join(aliases) + "\n\n\n" + \
+        "\n\n\n".join(parts) + "\n"
+    _check(text)
+    return text
+
+
+def _module_imports(modules: list[str]) -> set[str]:
+    """Modules some bundled module imports as objects (``from hgscale.models import blocked_attention``)."""
+    out = set()
+    for mod in modules:
+        for node in ast.walk(ast.parse(_source(mod))):
+            if isinstance(node, ast.ImportFrom) and node.module == "hgscale.models":
+                out.update(a.name for a in node.names)
+    return out
+
+
+def _import_key(line: str) -> tuple:
+    """Standard library first, then torch, then transformers; ``import x`` before ``from x import``."""
+    root = line.split()[1].split(".")[0]
+    return ({"torch": 1, "transformers": 2}.get(root, 0), root, line.startswith("from"), line)
+
+
+def _header(modules: list[str]) -> str:
+    return ('"""Hourglass (Nawrot et al. 2021, "Hierarchical Transformers Are More Efficient Language Models") for '
+            "transformers.\n\nGenerated by `hgscale export --format hf` from hgscale's model code; imports only the "
+            "standard library, torch and transformers.\nLoad with AutoModelForCausalLM.from_pretrained(DIR, "
+            "trust_remote_code=True).\n\nBundled modules: " + ", ".join(modules) + '\n"""\nfrom __future__ import '
+            "annotations\n\n")
+
+
+def _check(text: str) -> None:
+    """The file compiles and names no hgscale module (``hgscale`` only in comments and strings)."""
+    tree = ast.parse(text)
+    for node in ast.walk(tree):
+        mod = node.module if isinstance(node, ast.ImportFrom) else None
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if (mod or "").split(".")[0] == PACKAGE or any(n.split(".")[0] == PACKAGE for n in names):
+            raise BundleError(f"the modeling file still imports hgscale (line {node.lineno})")
+    compile(text, "modeling_hourglass.py", "exec")

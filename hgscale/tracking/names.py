@@ -105,3 +105,15 @@ def loss_curve_keys(available) -> tuple[str | None, str | None, str]:
     if m and f"train/{m.group(2)}" in available:
         return f"train/{m.group(2)}", val, m.group(2)
     return first_present(LOSS_KEYS, available), first_present(_VAL_LOSS, available), "loss (nats/token)"
+
+
+_MLFLOW_UNSAFE = re.compile(r"[^\w./\- :]")  # MLflow metric names: word characters, / . - space and :
+
+
+def harness_metric(task: str, metric: str) -> str:
+    """A downstream score of lm-evaluation-harness: harness/<task>/<metric> from lm_eval's result keys ("acc,none"
+    -> harness/<task>/acc; a filter other than "none" follows: "exact_match,strict-match" ->
+    harness/<task>/exact_match/strict-match); characters MLflow refuses in a name become "_"."""
+    name, _, filt = metric.partition(",")
+    tail = name if filt in ("", "none") else f"{name}/{filt}"
+    return _MLFLOW_UNSAFE.sub("_", f"harness/{task}/{tail}")

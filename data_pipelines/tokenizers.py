@@ -13,9 +13,10 @@ from typing import Iterable
 import numpy as np
 
 from hgscale.data.errors import DataError
+from hgscale.data.spm_lines import NEWLINE_PIECE, decode_lines, encode_documents
 
 DOC_END_BYTE = 0x03
-NEWLINE = "<nl>"
+NEWLINE = NEWLINE_PIECE
 TOKENIZERS = ("bytes", "sentencepiece")
 
 
@@ -46,20 +47,7 @@ class SentencePieceTokenizer:
         self.dtype = np.uint16 if self.vocab_size <= 65536 else np.uint32
 
     def encode(self, texts: list[str], raws: list[bytes]) -> np.ndarray:
-        lines, counts = [], []
-        for t in texts:
-            parts = t.split("\n")
-            lines += parts
-            counts.append(len(parts))
-        ids = self.sp.encode(lines)  # one call for the batch: the C++ side does the work
-        out: list[int] = []
-        i = 0
-        for c in counts:
-            for j in range(c):
-                out += ids[i + j]
-                out.append(self.nl if j < c - 1 else self.document_end)
-            i += c
-        return np.asarray(out, self.dtype)
+        return np.asarray(encode_documents(self.sp, texts, self.nl, self.document_end), self.dtype)
 
 
 def make_tokenizer(kind: str, model: bytes | None = None, where: str = "the tokenizer"):
@@ -94,16 +82,13 @@ def decode_documents(model: bytes, ids: Iterable[int]) -> list[str]:
     """Documents of a SentencePiece token stream (the inverse of SentencePieceTokenizer.encode up to
     normalisation); a trailing unfinished document is returned too."""
     tok = SentencePieceTokenizer(model)
-    docs, lines, cur = [], [], []
+    docs, cur = [], []
     for i in (int(x) for x in ids):
-        if i in (tok.nl, tok.document_end):
-            lines.append(tok.sp.decode(cur))
+        if i == tok.document_end:
+            docs.append(decode_lines(tok.sp, cur, tok.nl))
             cur = []
-            if i == tok.document_end:
-                docs.append("\n".join(lines))
-                lines = []
         else:
             cur.append(i)
-    if cur or lines:
-        docs.append("\n".join(lines + [tok.sp.decode(cur)]))
+    if cur:
+        docs.append(decode_lines(tok.sp, cur, tok.nl))
     return docs

@@ -20,6 +20,7 @@ import torch
 
 from data_pipelines.tokenizers import DOC_END_BYTE
 from hgscale.core.status import UserError
+from hgscale.data.spm_lines import decode_lines, encode_documents
 from hgscale.models.generation import generate
 from hgscale.models.scoring import default_context_chunks, sliding_nll_docs
 
@@ -48,7 +49,7 @@ class Codec:
     def encode(self, text: str) -> list[int]:
         if self.kind == "bytes":
             return list(text.encode("utf-8"))
-        return self._tok.encode([text], [b""]).tolist()[:-1]  # the encoder ends each document with eot
+        return encode_documents(self._tok.sp, [text], self._tok.nl, self.eot)[:-1]  # without its document end
 
     def decode(self, ids: list[int]) -> str:
         """Text of ``ids`` up to the first eot (a generated document ends there)."""
@@ -56,16 +57,7 @@ class Codec:
             ids = ids[:ids.index(self.eot)]
         if self.kind == "bytes":
             return bytes(ids).decode("utf-8", errors="replace")
-        # the encoder's lines joined by its <nl> piece; decoded with the processor already loaded (generation
-        # decodes after every token, and data_pipelines' decode_documents parses the model on each call)
-        lines, cur = [], []
-        for i in ids:
-            if i == self._tok.nl:
-                lines.append(cur)
-                cur = []
-            else:
-                cur.append(i)
-        return "\n".join(self._tok.sp.decode(line) for line in [*lines, cur])
+        return decode_lines(self._tok.sp, ids, self._tok.nl)  # with the processor already loaded: no re-parse
 
 
 def open_codec(cfg, data_url: str | None = None) -> Codec:

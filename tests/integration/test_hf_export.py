@@ -189,3 +189,36 @@ def test_init_from_a_different_model_fails_before_training(trained_checkpoint, d
     r = subprocess.run([sys.executable, str(TRAIN), "--config", str(cfg)], cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "holds no model.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_sentencepiece_model_ships_the_tokenizer_it_was_trained_with(tmp_path):
+    """The exported AutoTokenizer encodes a text to the ids the dataset holds for it (lines one by one, <nl>
+    between them), decodes them back, and generate() on those ids is hgscale's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from data_pipelines import text_sentencepiece
+    from data_pipelines.tokenizers import decode_documents
+    from hgscale.checkpoint.hf.writer import export_hf
+    from hgscale.data.dataset import open_dataset
+
+    lines = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # café {i}" for i in range(400)]
+    (tmp_path / "docs.txt").write_text("\n\n".join(lines))
+    text_sentencepiece.prepare([str(tmp_path / "docs.txt")], str(tmp_path / "sp"), vocab_size=300,
+                               txt_document="blank-line")
+    ds = open_dataset(load_config(ROOT / "configs" / "test" / "tiny.json", [f"data.url={tmp_path / 'sp'}"]).data)
+    cfg = load_config(ROOT / "configs" / "test" / "tiny.json", [f"data.url={tmp_path / 'sp'}", "model.dropout=0",
+                                                                  f"model.vocab_size={ds.vocab_size}"])
+    model = HourglassLM(cfg.model, seed=2).eval()
+    (tmp_path / "m").mkdir()
+    save_file(model.state_dict(), str(tmp_path / "m" / "model.safetensors"))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg.to_dict()))
+    out = export_hf(tmp_path / "m", tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(str(out), trust_remote_code=True)
+    stream = ds.split_tokens("train").tolist()
+    first = decode_documents((tmp_path / "sp" / "tokenizer.model").read_bytes(), stream)[0]
+    ids = tok(first).input_ids
+    assert ids == stream[:len(ids)] and stream[len(ids)] == tok.eos_token_id  # the document, then its end
+    assert "\n" in first and tok.decode(ids) == first
+    hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
+    prompt = torch.tensor([ids[:20]])
+    assert torch.equal(hf.generate(prompt, max_new_tokens=15, do_sample=False), generate(model, prompt, 15, 0))

@@ -20,8 +20,10 @@ from pathlib import Path
 
 PACKAGE = "hgscale"
 ROOT_MODULE = "hgscale.checkpoint.hf.modeling"
-# Provided by the generated preamble instead of their modules (config.py would bring the whole training config)
-SHIMMED = {"hgscale.config": ("ModelConfig", "ConfigError")}
+TOKENIZER_MODULE = "hgscale.checkpoint.hf.tokenization"
+# Generated instead of read from their modules (config.py would bring the whole training config), after the
+# modules the generated text needs
+SHIMMED = {"hgscale.config": ("hgscale.core.notation",)}
 # Modules of which the model needs a few names only (the other grammars of config values stay out)
 ONLY = {"hgscale.core.notation": ("_LEVEL_RE", "parse_hierarchy")}
 CONFIG_METHODS = ("levels", "total_factor", "n_layers")  # what the model code calls on its config
@@ -50,15 +52,17 @@ def _internal_imports(tree: ast.Module) -> list[str]:
 
 
 def _order(root: str) -> list[str]:
-    """Modules reachable from ``root`` by hgscale imports, each after those it imports (depth-first)."""
+    """Modules reachable from ``root`` by hgscale imports, each after those it imports (depth-first); a shimmed
+    module stands after the modules its generated text needs."""
     done: list[str] = []
 
     def visit(mod: str, path: tuple) -> None:
-        if mod in done or mod in SHIMMED:
+        if mod in done:
             return
         if mod in path:
             raise BundleError(f"import circle {' -> '.join(path + (mod,))}")
-        for dep in _internal_imports(ast.parse(_source(mod))):
+        deps = SHIMMED[mod] if mod in SHIMMED else _internal_imports(ast.parse(_source(mod)))
+        for dep in deps:
             visit(dep, path + (mod,))
         done.append(mod)
 
@@ -124,26 +128,28 @@ def _config_shim() -> str:
 
 
 def modeling_source(root: str = ROOT_MODULE) -> str:
-    """The text of the self-contained modeling file (see the module docstring)."""
-    modules = ["hgscale.core.notation"] + [m for m in _order(root) if m != "hgscale.core.notation"]
-    imports = ["from dataclasses import dataclass"]
-    parts, owner = [], {}
+    """The text of the self-contained file of ``root`` and what it imports of hgscale (the module docstring); the
+    modeling file by default, the tokenizer file with ``root = TOKENIZER_MODULE``."""
+    modules = _order(root)
+    imports, parts, owner = [], [], {}
     for mod in modules:
+        if mod in SHIMMED:
+            imports.append("from dataclasses import dataclass")
+            parts.append(f"# {'-' * 40} {mod} (generated)\n\n{_config_shim()}")
+            continue
         imp, body, names = _split(mod)
         for n in names:
             if n in owner:
                 raise BundleError(f"{n!r} is defined by both {owner[n]} and {mod}: rename one (the model code is "
                                   f"bundled into one file for Hugging Face export)")
             owner[n] = mod
-        imports += [i for i in imp if i not in imports]
+        imports += imp
         parts.append(f"# {'-' * 40} {mod}\n\n{body}")
-        if mod == "hgscale.core.notation":
-            parts.append(f"# {'-' * 40} hgscale.config (generated)\n\n{_config_shim()}")
     aliases = [f"{name} = sys.modules[__name__]  # `from hgscale.models import {name}`: the module is this file"
                for name in sorted(_module_imports(modules))]
-    imports = sorted(set(imports) | {"import sys"}, key=_import_key)
-    text = _header(modules) + "\n".join(imports) + "\n\n" + "\n".join(aliases) + "\n\n\n" + \
-        "\n\n\n".join(parts) + "\n"
+    imports = sorted(set(imports) | ({"import sys"} if aliases else set()), key=_import_key)
+    blocks = ["\n".join(imports)] + (["\n".join(aliases)] if aliases else []) + parts
+    text = _header(root, modules) + "\n\n\n".join(blocks) + "\n"
     _check(text)
     return text
 
@@ -152,24 +158,23 @@ def _module_imports(modules: list[str]) -> set[str]:
     """Modules some bundled module imports as objects (``from hgscale.models import blocked_attention``)."""
     out = set()
     for mod in modules:
-        for node in ast.walk(ast.parse(_source(mod))):
+        for node in ast.walk(ast.parse(_source(mod))) if mod not in SHIMMED else ():
             if isinstance(node, ast.ImportFrom) and node.module == "hgscale.models":
                 out.update(a.name for a in node.names)
     return out
 
 
 def _import_key(line: str) -> tuple:
-    """Standard library first, then torch, then transformers; ``import x`` before ``from x import``."""
+    """Standard library first, then torch (and sentencepiece), then transformers; ``import x`` first."""
     root = line.split()[1].split(".")[0]
-    return ({"torch": 1, "transformers": 2}.get(root, 0), root, line.startswith("from"), line)
+    return ({"sentencepiece": 1, "torch": 1, "transformers": 2}.get(root, 0), root, line.startswith("from"), line)
 
 
-def _header(modules: list[str]) -> str:
-    return ('"""Hourglass (Nawrot et al. 2021, "Hierarchical Transformers Are More Efficient Language Models") for '
-            "transformers.\n\nGenerated by `hgscale export --format hf` from hgscale's model code; imports only the "
-            "standard library, torch and transformers.\nLoad with AutoModelForCausalLM.from_pretrained(DIR, "
-            "trust_remote_code=True).\n\nBundled modules: " + ", ".join(modules) + '\n"""\nfrom __future__ import '
-            "annotations\n\n")
+def _header(root: str, modules: list[str]) -> str:
+    """The file's docstring: the first line of ``root``'s, where it comes from, what it bundles."""
+    first = (ast.get_docstring(ast.parse(_source(root))) or "").splitlines()[0]
+    return (f'"""{first}\n\nGenerated by `hgscale export --format hf` from hgscale\'s code; it imports no hgscale '
+            f'module.\nBundled: {", ".join(modules)}\n"""\nfrom __future__ import annotations\n\n')
 
 
 def _check(text: str) -> None:

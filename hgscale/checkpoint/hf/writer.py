@@ -27,8 +27,9 @@ def export_hf(root: str | Path, out: str | Path, tag: str | None = None) -> Path
     _config(cfg).to_json_file(str(out / "config.json"))
     save_file({PREFIX + k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    modality = _modality(cfg)
-    tokenizer_files = write_tokenizer(cfg, out, modality)
+    dataset = _dataset(cfg)
+    modality = dataset.modality if dataset is not None else None
+    tokenizer_files = write_tokenizer(cfg, out, dataset)
     (out / "README.md").write_text(_card(cfg, modality, tokenizer_files))
     save_run_file(checkpoint_run(source), out)  # later scores (hgscale evaluate DIR) go to the training run
     return out
@@ -53,15 +54,15 @@ def _config(cfg):
                            auto_map=AUTO_MAP, dtype="float32")
 
 
-def _modality(cfg) -> str | None:
-    """The training dataset's modality (text_bytes, text_sentencepiece, image), None when it cannot be read."""
+def _dataset(cfg):
+    """The training dataset (its modality and tokenizer decide the tokenizer), None when it cannot be read."""
     from hgscale.core.storage import StorageError
     from hgscale.data.dataset import open_dataset
 
     try:
-        return open_dataset(cfg.data, verify_checksums=False).modality
+        return open_dataset(cfg.data, verify_checksums=False)
     except (StorageError, ValueError, OSError) as e:
-        if cfg.model.vocab_size == 256:  # what the export then assumes; any other vocabulary is refused below
+        if cfg.model.vocab_size == 256:  # what the export then assumes; any other vocabulary is refused
             log.warning("the training data (%s) cannot be read (%s): exporting as a byte-level text model",
                         cfg.data.url, str(e).splitlines()[0][:120])
         return None

@@ -12,10 +12,10 @@ from typing import Iterable
 
 import numpy as np
 
+from hgscale.data.codec import DOC_END_BYTE
 from hgscale.data.errors import DataError
 from hgscale.data.spm_lines import NEWLINE_PIECE, decode_lines, encode_documents
 
-DOC_END_BYTE = 0x03
 NEWLINE = NEWLINE_PIECE
 TOKENIZERS = ("bytes", "sentencepiece")
 

@@ -11,6 +11,7 @@ cannot run code. Resuming one's own run keeps DeepSpeed's loader (README: what t
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +19,8 @@ import torch
 from hgscale.checkpoint.hf import PREFIX, is_hf_export, read_hf_config
 from hgscale.checkpoint.layout import CheckpointError, read_meta, resolve
 from hgscale.config import Config, ConfigError, config_from_dict
+
+log = logging.getLogger(__name__)
 
 
 def _allowed_globals() -> list:
@@ -117,8 +120,35 @@ def _model(cfg: Config, sd: dict, where: str):
     return model
 
 
+def training_dataset(cfg: Config):
+    """The dataset ``cfg`` trained on (its modality and tokenizer travel with an export), or None when it cannot be
+    read; the caller says what it does without it."""
+    from hgscale.core.storage import StorageError
+    from hgscale.data.dataset import open_dataset
+
+    try:
+        return open_dataset(cfg.data, verify_checksums=False)
+    except (StorageError, ValueError, OSError):
+        return None
+
+
+def _copy_tokenizer(cfg: Config, out: Path) -> None:
+    """A SentencePiece model's tokenizer.model beside its weights: sampling and serving encode text with it."""
+    if cfg.model.vocab_size == 256:
+        return
+    ds = training_dataset(cfg)
+    if ds is None:
+        log.warning("the training data (%s) cannot be read: the export holds no tokenizer; sampling and serving take "
+                    "token ids", cfg.data.url)
+    elif ds.tokenizer_url:
+        from hgscale.data.io import read_bytes
+
+        (out / "tokenizer.model").write_bytes(read_bytes(ds.tokenizer_url, ds.opts))
+
+
 def export(root: str | Path, out: str | Path, tag: str | None = None) -> Path:
-    """Write ``out/model.safetensors`` and ``out/config.json``; returns ``out``."""
+    """Write ``out/model.safetensors`` and ``out/config.json`` (and a SentencePiece model's tokenizer.model);
+    returns ``out``."""
     from safetensors.torch import save_file
 
     sd, cfg = consolidated_state_dict(root, tag)
@@ -131,6 +161,7 @@ def export(root: str | Path, out: str | Path, tag: str | None = None) -> Path:
                               f"--out") from None
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "hgscale": "HourglassLM"})
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    _copy_tokenizer(cfg, out)
     from hgscale.checkpoint.run_link import checkpoint_run, save_run_file
 
     save_run_file(checkpoint_run(Path(root) / tag if tag else root), out)  # later scores go to the training run

@@ -8,32 +8,22 @@ runs it when loading, under a module name of its own, and it hands MLflow the mo
 is involved. Weights come from the exported directory (model.safetensors + config.json) through hgscale's own
 loader; text comes from :func:`hgscale.models.generation.generate` with the incremental cache.
 
-Byte-level models take text and return text (UTF-8 bytes in and out, as ``hgscale sample --prompt``); models of
-another vocabulary take comma-separated token ids and return the new ids the same way (``--prompt-ids``).
+Byte-level models take text and return text (UTF-8 bytes in and out, as ``hgscale sample --prompt``), and so do
+SentencePiece models whose export holds their tokenizer.model (the dataset's, encoded line by line as in
+training; the completion ends at the end of its document); models of another vocabulary take comma-separated
+token ids and return the new ids the same way (``--prompt-ids``).
 A completion holds the new text only, not the prompt.
 """
+from pathlib import Path
+
 import mlflow
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
+from hgscale.data.codec import Codec, prompt_ids
+
 #: generation parameters and their defaults (those of ``hgscale sample``); the model's ParamSchema lists them
 PARAMS = {"max_tokens": 200, "temperature": 1.0, "top_p": 1.0}
-
-
-def prompt_ids(prompt: str, vocab_size: int) -> list[int]:
-    """A prompt as token ids: UTF-8 bytes for a byte-level model (an empty prompt starts after a newline, as in
-    ``hgscale sample``), else comma-separated ids."""
-    if vocab_size == 256:
-        return list(prompt.encode("utf-8")) or [10]
-    try:
-        ids = [int(t) for t in prompt.split(",")]
-    except ValueError:
-        raise ValueError(f"prompt {prompt[:50]!r}: this model's vocabulary is not bytes; a prompt is comma-separated "
-                         f"token ids such as '1,2,3'") from None
-    bad = [t for t in ids if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"prompt id {bad[0]} is outside the vocabulary: prompt ids must lie in [0, {vocab_size})")
-    return ids
 
 
 def _prompts(model_input) -> list[str]:
@@ -63,6 +53,8 @@ class HourglassPyfunc(PythonModel):
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = device
         self.model, self.cfg = load_exported(context.artifacts["model"], device)
+        tok = Path(context.artifacts["model"]) / "tokenizer.model"  # a SentencePiece model's (hgscale export)
+        self.codec = Codec("sentencepiece", tok.read_bytes()) if tok.is_file() else None
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> list[str]:
         """One completion per prompt. MLflow hands a DataFrame (the signature turns a list of strings into one);
@@ -78,10 +70,11 @@ class HourglassPyfunc(PythonModel):
         V = self.cfg.model.vocab_size
         out = []
         for prompt in _prompts(model_input):  # one at a time: prompts differ in length, and generate pads none
-            ids = prompt_ids(prompt, V)
+            ids = prompt_ids(prompt, V, self.codec)
             row = generate(self.model, torch.tensor([ids], device=self.device), max_tokens, temperature,
                            top_p=top_p)[0].tolist()
-            out.append(sample_text(row, len(ids), "", None, V == 256))
+            out.append(self.codec.decode(row[len(ids):]) if self.codec else sample_text(row, len(ids), "", None,
+                                                                                        V == 256))
         return out
 
 

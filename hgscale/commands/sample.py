@@ -25,6 +25,7 @@ import torch
 
 from hgscale.config import ConfigError
 from hgscale.core.status import USER_ERROR
+from hgscale.data.codec import parse_ids, prompt_ids
 from hgscale.models.generation import Streamer, generate, sample_text
 
 # --------------------------------------------------------------------------------------------- CLI
@@ -36,18 +37,12 @@ class UsageError(ValueError):
 def _prompt_ids(args: argparse.Namespace, V: int) -> list[int]:
     if args.prompt_ids:
         try:
-            ids = [int(t) for t in args.prompt_ids.split(",")]
-        except ValueError:
-            raise UsageError(f"--prompt-ids {args.prompt_ids!r} is not a comma-separated list of integers; "
-                             f"pass e.g. --prompt-ids 1,2,3") from None
-    elif V == 256:
-        ids = list(args.prompt.encode("utf-8")) or [10]  # an empty prompt starts after a newline
-    else:
+            return parse_ids(args.prompt_ids, V)
+        except ValueError as e:
+            raise UsageError(f"--prompt-ids {e}") from None
+    if V != 256:
         raise UsageError("this model's vocabulary is not bytes; pass --prompt-ids")
-    bad = [t for t in ids if not 0 <= t < V]
-    if bad:
-        raise UsageError(f"prompt id {bad[0]} is outside the vocabulary: prompt ids must lie in [0, {V})")
-    return ids
+    return prompt_ids(args.prompt, V)
 
 
 def _stop_id(args: argparse.Namespace, V: int) -> int | None:

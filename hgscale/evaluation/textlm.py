@@ -14,13 +14,11 @@ pipeline (byte 0x03, or SentencePiece's ``</s>``), as every document but the fir
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 
-from data_pipelines.tokenizers import DOC_END_BYTE
 from hgscale.core.status import UserError
-from hgscale.data.spm_lines import decode_lines, encode_documents
+from hgscale.data.codec import Codec
 from hgscale.models.generation import generate
 from hgscale.models.scoring import default_context_chunks, sliding_nll_docs
 
@@ -29,35 +27,6 @@ log = logging.getLogger("hgscale.evaluation")
 
 class HarnessError(UserError):
     """Input the harness path cannot serve; the message names the value and the fix."""
-
-
-@dataclass
-class Codec:
-    """Text <-> token ids of one model; ``eot`` ends a document (and begins the next)."""
-
-    kind: str = "bytes"  # or "sentencepiece"
-    spm: bytes | None = None  # the serialized SentencePiece model
-    eot: int = DOC_END_BYTE
-
-    def __post_init__(self):
-        if self.kind == "sentencepiece":
-            from data_pipelines.tokenizers import SentencePieceTokenizer
-
-            self._tok = SentencePieceTokenizer(self.spm)
-            self.eot = self._tok.document_end
-
-    def encode(self, text: str) -> list[int]:
-        if self.kind == "bytes":
-            return list(text.encode("utf-8"))
-        return encode_documents(self._tok.sp, [text], self._tok.nl, self.eot)[:-1]  # without its document end
-
-    def decode(self, ids: list[int]) -> str:
-        """Text of ``ids`` up to the first eot (a generated document ends there)."""
-        if self.eot in ids:
-            ids = ids[:ids.index(self.eot)]
-        if self.kind == "bytes":
-            return bytes(ids).decode("utf-8", errors="replace")
-        return decode_lines(self._tok.sp, ids, self._tok.nl)  # with the processor already loaded: no re-parse
 
 
 def open_codec(cfg, data_url: str | None = None) -> Codec:
@@ -89,8 +58,8 @@ def open_codec(cfg, data_url: str | None = None) -> Codec:
         raise HarnessError(f"dataset {ds.root} is SentencePiece text but names no tokenizer in its manifest")
     codec = Codec("sentencepiece", read_bytes(ds.tokenizer_url, getattr(ds, "opts", None) or
                                               storage_options(cfg.data)))
-    if codec._tok.vocab_size > V:
-        raise HarnessError(f"the tokenizer of {ds.root} has {codec._tok.vocab_size} pieces but the model only "
+    if codec.vocab_size > V:
+        raise HarnessError(f"the tokenizer of {ds.root} has {codec.vocab_size} pieces but the model only "
                            f"{V} (model.vocab_size): the dataset is not the one this model was trained on")
     return codec
 

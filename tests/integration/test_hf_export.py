@@ -222,3 +222,17 @@ def test_a_sentencepiece_model_ships_the_tokenizer_it_was_trained_with(tmp_path)
     hf = AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=True).eval()
     prompt = torch.tensor([ids[:20]])
     assert torch.equal(hf.generate(prompt, max_new_tokens=15, do_sample=False), generate(model, prompt, 15, 0))
+    # served as a registered model would be: text in, the completion's text out, through the same codec
+    from mlflow.pyfunc import PythonModelContext
+
+    from hgscale.checkpoint.pyfunc_model import HourglassPyfunc
+    from hgscale.data.codec import Codec
+
+    (tmp_path / "m" / "tokenizer.model").write_bytes((tmp_path / "sp" / "tokenizer.model").read_bytes())
+    served = HourglassPyfunc()
+    served.load_context(PythonModelContext(artifacts={"model": str(tmp_path / "m")}, model_config={"device": "cpu"}))
+    codec = Codec("sentencepiece", (tmp_path / "sp" / "tokenizer.model").read_bytes())
+    prompt = "def f1(x):"
+    ids = codec.encode(prompt)
+    want = codec.decode(generate(model, torch.tensor([ids]), 15, 0)[0, len(ids):].tolist())
+    assert served.predict(None, [prompt], {"max_tokens": 15, "temperature": 0}) == [want]

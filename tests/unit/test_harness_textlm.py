@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from data_pipelines.shards import DatasetWriter
 from data_pipelines.tokenizers import DOC_END_BYTE, SentencePieceTokenizer, decode_documents, train_sentencepiece
 from hgscale.config import config_from_dict
-from hgscale.evaluation.textlm import Codec, HarnessError, TextLM, cut, open_codec
+from hgscale.data.codec import Codec
+from hgscale.evaluation.textlm import HarnessError, TextLM, cut, open_codec
 from hgscale.models import HourglassLM
 from hgscale.models.generation import generate
 from hgscale.models.scoring import sliding_nll, sliding_nll_docs, sliding_windows

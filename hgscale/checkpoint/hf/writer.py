@@ -15,7 +15,7 @@ def export_hf(root: str | Path, out: str | Path, tag: str | None = None) -> Path
     """Write the Hugging Face directory of checkpoint ``root`` (its ``tag``, default latest) into ``out``."""
     from safetensors.torch import save_file
 
-    from hgscale.checkpoint.export import load_any
+    from hgscale.checkpoint.export import load_any, training_dataset
     from hgscale.checkpoint.hf.bundle import modeling_source
     from hgscale.checkpoint.hf.tokenizer import write_tokenizer
     from hgscale.checkpoint.run_link import checkpoint_run, save_run_file
@@ -27,7 +27,9 @@ def export_hf(root: str | Path, out: str | Path, tag: str | None = None) -> Path
     _config(cfg).to_json_file(str(out / "config.json"))
     save_file({PREFIX + k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
-    dataset = _dataset(cfg)
+    dataset = training_dataset(cfg)
+    if dataset is None and cfg.model.vocab_size == 256:
+        log.warning("the training data (%s) cannot be read: exported as a byte-level text model", cfg.data.url)
     modality = dataset.modality if dataset is not None else None
     tokenizer_files = write_tokenizer(cfg, out, dataset)
     (out / "README.md").write_text(_card(cfg, modality, tokenizer_files))
@@ -52,20 +54,6 @@ def _config(cfg):
     values = {**dataclasses.asdict(cfg.model), "size": "", "init_from": ""}  # no path of the machine it came from
     return HourglassConfig(**values, architectures=["HourglassForCausalLM"],
                            auto_map=AUTO_MAP, dtype="float32")
-
-
-def _dataset(cfg):
-    """The training dataset (its modality and tokenizer decide the tokenizer), None when it cannot be read."""
-    from hgscale.core.storage import StorageError
-    from hgscale.data.dataset import open_dataset
-
-    try:
-        return open_dataset(cfg.data, verify_checksums=False)
-    except (StorageError, ValueError, OSError) as e:
-        if cfg.model.vocab_size == 256:  # what the export then assumes; any other vocabulary is refused
-            log.warning("the training data (%s) cannot be read (%s): exporting as a byte-level text model",
-                        cfg.data.url, str(e).splitlines()[0][:120])
-        return None
 
 
 def _card(cfg, modality: str | None, tokenizer_files: list[str]) -> str:

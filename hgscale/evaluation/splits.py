@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from hgscale.models.scoring import sliding_nll, windows_nll
+from hgscale.models.scoring import default_context_chunks, sliding_nll, windows_nll
 
 
 def evaluate(checkpoint: str, split: str = "test", data_url: str | None = None, protocol: str = "auto",
@@ -31,8 +31,8 @@ def evaluate(checkpoint: str, split: str = "test", data_url: str | None = None, 
     ds = open_dataset(cfg.data)
     if protocol == "auto":
         protocol = "sliding" if ds.modality.startswith("text") else "windows"
-    if context_chunks is None:  # the paper's 53 chunks of context, or as many as the model was built for
-        context_chunks = max(0, min(53, cfg.model.max_seq_len // chunk - 1))
+    if context_chunks is None:
+        context_chunks = default_context_chunks(cfg.model.max_seq_len, chunk)
     if protocol == "sliding" and context_chunks * chunk + chunk > cfg.model.max_seq_len:
         raise ValueError(f"a window of ({context_chunks} + 1) x {chunk} tokens exceeds model.max_seq_len = "
                          f"{cfg.model.max_seq_len}; lower --context-chunks")

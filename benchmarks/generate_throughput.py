@@ -2,6 +2,11 @@
 
     python benchmarks/generate_throughput.py --threads 1                  # enwik8 sizes, ~20-40 min on 2 busy cores
     python benchmarks/generate_throughput.py --threads 1 --layers-scale 0.25 --gen 512   # quick look
+    python benchmarks/generate_throughput.py --threads 1 --speed --against HEAD   # the decoder itself, ~3 min
+
+--speed: this decoder against that of git revision (or directory) --against, recomputation, batch 8 against 1,
+side by side (d_model 256, "2@1 8@4 2@1", 128 tokens after 256; speed_main); writes generate_decoding.json.
+Without it:
 
 One run, the same prompt of --prompt tokens (batch 1, fp32, random weights of the enwik8 sizes; speed does not
 depend on the weights), greedy decoding. Models:
@@ -24,8 +29,10 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +44,7 @@ import common  # noqa: E402
 from hgscale.config import MODEL_SIZES, ModelConfig, parse_hierarchy  # noqa: E402
 from hgscale.models import HourglassLM, flops_per_token  # noqa: E402
 from hgscale.models.decode import rows_needed  # noqa: E402
+from hgscale.models.generation import GraphStep  # noqa: E402
 
 
 def scaled(hierarchy: str, scale: float) -> str:
@@ -112,14 +120,25 @@ def recompute_result(P: int, n: int, lengths: list[int], times: list[float]) -> 
 
 def parse_args(argv):
     ap = common.parser(__doc__)
-    ap.add_argument("--prompt", type=int, default=512, help="prompt tokens")
-    ap.add_argument("--gen", type=int, nargs="+", default=[512, 2048], help="report tokens/s after these many")
+    ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 512; --speed 256)")
+    ap.add_argument("--gen", type=int, nargs="+", default=None,
+                    help="report tokens/s after these many (default 512 2048; --speed 128)")
     ap.add_argument("--layers-scale", type=float, default=1.0, help="multiply every level's layer count")
     ap.add_argument("--recompute-points", type=int, default=6, help="context lengths at which (b) is timed")
     ap.add_argument("--chunk", type=int, default=32, help="tokens each model generates per turn")
     common.add_threads(ap)
     common.add_out(ap, "generate_throughput")
-    return ap.parse_args(argv)
+    ap.add_argument("--speed", action="store_true", help="the decoder itself (see the docstring)")
+    ap.add_argument("--against", default="", help="--speed: git revision (or directory) of the decoder to compare")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="--speed: batch sizes")
+    ap.add_argument("--rounds", type=int, default=3, help="--speed: rounds (best of; order alternates)")
+    ap.add_argument("--device", default="cpu", help="--speed: cpu, or cuda (adds the CUDA-graph step)")
+    args = ap.parse_args(argv)
+    args.prompt = args.prompt or (256 if args.speed else 512)
+    args.gen = args.gen or ([128] if args.speed else [512, 2048])
+    if args.speed and args.out == str(common.RESULTS / "generate_throughput.json"):
+        args.out = str(common.RESULTS / "generate_decoding.json")
+    return args
 
 
 def generate_all(models: dict, prompt: torch.Tensor, n: int, args) -> dict:
@@ -196,10 +215,168 @@ def print_report(args, rows: dict, summary: dict) -> None:
           f"{summary['kv_bytes_ratio_a_over_c']:.3f}); analytic K/V rows ratio {kv_ratio:.3f} (goal: <= it)")
 
 
+# ------------------------------------------------------------------------------------------------ --speed
+
+SPEED_MODEL = {"d_model": 256, "n_heads": 4, "d_ff": 1024, "hierarchy": "2@1 8@4 2@1", "dropout": 0.0}
+ROOT = Path(__file__).resolve().parents[1]
+NEW = (lambda m, B, L: m.init_cache(B, max_len=L), lambda m, x, c: m.decode(x, c))  # this tree's decoder
+
+
+def decoder_at(against: str) -> types.ModuleType:
+    """hgscale/models/decode.py of git revision ``against`` (or of the directory ``against``) with that
+    revision's cached_attention.py, as modules of their own: the old decoder runs beside the new one."""
+    def source(name: str) -> str:
+        if Path(against).is_dir():
+            return (Path(against) / name).read_text()
+        return subprocess.run(["git", "show", f"{against}:hgscale/models/{name}"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout
+    mods, key = {}, "hgscale.models.cached_attention"
+    saved = sys.modules[key]
+    try:
+        for name in ("cached_attention", "decode"):  # decode's import finds the old cached_attention
+            mods[name] = types.ModuleType(f"{name}_{Path(against).name}")
+            exec(compile(source(f"{name}.py"), f"{against}:{name}.py", "exec"), mods[name].__dict__)
+            sys.modules[key] = mods["cached_attention"]
+    finally:
+        sys.modules[key] = saved
+    return mods["decode"]
+
+
+def clock(device: torch.device) -> float:
+    """CPU: this process's CPU seconds (time other jobs take is not counted); CUDA: wall, synchronised."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
+
+
+@torch.no_grad()
+def run_cached(model, prompt: torch.Tensor, n: int, init, dec, graph: bool = False) -> dict:
+    """Greedy: the prompt (prefill; its last logits give new token 1), then n - 1 one-token steps."""
+    t0 = clock(prompt.device)
+    cache = init(model, prompt.shape[0], prompt.shape[1] + n)
+    tok = dec(model, prompt, cache)[:, -1:].argmax(-1)  # (B, 1)
+    t1, out = clock(prompt.device), [tok]
+    step = GraphStep(model, cache) if graph else (lambda x: dec(model, x, cache))
+    for _ in range(n - 1):
+        tok = step(tok)[:, -1:].argmax(-1)
+        out.append(tok)
+    return {"prefill_s": t1 - t0, "steps_s": clock(prompt.device) - t1, "tokens": torch.cat(out, 1)}
+
+
+@torch.no_grad()
+def run_recompute(model, prompt: torch.Tensor, n: int) -> dict:
+    """Greedy by a full forward over the whole sequence per new token (generate(use_cache=False))."""
+    seq, t0 = prompt, clock(prompt.device)
+    for _ in range(n):
+        seq = torch.cat([seq, model(seq)[:, -1:].argmax(-1)], 1)
+    return {"prefill_s": 0.0, "steps_s": clock(prompt.device) - t0, "tokens": seq[:, prompt.shape[1]:]}
+
+
+def speed_variants(args, old) -> dict:
+    """name -> (batch, (init, decode) of a decoder or None: recomputation, CUDA graphs or not)."""
+    out = {}
+    for B in args.batch:
+        out[f"new|{B}"] = (B, NEW, False)
+        out.update({f"old|{B}": (B, (old.DecodeCache, old.decode), False)} if old is not None else {})
+        out.update({f"graph|{B}": (B, NEW, True)} if args.device == "cuda" else {})
+    out[f"recompute|{min(args.batch)}"] = (min(args.batch), None, False)
+    return out
+
+
+def measure_speed(model, variants: dict, n: int, prompt_len: int, rounds: int, device) -> dict:
+    """Every variant once per round, the order reversed every other round; the minimum of each time."""
+    prompts = {B: torch.randint(0, 256, (B, prompt_len), generator=torch.Generator().manual_seed(B)).to(device)
+               for B, _, _ in variants.values()}
+    best: dict = {}
+    for r in range(rounds):
+        for name in (list(variants) if r % 2 == 0 else list(variants)[::-1]):
+            B, dec, graph = variants[name]
+            res = run_recompute(model, prompts[B], n) if dec is None else run_cached(model, prompts[B], n, *dec, graph)
+            res["total_s"] = res["prefill_s"] + res["steps_s"]
+            b = best.setdefault(name, {"batch": B, "tokens": res["tokens"]})
+            for k in ("prefill_s", "steps_s", "total_s"):
+                b[k] = min(b.get(k, float("inf")), res[k])
+            print(f"round {r + 1}/{rounds} {name:12s} {res['total_s']:.3f} s", flush=True)
+    for name, b in best.items():
+        steps = n if name.startswith("recompute") else n - 1
+        b.update(tokens_per_s=b["batch"] * n / b["total_s"], step_ms=1e3 * b["steps_s"] / steps,
+                 step_tokens_per_s=b["batch"] * steps / b["steps_s"], tokens=b["tokens"].tolist())
+    return best
+
+
+def overhead_steps(old, rounds: int) -> dict:
+    """ms per one-token step of the same hierarchy at d_model 16: what a step costs apart from its arithmetic."""
+    torch.manual_seed(0)
+    tiny = HourglassLM(ModelConfig(**{**SPEED_MODEL, "d_model": 16, "d_ff": 16, "vocab_size": 8})).eval()
+    prompt = torch.randint(0, 8, (1, 256), generator=torch.Generator().manual_seed(0))
+    runs = {"new": NEW, **({"old": (old.DecodeCache, old.decode)} if old is not None else {})}
+    return {name: min(run_cached(tiny, prompt, 128, *dec)["steps_s"] for _ in range(rounds)) / 127 * 1e3
+            for name, dec in runs.items()}
+
+
+def profile_steps(model, B: int, prompt_len: int, steps: int = 32) -> dict:
+    """torch.profiler over one-token steps of this decoder: ms per step of the 8 ops taking the most time."""
+    cache = model.init_cache(B, max_len=prompt_len + steps + 1)
+    with torch.no_grad():
+        tok = model.decode(torch.zeros(B, prompt_len, dtype=torch.long), cache)[:, -1:].argmax(-1)
+        with torch.profiler.profile() as prof:
+            for _ in range(steps):
+                tok = model.decode(tok, cache)[:, -1:].argmax(-1)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    return {"total_ms": sum(e.self_cpu_time_total for e in ops) / steps / 1e3,
+            **{e.key: {"ms": e.self_cpu_time_total / steps / 1e3, "calls": e.count / steps} for e in ops[:8]}}
+
+
+def speed_summary(res: dict, batches: list[int]) -> dict:
+    """The ratios, all from this one run; same_tokens: every decoder generated the same tokens (recomputation's)."""
+    def r(a: str, b: str, k: str = "tokens_per_s") -> float:
+        return res[a][k] / res[b][k]
+    lo, hi = min(batches), max(batches)
+    out = {"new_over_recompute": r(f"new|{lo}", f"recompute|{lo}")}
+    for who in ("new", "old", "graph"):
+        for B in batches:
+            if who != "new" and f"{who}|{B}" in res:
+                out[f"new_over_{who}_batch{B}"] = r(f"new|{B}", f"{who}|{B}")
+                out[f"new_over_{who}_batch{B}_steps"] = r(f"new|{B}", f"{who}|{B}", "step_tokens_per_s")
+        if f"{who}|{hi}" in res and hi != lo:
+            out[f"{who}_batch{hi}_over_batch{lo}"] = r(f"{who}|{hi}", f"{who}|{lo}")
+            out[f"{who}_batch{hi}_over_batch{lo}_steps"] = r(f"{who}|{hi}", f"{who}|{lo}", "step_tokens_per_s")
+    out["same_tokens"] = all(v["tokens"] == res[f"new|{v['batch']}"]["tokens"] for v in res.values())
+    return out
+
+
+def speed_main(args, command: str) -> int:
+    device = torch.device(args.device)
+    old = decoder_at(args.against) if args.against else None
+    torch.manual_seed(0)
+    model = HourglassLM(ModelConfig(**SPEED_MODEL)).to(device).eval()
+    n = max(args.gen)
+    res = measure_speed(model, speed_variants(args, old), n, args.prompt, args.rounds, device)
+    summary = speed_summary(res, args.batch)
+    print(f"\nd_model 256, {SPEED_MODEL['hierarchy']}, prompt {args.prompt}, {n} new tokens, {args.device}, "
+          f"{torch.get_num_threads()} thread(s), load average {os.getloadavg()[0]:.1f}")
+    for name, b in res.items():
+        print(f"{name:12s} prefill {b['prefill_s'] * 1e3:7.1f} ms  step {b['step_ms']:6.2f} ms  "
+              f"{b['tokens_per_s']:8.1f} tokens/s  (steps alone {b['step_tokens_per_s']:8.1f})")
+    for k, v in summary.items():
+        print(f"{k}: {v:.2f}" if isinstance(v, float) else f"{k}: {v}")
+    extra = {"overhead_step_ms": overhead_steps(old, args.rounds),  # CPU only: what the ops cost apart
+             "profile": {B: profile_steps(model, B, args.prompt) for B in args.batch}} if args.device == "cpu" else {}
+    print(f"step at d_model 16 (overhead alone), ms: {extra.get('overhead_step_ms')}")
+    common.write_result(args.out, {
+        "command": command, "model": SPEED_MODEL, "prompt": args.prompt, "new_tokens": n, "against": args.against,
+        "device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "load_average_1m": os.getloadavg()[0], "cpu_count": os.cpu_count(), "runs": res, "summary": summary, **extra})
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_flush_denormal(True)  # denormal softmax tails slow CPU GEMMs down ~2x
     common.apply_threads(args.threads)
+    if args.speed:
+        return speed_main(args, common.command(__file__, argv))
     n, T = max(args.gen), args.prompt + max(args.gen)
     cfgs = model_configs(args.layers_scale, T)
     prompt = torch.randint(0, 256, (1, args.prompt), generator=torch.Generator().manual_seed(0))

@@ -6,6 +6,8 @@ a streamer that prints tokens as they come.
 A context longer than model.max_seq_len is handled by a sliding re-prefill: when the sequence outgrows the
 window, the cache restarts from its last ``max_seq_len // 2`` tokens (``use_cache=False`` recomputes with the
 same windows, a full forward per token).
+
+``GraphStep`` (opt-in, CUDA only, not used by ``generate``) replays the one-token decoding step as CUDA graphs.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import codecs
 from typing import Callable, TextIO
 
 import torch
+
+from hgscale.models.decode import DecodeCache, _check_tokens, _step
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -125,3 +129,79 @@ def sample_text(row: list[int], n_prompt: int, prompt: str, stop: int | None, as
     if stop is not None and stop in new:
         new = new[: new.index(stop) + 1]
     return prompt + bytes(new).decode("utf-8", errors="replace") if as_bytes else ",".join(map(str, new))
+
+
+class GraphStep:
+    """One-token decoding steps of ``cache`` replayed as CUDA graphs: a step of a small model is hundreds of
+    kernel launches, each costing more than its arithmetic; a graph launches them all at once.
+
+        logits = model.decode(prompt, cache)            # the prompt, as usual (any length >= 1)
+        step = GraphStep(model, cache)                  # opt-in; nothing else uses it
+        logits = step(next_tokens)                      # (B, 1) -> (B, 1, V), as model.decode(next_tokens, cache)
+
+    UNTESTED on a GPU: no GPU has run it yet (BENCHMARKS.md says so until one does). What the graphs
+    replay is decode._step in static mode (cached_attention.attend_static: attention over the whole
+    buffer with a mask, rows written and table columns gathered at positions held in a device tensor), so
+    each step's shapes and control flow depend only on its phase, t mod model.cfg.total_factor(): one graph
+    per phase, captured at first use. That static arithmetic runs on any device with ``graphs=False``
+    (tests/unit/test_decode.py checks it against the full forward on CPU); only the capture is CUDA's.
+    The buffers are grown to the cache's max_len first and never move (a step past max_len is refused);
+    model.decode on the same cache stays valid between steps; after cache.reorder, make a new GraphStep
+    (the graphs hold the old buffers). Imports nothing CUDA-specific until a graph is captured."""
+
+    def __init__(self, model, cache: DecodeCache, graphs: bool = True):
+        if cache.length < 1:
+            raise ValueError("GraphStep decodes after a prompt: call model.decode(prompt, cache) first")
+        self.model, self.cache, self.period = model, cache, model.cfg.total_factor()
+        device = model.layers[0].embed.weight.device
+        self.graphs = graphs
+        if graphs and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need the model on a CUDA device, not {device}: "
+                             f"GraphStep(model, cache, graphs=False) runs the same steps without them")
+        cache.reserve(model, cache.max_len, full=True)  # every buffer at its final size before any capture
+        for st in cache.states:
+            if st.site is not None:
+                st.site.kv.clear_unfilled()
+        self.tok = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=device)  # the graphs' inputs
+        self.t = torch.zeros((), dtype=torch.long, device=device)
+        self.captured: dict[int, tuple] = {}  # phase -> (CUDAGraph, its logits buffer (B, 1, V))
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        model, cache = self.model, self.cache
+        _check_tokens(model, tokens, cache)
+        t = cache.length
+        if tokens.shape[1] != 1 or t + 1 > cache.max_len:
+            raise ValueError(f"GraphStep takes one token per row (got {tokens.shape[1]}) within the cache's "
+                             f"max_len = {cache.max_len} (at {t}); use model.decode beyond that")
+        self.tok.copy_(tokens)
+        self.t.fill_(t)
+        if not self.graphs:
+            logits = _step(cache, self.tok, t, self.t)
+        else:
+            if t % self.period not in self.captured:
+                self.captured[t % self.period] = self._capture(t)
+            graph, out = self.captured[t % self.period]
+            graph.replay()
+            logits = out.clone()  # the next replay of this graph overwrites ``out``
+        cache.sync(model, t + 1)
+        return logits
+
+    def _capture(self, t: int) -> tuple:
+        """Warm up once, then capture, the step of token t's phase. The warm-up writes real buffers: its K/V
+        rows are those of token t (rewritten by the replay that follows); the resampling rows it writes are
+        put back."""
+        cache = self.cache
+        pend = [(st.pend, st.pend.clone()) for st in cache.states if st.pend is not None]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            _step(cache, self.tok, t, self.t)
+        torch.cuda.current_stream().wait_stream(side)
+        for buf, saved in pend:
+            buf.copy_(saved)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = _step(cache, self.tok, t, self.t)
+        return graph, out
+

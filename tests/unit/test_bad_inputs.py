@@ -119,17 +119,20 @@ def corrupt_checkpoint(command: str, *extra: str):
 
 # ------------------------------------------------------------------------------------------------ table
 
-def export_hf_of_a_non_byte_model(tmp: Path, demo: Path) -> list[str]:
-    """An hgscale export of a 300-token model whose training data is gone: no tokenizer to ship."""
-    from safetensors.torch import save_file
+def export_hf_of(*overrides: str):
+    """``hgscale export --format hf`` of an hgscale export of the tiny model with ``overrides``, whose training data
+    is gone."""
+    def build(tmp: Path, demo: Path) -> list[str]:
+        from safetensors.torch import save_file
 
-    from hgscale.config import load_config
-    from hgscale.models import HourglassLM
-    cfg = load_config(ROOT / "configs" / "test" / "tiny.json", ["data.url=/gone", "model.vocab_size=300"])
-    (tmp / "m").mkdir()
-    save_file(HourglassLM(cfg.model).state_dict(), str(tmp / "m" / "model.safetensors"))
-    (tmp / "m" / "config.json").write_text(json.dumps(cfg.to_dict()))
-    return ["hgscale", "export", "--checkpoint", str(tmp / "m"), "--format", "hf", "--out", str(tmp / "hf")]
+        from hgscale.config import load_config
+        from hgscale.models import HourglassLM
+        cfg = load_config(ROOT / "configs" / "test" / "tiny.json", ["data.url=/gone", *overrides])
+        (tmp / "m").mkdir()
+        save_file(HourglassLM(cfg.model).state_dict(), str(tmp / "m" / "model.safetensors"))
+        (tmp / "m" / "config.json").write_text(json.dumps(cfg.to_dict()))
+        return ["hgscale", "export", "--checkpoint", str(tmp / "m"), "--format", "hf", "--out", str(tmp / "hf")]
+    return build
 
 
 @dataclass
@@ -179,7 +182,9 @@ CASES = {
        for cmd, extra in (("export", ("--out", "out")), ("sample", ("--tokens", "4")), ("evaluate", ()))},
     "export --format hf: a corrupt hgscale.json": Case(corrupt_checkpoint("export", "--format", "hf", "--out", "o"),
                                                        ("/ckpt/step00000002/hgscale.json' is corrupt",)),
-    "export --format hf: a non-byte vocabulary": Case(export_hf_of_a_non_byte_model, (
+    "export --format hf: LSH attention": Case(export_hf_of("model.vanilla_attention=lsh"), (
+        "--format hf cannot express model.vanilla_attention = 'lsh'", "use --format hgscale")),
+    "export --format hf: a non-byte vocabulary": Case(export_hf_of("model.vocab_size=300"), (
         "--format hf has no tokenizer for a non-byte model of vocabulary 300", "use --format hgscale")),
     "train: model.init_from names no export": Case(
         lambda tmp, demo: [*train(lambda m: None)(tmp, demo), f"model.init_from={tmp / 'none'}"],

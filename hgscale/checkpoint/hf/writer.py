@@ -22,6 +22,10 @@ def export_hf(root: str | Path, out: str | Path, tag: str | None = None) -> Path
 
     source = Path(root) / tag if tag else Path(root)
     model, cfg = load_any(source)
+    if cfg.model.vanilla_attention == "lsh":  # refused by name, before anything is written
+        raise CheckpointError("--format hf cannot express model.vanilla_attention = 'lsh': LSH attention draws "
+                              "fresh random rotations at every call, so its logits are no function of the weights "
+                              "alone, and it has no cached decoding for generate(); use --format hgscale")
     out = _out_dir(out)
     (out / MODELING_FILE).write_text(modeling_source())
     _config(cfg).to_json_file(str(out / "config.json"))

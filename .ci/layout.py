@@ -21,8 +21,8 @@ CHECKED = ("hgscale", "launchers", "data_pipelines", "benchmarks")
 MAX_FUNCTION, MAX_FILE = 60, 400
 ROOT_FILES = {"__init__.py", "__main__.py", "train.py", "config.py"}
 #: bottom to top; ``train`` and ``__main__`` are the root's entry points, ``config`` its schema
-LEVELS = ("core", "config", "models", "data", "tracking", "checkpoint", "evaluation", "training", "train", "commands",
-          "__main__")
+LEVELS = ("core", "config", "models", "data", "tracking", "checkpoint", "evaluation", "training", "train", "sweep",
+          "commands", "__main__")
 
 
 def module_name(path: Path) -> str:

@@ -4,7 +4,8 @@ functions, in the manner of litgpt, mlflow and deepspeed's own tools.
     hgscale train --config configs/demo.json          # = python hgscale/train.py; deepspeed hgscale/train.py ...
     hgscale evaluate --checkpoint runs/demo/checkpoints --split test
     hgscale sample --checkpoint runs/demo/checkpoints --prompt "The with statement"
-    hgscale export --checkpoint runs/demo/checkpoints --out runs/demo/export
+    hgscale export --checkpoint runs/demo/checkpoints --out runs/demo/export [--format hf] [--register NAME]
+    hgscale sweep --config CONFIG --budgets 3e14,1e15 --seeds 3 --tune train.lr=1e-3,2e-3   # vs matched baselines
     hgscale report --experiment hgscale
     hgscale plan --config configs/enwik8_xl.json --stages 4
     hgscale config configs/demo.json train.lr=3e-4     # the resolved config (--help-keys: every key)
@@ -22,8 +23,9 @@ COMMANDS = {
     "train": "train a model (DeepSpeed: data, pipeline and ZeRO parallelism)",
     "evaluate": "score a split with a checkpoint (the paper's enwik8 protocol)",
     "sample": "sample text or images from a checkpoint",
-    "export": "consolidate a checkpoint into model.safetensors + config.json",
+    "export": "a checkpoint as one model: ours, a Hugging Face model (--format hf), a registered MLflow model",
     "report": "compare MLflow runs by compute",
+    "sweep": "Hourglass vs matched baselines at equal training FLOPs: plan, run, resume",
     "plan": "print the pipeline stage plan of a config",
     "config": "print the resolved config, or every key (--help-keys)",
     "verify": "check every shard of a prepared dataset",

@@ -101,7 +101,7 @@ def markdown(experiment: str, rows: list[dict], images: list[str]) -> str:
 
 def select_runs(client, experiment_id: str, wanted: list[str] | None):
     runs = [r for r in client.search_runs([experiment_id], max_results=1000, order_by=["attributes.start_time ASC"])
-            if r.data.tags.get(REPORT_TAG) != "report"]
+            if r.data.tags.get(REPORT_TAG) not in ("report", "sweep")]  # summaries, not training runs
     if not wanted:
         return runs
     chosen = []

@@ -146,6 +146,17 @@ def _copy_tokenizer(cfg: Config, out: Path) -> None:
         (out / "tokenizer.model").write_bytes(read_bytes(ds.tokenizer_url, ds.opts))
 
 
+def export_dir(out: str | Path) -> Path:
+    """``out``, created: the directory an export writes into (either format)."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"cannot create the export directory {str(out)!r} ({e.strerror}): pass another "
+                              f"--out") from None
+    return out
+
+
 def export(root: str | Path, out: str | Path, tag: str | None = None) -> Path:
     """Write ``out/model.safetensors`` and ``out/config.json`` (and a SentencePiece model's tokenizer.model);
     returns ``out``."""
@@ -153,12 +164,7 @@ def export(root: str | Path, out: str | Path, tag: str | None = None) -> Path:
 
     sd, cfg = consolidated_state_dict(root, tag)
     _model(cfg, sd, str(root))
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create the export directory {str(out)!r} ({e.strerror}): pass another "
-                              f"--out") from None
+    out = export_dir(out)
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt", "hgscale": "HourglassLM"})
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
     _copy_tokenizer(cfg, out)

@@ -162,25 +162,30 @@ def test_image_models_and_other_resampling_export_exactly(tmp_path, kinds):
 
 
 def test_training_starts_from_an_export_in_either_format(hf_dir, trained_checkpoint, demo_data, tmp_path):  # noqa: F811
-    """model.init_from: a run started from the export (either format) begins where the trained run ended, not
-    where the trained run began (same config, same data, same seed: only the weights differ)."""
+    """model.init_from: both export formats give the trained weights, bit for bit; a run started from one begins
+    where the trained run ended, not where it began (same config, data and seed: only the weights differ)."""
+    from hgscale.checkpoint.export import initial_weights
+
     ours = tmp_path / "ours"
     assert hgscale("export", "--checkpoint", str(trained_checkpoint), "--out", str(ours)).returncode == 0
-    losses = {}
-    for name, init in (("ours", str(ours)), ("hf", str(hf_dir))):
-        cfg = tiny_config(tmp_path, demo_data, f"{name}.json", model={"init_from": init}, train={"steps": 3})
-        r = launch(1, TRAIN, ["--config", str(cfg)])
-        assert f"starting from the weights of {init} (model.init_from)" in r.stdout + r.stderr
-        losses[name] = [r["train/loss"] for r in metrics(tmp_path / f"{name}_run") if "train/loss" in r]
-    assert losses["ours"] == losses["hf"] and len(losses["hf"]) == 3
-    fresh = [r["train/loss"] for r in metrics(trained_checkpoint.parent / "config_run") if "train/loss" in r]
-    assert losses["ours"][0] < fresh[0] - 0.05 and abs(losses["ours"][0] - fresh[-1]) < abs(fresh[0] - fresh[-1])
+    trained, _ = load_any(trained_checkpoint)
+    model_cfg = load_config(ROOT / "configs" / "test" / "tiny.json", ["data.url=unused"]).model
+    for path in (ours, hf_dir):
+        model_cfg.init_from = str(path)
+        got = initial_weights(model_cfg)
+        assert got.keys() == trained.state_dict().keys()
+        assert all(torch.equal(got[k], v) for k, v in trained.state_dict().items())
+    cfg = tiny_config(tmp_path, demo_data, "hf.json", model={"init_from": str(hf_dir)}, train={"steps": 3})
+    r = launch(1, TRAIN, ["--config", str(cfg)])
+    assert f"starting from the weights of {hf_dir} (model.init_from)" in r.stdout + r.stderr
+    losses = [m["train/loss"] for m in metrics(tmp_path / "hf_run") if "train/loss" in m]
+    fresh = [m["train/loss"] for m in metrics(trained_checkpoint.parent / "config_run") if "train/loss" in m]
+    assert len(losses) == 3 and losses[0] < fresh[0] - 0.05
+    assert abs(losses[0] - fresh[-1]) < abs(fresh[0] - fresh[-1])
 
 
-def test_init_from_a_different_model_fails_before_training(trained_checkpoint, demo_data, tmp_path):  # noqa: F811
-    ours = tmp_path / "ours"
-    assert hgscale("export", "--checkpoint", str(trained_checkpoint), "--out", str(ours)).returncode == 0
-    cfg = tiny_config(tmp_path, demo_data, "bad.json", model={"init_from": str(ours), "d_model": 64})
+def test_init_from_a_different_model_fails_before_training(hf_dir, demo_data, tmp_path):  # noqa: F811
+    cfg = tiny_config(tmp_path, demo_data, "bad.json", model={"init_from": str(hf_dir), "d_model": 64})
     r = subprocess.run([sys.executable, str(TRAIN), "--config", str(cfg)], cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "is a different model: d_model 32 (ours 64)" in r.stderr, r.stderr[-2000:]

@@ -118,10 +118,13 @@ def _config_shim() -> str:
     exported: problems() returns none (a hand-edited hierarchy still fails in levels(), by name)."""
     from hgscale.config import ModelConfig
 
+    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.default is dataclasses.MISSING]
+    if missing:  # a default_factory has no literal to write
+        raise BundleError(f"model keys {missing} have no plain default: give them one (the export writes it)")
     fields = "\n".join(f"    {f.name}: {f.type} = {f.default!r}" for f in dataclasses.fields(ModelConfig))
     methods = "\n".join(textwrap.indent(textwrap.dedent(inspect.getsource(getattr(ModelConfig, m))), "    ")
-                          for m in CONFIG_METHODS)
-    return (f"@dataclass\nclass ModelConfig:\n    \"\"\"hgscale's model section (config.json's hgscale_model)."""
+                        for m in CONFIG_METHODS)
+    return (f"@dataclass\nclass ModelConfig:\n    \"\"\"hgscale's model section (the model keys of config.json)."""
             f"\"\"\"\n\n{fields}\n\n{methods}\n\n    def problems(self) -> list:\n        return []\n\n\n"
             f"class ConfigError(ValueError):\n    def __init__(self, problems: list, source: str = \"config\"):\n"
             f"        super().__init__(f\"{{source}}: {{'; '.join(problems)}}\")")

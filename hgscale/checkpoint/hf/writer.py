@@ -15,7 +15,7 @@ def export_hf(root: str | Path, out: str | Path, tag: str | None = None) -> Path
     """Write the Hugging Face directory of checkpoint ``root`` (its ``tag``, default latest) into ``out``."""
     from safetensors.torch import save_file
 
-    from hgscale.checkpoint.export import load_any, training_dataset
+    from hgscale.checkpoint.export import export_dir, load_any, training_dataset
     from hgscale.checkpoint.hf.bundle import modeling_source
     from hgscale.checkpoint.hf.tokenizer import write_tokenizer
     from hgscale.checkpoint.run_link import checkpoint_run, save_run_file
@@ -26,7 +26,7 @@ def export_hf(root: str | Path, out: str | Path, tag: str | None = None) -> Path
         raise CheckpointError("--format hf cannot express model.vanilla_attention = 'lsh': LSH attention draws "
                               "fresh random rotations at every call, so its logits are no function of the weights "
                               "alone, and it has no cached decoding for generate(); use --format hgscale")
-    out = _out_dir(out)
+    out = export_dir(out)
     (out / MODELING_FILE).write_text(modeling_source())
     _config(cfg).to_json_file(str(out / "config.json"))
     save_file({PREFIX + k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"),
@@ -41,16 +41,6 @@ def export_hf(root: str | Path, out: str | Path, tag: str | None = None) -> Path
     return out
 
 
-def _out_dir(out: str | Path) -> Path:
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"cannot create the export directory {str(out)!r} ({e.strerror}): pass another "
-                              f"--out") from None
-    return out
-
-
 def _config(cfg):
     """HourglassConfig of ``cfg.model`` with the keys transformers reads to find and build the model."""
     from hgscale.checkpoint.hf.modeling import HourglassConfig
@@ -62,7 +52,8 @@ def _config(cfg):
 
 def _card(cfg, modality: str | None, tokenizer_files: list[str]) -> str:
     m = cfg.model
-    use = ("tok = AutoTokenizer.from_pretrained(DIR)\nids = tok(\"The \", return_tensors=\"pt\").input_ids\n"
+    use = ("tok = AutoTokenizer.from_pretrained(DIR, trust_remote_code=True)\n"
+           "ids = tok(\"The \", return_tensors=\"pt\").input_ids\n"
            "print(tok.decode(model.generate(ids, max_new_tokens=64, do_sample=False)[0]))"
            if tokenizer_files else "# ids are pixel intensities 0..255, row by row")
     return (f"---\nlibrary_name: transformers\ntags: [hourglass, hgscale]\n---\n\n# Hourglass {m.hierarchy!r}\n\n"

@@ -145,19 +145,19 @@ class Runner:
         resume = saved_step(run)
         self.say(f"[{index}] {run['name']}: {run['steps']} steps, {run['flops']:.3g} FLOPs"
                  + (f", resuming at step {resume}" if resume else ""))
-        t0 = time.monotonic()
+        t0, cmd = time.monotonic(), train_command(self.plan, run)
         with open(Path(run["run_dir"]) / LOG, "a") as log:
-            log.write(f"$ {' '.join(mask_args(train_command(self.plan, run)))}\n")
+            log.write(f"$ {' '.join(mask_args(cmd))}\n")
             log.flush()
             # its own session: a Ctrl-C reaches the sweep alone, which relays it as SIGTERM (checkpoint, exit 0)
-            self.proc = subprocess.Popen(train_command(self.plan, run), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True, env=child_env())
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env=child_env())
             rc = self.proc.wait()
         self.proc = None
         self.after_run(run)
-        done = final_metric(run)
         if rc == 0 and finished(run):
-            self.say(f"    finished in {time.monotonic() - t0:.0f} s: final {done[0]} {done[1]:.4f}")
+            key, value = final_metric(run)
+            self.say(f"    finished in {time.monotonic() - t0:.0f} s: final {key} {value:.4f}")
         elif rc == 0:
             self.say(f"    stopped at step {saved_step(run)} with a checkpoint; the same command resumes it")
         elif rc == NAN:

@@ -23,7 +23,15 @@ from pathlib import Path
 
 from hgscale.core.loader import ConfigError, build, fld, range_problems, read_json_file, with_overrides
 from hgscale.core.loader import field_docs as _field_docs
-from hgscale.core.notation import checkpointed_levels, mixture_problems, parse_hierarchy, steps_problem
+from hgscale.core.notation import (
+    INIT_GROUPS,
+    INIT_SCHEMES,
+    checkpointed_levels,
+    mixture_problems,
+    parse_hierarchy,
+    parse_init_layers,
+    steps_problem,
+)
 from hgscale.core.presets import MODEL_SIZES
 from hgscale.core.schedule import lr_schedule_problems
 
@@ -37,7 +45,7 @@ UPSAMPLE = ("repeat", "linear", "attention_repeat", "attention_linear")
 ATTENTION = ("relative", "rotary")
 ATTN_IMPL = ("auto", "sdpa", "blocked", "naive", "fused")
 VANILLA_ATTENTION = ("full", "lsh")
-INIT = ("trax", "normal")
+INIT = INIT_SCHEMES
 
 @dataclass
 class ModelConfig:
@@ -60,6 +68,8 @@ class ModelConfig:
                             "U(+-sqrt(3/d_model)), as trax) or 'normal' (N(0, init_std) weights, zero biases).")
     init_std: float = fld(0.02, "Standard deviation of the normal initialisation of weights (model.init = 'normal').",
                           gt=0)
+    init_layers: str = fld("", f"Layer groups initialised otherwise than model.init: space-separated group=scheme "
+                               f"pairs (groups: {', '.join(INIT_GROUPS)}), e.g. 'down=normal up=normal'.")
     vanilla_attention: str = fld("full", "Attention of the full-resolution (factor 1) blocks: 'full' (model.attention) "
                                          "or 'lsh' (trax PureLSHSelfAttention: shared QK, rotary, causal).")
     lsh_chunk_len: int = fld(256, "LSH: sorted positions per chunk (trax chunk_len).")
@@ -83,10 +93,11 @@ class ModelConfig:
 
     def problems(self) -> list[str]:
         out = []
-        try:
-            self.levels()
-        except ValueError as e:
-            out.append(str(e))
+        for check in (self.levels, lambda: parse_init_layers(self.init_layers)):
+            try:
+                check()
+            except ValueError as e:
+                out.append(str(e))
         for name, choices in (("downsample", DOWNSAMPLE), ("upsample", UPSAMPLE), ("attention", ATTENTION),
                               ("attn_impl", ATTN_IMPL), ("vanilla_attention", VANILLA_ATTENTION), ("init", INIT)):
             val = getattr(self, name)

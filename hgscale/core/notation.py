@@ -1,11 +1,16 @@
-"""The small grammars config values are written in: the paper's hierarchy notation ``"5@1 24@3 5@1"``, step
-ranges ``"20-22"``, data mixtures and activation-checkpointing policies."""
+"""The small grammars config values are written in: the paper's hierarchy notation ``"5@1 24@3 5@1"``, per-layer
+initialisation ``"down=normal up=normal"``, step ranges ``"20-22"``, data mixtures and activation-checkpointing
+policies."""
 from __future__ import annotations
 
 import math
 import re
 
 _LEVEL_RE = re.compile(r"^(\d+)@(\d+)$")
+INIT_SCHEMES = ("trax", "normal")
+# model.init_layers' layer groups: the embedding, blocks at factor 1, shortening layers, blocks of the shortened
+# levels, upsampling layers, the output projection
+INIT_GROUPS = ("embed", "full", "down", "shortened", "up", "head")
 
 
 def parse_hierarchy(spec: str) -> list[tuple[int, int]]:
@@ -47,6 +52,22 @@ def parse_hierarchy(spec: str) -> list[tuple[int, int]]:
 
 
 _SPEC = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_init_layers(spec: str) -> dict[str, str]:
+    """``"down=normal up=normal"`` -> ``{"down": "normal", "up": "normal"}``: the layer groups whose initialisation
+    differs from model.init (space-separated group=scheme pairs, each group once). Raises ValueError naming the
+    pair that is not one."""
+    out: dict[str, str] = {}
+    for pair in spec.split():
+        group, _, scheme = pair.partition("=")
+        if group not in INIT_GROUPS or scheme not in INIT_SCHEMES or group in out:
+            why = "names its group twice" if group in out else (f"is not group=scheme with a group of "
+                                                                 f"{', '.join(INIT_GROUPS)} and a scheme of "
+                                                                 f"{', '.join(INIT_SCHEMES)}")
+            raise ValueError(f"model.init_layers = {spec!r}: {pair!r} {why} (e.g. 'down=normal up=normal')")
+        out[group] = scheme
+    return out
 
 
 def parse_steps(spec: str) -> tuple[int, int]:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgscale.config import ConfigError, ModelConfig
+from hgscale.core.notation import parse_init_layers
 from hgscale.models.attention import Attention
 from hgscale.models.blocks import Block, layer_norm
 from hgscale.models.decode import DecodeCache, decode
@@ -229,6 +230,14 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ConfigError(problems, "model config")
 
 
+def layer_scheme(cfg: ModelConfig, index: int) -> str:
+    """The initialisation of layer ``index``: model.init, unless model.init_layers names its group (embed, full,
+    down, shortened, up, head)."""
+    kind, *args = layer_plan(cfg)[index]
+    group = kind if kind != "block" else "full" if args[0] == 1 else "shortened"
+    return parse_init_layers(cfg.init_layers).get(group, cfg.init)
+
+
 def build_layer(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:
     """Layer ``index`` alone, initialised from (seed, index): any pipeline split builds the same weights."""
     kind, *args = layer_plan(cfg)[index]
@@ -236,7 +245,7 @@ def build_layer(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:
     if any(p.device.type != "meta" for p in layer.parameters()):
         gen = torch.Generator(device=next(layer.parameters()).device)
         gen.manual_seed(seed * 1_000_003 + index)
-        init_layer_(layer, cfg.init_std, gen, cfg.init)
+        init_layer_(layer, cfg.init_std, gen, layer_scheme(cfg, index))
     return layer
 
 

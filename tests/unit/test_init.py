@@ -96,3 +96,28 @@ def test_trax_init_is_deterministic_per_seed():
 def test_unknown_scheme_is_an_error():
     with pytest.raises(ValueError, match="init scheme 'glorot' is not one of trax, normal"):
         init_layer_(nn.Linear(2, 2), 0.02, torch.Generator(), "glorot")
+
+
+def test_init_layers_give_each_named_group_its_scheme_and_the_rest_model_init():
+    """model.init_layers: a layer of a named group holds exactly the weights the whole model would have under that
+    scheme (the same generator per layer), every other layer those of model.init."""
+    groups = {"embed": [0], "full": [1, 5], "down": [2], "shortened": [3], "up": [4], "head": [6]}
+    trax, normal = (HourglassLM(ModelConfig(**CFG, init=s), seed=5).layers for s in ("trax", "normal"))
+    for named in (("down", "up"), ("shortened",), ("embed", "head", "full")):
+        spec = " ".join(f"{g}=normal" for g in named)
+        mixed = HourglassLM(ModelConfig(**CFG, init="trax", init_layers=spec), seed=5).layers
+        want = {i for g in named for i in groups[g]}
+        for i, layer in enumerate(mixed):
+            ref = normal[i] if i in want else trax[i]
+            assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), ref.state_dict().values(),
+                                                          strict=True)), (spec, i)
+
+
+@pytest.mark.parametrize("spec, why", [
+    ("middle=normal", "'middle=normal' is not group=scheme with a group of embed, full, down, shortened, up, head"),
+    ("down=glorot", "'down=glorot' is not group=scheme"),
+    ("down=normal down=trax", "'down=trax' names its group twice"),
+])
+def test_bad_init_layers_is_one_config_problem(spec, why):
+    problems = ModelConfig(**CFG, init_layers=spec).problems()
+    assert len(problems) == 1 and problems[0].startswith(f"model.init_layers = {spec!r}: ") and why in problems[0]

@@ -25,7 +25,7 @@ TOKENIZER_MODULE = "hgscale.checkpoint.hf.tokenization"
 # modules the generated text needs
 SHIMMED = {"hgscale.config": ("hgscale.core.notation",)}
 # Modules of which the model needs a few names only (the other grammars of config values stay out)
-ONLY = {"hgscale.core.notation": ("_LEVEL_RE", "parse_hierarchy")}
+ONLY = {"hgscale.core.notation": ("_LEVEL_RE", "parse_hierarchy", "INIT_SCHEMES", "INIT_GROUPS", "parse_init_layers")}
 CONFIG_METHODS = ("levels", "total_factor", "n_layers")  # what the model code calls on its config
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from hgscale.core.notation import parse_hierarchy
 from hgscale.core.status import UserError
 
-MATCHES = ("flops", "params", "depth")
+MATCHES = ("flops", "params", "depth", "none")  # none: the listed models alone (e.g. variants in --grid cells)
 # keys the sweep sets itself for every run, and the option that sets them
 SWEEP_KEYS = {"train.steps": "--budgets", "train.seed": "--seeds", "data.seed": "--seeds",
               "train.eval_interval": "--evals", "run_dir": "--out", "checkpoint.dir": "--out",
@@ -125,13 +125,15 @@ def parse_models(text: str) -> tuple[str, ...]:
 
 
 def parse_match(text: str) -> tuple[str, ...]:
-    """'flops' or 'flops,depth' -> ('flops', 'depth')."""
+    """'flops' or 'flops,depth' -> ('flops', 'depth'); 'none' -> () (no baselines)."""
     out = tuple(dict.fromkeys(p.strip() for p in (text or "").split(",")))
     bad = [m for m in out if m not in MATCHES]
     if not out or bad:
         raise SweepError(f"--match {text!r}: {', '.join(map(repr, bad)) or 'nothing'} is not one of "
                          f"{', '.join(MATCHES)} (comma-separated for several)")
-    return out
+    if "none" in out and len(out) > 1:
+        raise SweepError(f"--match {text!r}: none (no baselines) cannot be combined with a match")
+    return () if out == ("none",) else out
 
 
 def check_counts(opts: Options) -> None:

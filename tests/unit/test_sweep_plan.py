@@ -15,8 +15,8 @@ from hgscale.config import load_config
 from hgscale.core.status import USER_ERROR
 from hgscale.models.flops import flops_per_token, layer_params
 from hgscale.sweep.match import match_baseline
-from hgscale.sweep.options import Options
-from hgscale.sweep.plan import build_plan
+from hgscale.sweep.options import Options, parse_match
+from hgscale.sweep.plan import build_plan, comparisons
 from hgscale.sweep.runs import resolve_finals
 from hgscale.tracking.sweep_report import paired_interval, verdict
 
@@ -97,6 +97,15 @@ def test_steps_per_budget_and_the_runs_of_a_tuned_sweep(tmp_path, monkeypatch):
         "checkpoint.resume=auto", f"tracking.run_name=t/{run['name']}"]
 
 
+def test_match_none_trains_the_listed_models_alone_in_each_cell(tmp_path):
+    opts = Options(config=str(CONFIGS / "demo.json"), overrides=tuple(DEMO64), budgets=(3e13,), seeds=2,
+                   match=parse_match("none"), grid=(("model.init_layers", ("down=normal", "shortened=normal")),))
+    plan = build_plan(opts, "t", tmp_path, tmp_path / "config.json")
+    assert [(r["model"], r["role"], r["cell"]["model.init_layers"], r["seed"]) for r in plan["runs"]] == [
+        ("2@1 8@4 2@1", "hourglass", cell, s) for cell in ("down=normal", "shortened=normal") for s in (0, 1)]
+    assert comparisons(plan) == []
+
+
 def _trained(run: dict, bpc: float) -> None:
     """What a finished training run leaves: its final checkpoint and the validation record of its last step."""
     tag = Path(run["checkpoint_dir"]) / f"step{run['steps']:08d}"
@@ -147,7 +156,8 @@ def test_a_diverged_tuning_value_counts_as_the_worst(tmp_path):
     (["--budgets", "1e14", "--tune", "model.d_ff=128,512"], "--tune model.d_ff=128 changes the FLOPs of a step"),
     (["--budgets", "1e14", "--grid", "train.steps=10,20"], "the sweep sets train.steps itself"),
     (["--budgets", "lots"], "--budgets 'lots': 'lots' is not a positive number of training FLOPs"),
-    (["--budgets", "1e14", "--match", "width"], "--match 'width': 'width' is not one of flops, params, depth"),
+    (["--budgets", "1e14", "--match", "width"], "--match 'width': 'width' is not one of flops, params, depth, none"),
+    (["--budgets", "1e14", "--match", "flops,none"], "none (no baselines) cannot be combined with a match"),
     (["--budgets", "1e14", "--id", "a b"], "sweep id 'a b': use letters, digits"),
 ])
 def test_bad_inputs_are_one_message_each(capsys, argv, says):

@@ -103,7 +103,7 @@ def _argv_again(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    a = parser().parse_args(argv)
+    a = parser().parse_intermixed_args(argv)  # overrides before, between or after the options
     from hgscale.sweep import session
 
     try:

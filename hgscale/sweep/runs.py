@@ -26,7 +26,6 @@ from hgscale.sweep.plan import budget_label, kv_label, with_overrides
 from hgscale.tracking import names
 
 LOG = "train.log"
-DIVERGED = "DIVERGED"
 
 
 def records(run_dir: str | Path) -> list[dict]:
@@ -62,9 +61,10 @@ def finished(run: dict) -> bool:
 
 
 def diverged(run: dict) -> bool:
-    """The run stopped on a NaN/Inf loss (exit status NAN) when this machine ran it: rerunning would repeat it, and
-    as a tuning value it counts as the worst. Delete the file to try again."""
-    return run.get("name") is not None and (Path(run["run_dir"]) / DIVERGED).is_file()
+    """The run stopped on a NaN/Inf loss (exit status NAN; the trainer recorded train/diverged), here or in a Slurm
+    array task: rerunning would repeat it, and as a tuning value it counts as the worst. Delete its run directory
+    to try again."""
+    return run.get("name") is not None and any(names.DIVERGED in rec for rec in records(run["run_dir"]))
 
 
 def resolve_finals(plan: dict) -> list[str]:
@@ -160,8 +160,7 @@ class Runner:
             self.say(f"    finished in {time.monotonic() - t0:.0f} s: final {key} {value:.4f}")
         elif rc == 0:
             self.say(f"    stopped at step {saved_step(run)} with a checkpoint; the same command resumes it")
-        elif rc == NAN:
-            (Path(run["run_dir"]) / DIVERGED).write_text(f"exit status {rc}: the loss became NaN/Inf; see {LOG}\n")
+        elif rc == NAN and diverged(run):
             self.say("    diverged (NaN/Inf loss); not rerun, and as a tuning value it counts as the worst")
             self.failed.append((run["name"], rc))
         else:

@@ -21,6 +21,7 @@ SAMPLES_PER_S = "perf/samples_per_s"
 TFLOPS_PER_DEVICE = "perf/tflops_per_device"
 MFU = "perf/mfu"
 PEAK_MEMORY_GB = "memory/peak_gb"
+DIVERGED = "train/diverged"           # 1 at the step whose NaN/Inf loss stopped the run (exit status NAN)
 SKIPPED_STEPS = "train/skipped_steps"     # fp16 steps the loss scaler skipped in the log interval
 BUBBLE_IDEAL = "pipeline/bubble_share_ideal"
 DATA_WAIT_SHARE = "time/data_wait_share"  # shares of step time: waiting for data, forward+backward, optimizer

@@ -1,7 +1,7 @@
 """The callbacks of the training loop. Each owns one concern and decides with :func:`every` when it acts; the loop
 in :mod:`hgscale.training.trainer` runs steps and calls them in order, handing each a frozen :class:`StepInfo`:
 
-    NanGuard      every step: a NaN/Inf loss outside fp16 stops the run without saving (exit status NAN)
+    NanGuard      every step: a NaN/Inf loss outside fp16 stops the run without saving (exit status NAN), recorded
     ProgressLog   every train.log_interval steps and at the end: progress line, metrics, metrics.jsonl
     Validation    every train.eval_interval steps: validation loss and bits (per source for a mixture)
     SourceShares  a mixture's token shares, with the progress line
@@ -85,7 +85,9 @@ class Callback:
 # ------------------------------------------------------------------------------------------ NaN guard
 
 class NanGuard(Callback):
-    """With fp16 DeepSpeed's loss scaler skips a non-finite step and lowers the scale; otherwise stop."""
+    """With fp16 DeepSpeed's loss scaler skips a non-finite step and lowers the scale; otherwise stop, recording
+    ``train/diverged`` = 1 at the step (MLflow and metrics.jsonl: a sweep, run here or on Slurm, knows the run
+    diverged; a resume drops the record with the steps after its checkpoint)."""
 
     def __init__(self, svc: Services, precision: str, checkpoint_dir: str):
         self.svc, self.precision, self.where = svc, precision, checkpoint_dir
@@ -98,6 +100,7 @@ class NanGuard(Callback):
         self.svc.say(f"error: the training loss is {info.loss} at step {info.step}; stopping without saving. The "
                      f"last good checkpoint is {good} in {self.where}; lower train.lr or raise train.warmup_steps "
                      f"before resuming", err=True)
+        self.svc.record(info.step, {names.DIVERGED: 1.0})
         raise Halt(NAN)
 
 

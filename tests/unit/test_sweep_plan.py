@@ -139,9 +139,10 @@ def test_a_diverged_tuning_value_counts_as_the_worst(tmp_path):
                    tune=(("train.lr", ("1e-3", "8e-3")),))
     plan = build_plan(opts, "t", tmp_path, tmp_path / "config.json")
     for r in plan["runs"]:
-        if r["tune"]["train.lr"] == "8e-3" and r["model"] == "6@1":  # what the runner leaves after exit status NAN
+        if r["tune"]["train.lr"] == "8e-3" and r["model"] == "6@1":  # what the trainer leaves when it stops on NaN
             Path(r["run_dir"]).mkdir(parents=True)
-            (Path(r["run_dir"]) / "DIVERGED").write_text("exit status 3")
+            (Path(r["run_dir"]) / "metrics.jsonl").write_text('{"step": 9, "train/loss": 3.1}\n'
+                                                              '{"step": 10, "train/diverged": 1.0}\n')
         else:
             _trained(r, {"1e-3": 2.5, "8e-3": 2.4}[r["tune"]["train.lr"]])
     resolve_finals(plan)

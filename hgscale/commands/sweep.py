@@ -34,8 +34,10 @@ runs: each is `hgscale train --config <out>/config.json <overrides>` in its own 
   MLFLOW_TRACKING_URI the store is sqlite:///<out>/mlflow.db. plan.json lists every run (name, overrides, steps,
   FLOPs) before anything runs. Rerunning the same command skips finished runs (final checkpoint and validation
   recorded) and resumes the others from their checkpoints; Ctrl-C stops the current run with a checkpoint.
---slurm: a job array, one run per task (slurm/sweep_array.sh, each task running slurm/train_multinode.sh: requeue
-  on preemption, resume), and a follow-up job that continues the sweep (tags, tuned final runs) when it ends; the
+--slurm: job arrays, one run per task and at most MaxArraySize tasks each (slurm/sweep_array.sh, each task running
+  slurm/train_multinode.sh: requeue on preemption, resume), and a follow-up job (one CPU: of --sbatch it takes only
+  where and on whose account jobs run, plus --sbatch-follow-up) that continues the sweep (tags, tuned final runs) when
+  they end; the
   sweep directory must be on a shared filesystem, and with a tracking store other than a server, on one that
   SQLite can lock. Compare with `hgscale report --sweep ID`."""
 
@@ -67,8 +69,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the plan (with --slurm, the array script and sbatch "
                                                           "commands) and run nothing")
     p.add_argument("--slurm", action="store_true", help="submit a Slurm job array instead of running here")
-    p.add_argument("--sbatch", default="", help='extra sbatch options for the array and its follow-up job, written '
-                                                '--sbatch="--partition=gpu --gpus-per-node=4"')
+    p.add_argument("--sbatch", default="",
+                   help='extra sbatch options for the arrays, written --sbatch="--partition=gpu --gpus-per-node=4"; '
+                        'the follow-up job takes only their partition, account, qos, reservation and clusters')
+    p.add_argument("--sbatch-follow-up", default="",
+                   help='extra sbatch options for the follow-up job (one CPU, 30 min), e.g. '
+                        '--sbatch-follow-up="--partition=cpu"')
     p.add_argument("--task", nargs=2, metavar=("SWEEP_DIR", "RUN"),
                    help="(used by the array tasks) print run RUN's config and overrides, NUL-separated")
     p.add_argument("--after-round", type=int, default=None, help=argparse.SUPPRESS)
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(session.summary(plan) + session.describe_comparisons(plan)), flush=True)
         if a.slurm:
             return session.run_on_slurm(plan, shlex.split(a.sbatch), _argv_again(argv), dry_run=a.dry_run,
-                                        after_round=a.after_round)
+                                        after_round=a.after_round, follow_args=shlex.split(a.sbatch_follow_up))
         return 0 if a.dry_run else session.run_here(plan)
     except (UserError, InfraError) as e:  # the config loader's, the sweep's, the data's: one message, before any run
         print(f"error: {e}", file=sys.stderr)

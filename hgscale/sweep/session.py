@@ -163,8 +163,8 @@ def run_here(plan: dict, say=print) -> int:
 
 
 def run_on_slurm(plan: dict, sbatch_args: list[str], argv: list[str], say=print, dry_run: bool = False,
-                 after_round: int | None = None) -> int:
-    """Submit the unfinished runs as a job array (and the follow-up job that continues the sweep)."""
+                 after_round: int | None = None, follow_args: list[str] = ()) -> int:
+    """Submit the unfinished runs as job arrays (and the follow-up job that continues the sweep)."""
     from hgscale.sweep.slurm import submit
 
     if not dry_run:
@@ -181,7 +181,7 @@ def run_on_slurm(plan: dict, sbatch_args: list[str], argv: list[str], say=print,
         raise SweepError(f"sweep {plan['sweep']} has no run left to train, but not every final run finished (a run "
                          f"diverged, or every tuning value of a group did); see the train.log files under "
                          f"{plan['out']}/runs")
-    submit(plan, todo, sbatch_args, argv, say, dry_run=dry_run, after_round=after_round)
+    submit(plan, todo, sbatch_args, argv, say, dry_run=dry_run, after_round=after_round, follow_args=follow_args)
     return 0
 
 

@@ -18,6 +18,7 @@ from hgscale.sweep.match import match_baseline
 from hgscale.sweep.options import Options, parse_match
 from hgscale.sweep.plan import build_plan, comparisons
 from hgscale.sweep.runs import resolve_finals
+from hgscale.sweep.slurm import follow_up_args
 from hgscale.tracking.sweep_report import paired_interval, verdict
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -177,17 +178,30 @@ def test_the_slurm_array_script_lists_the_runs_and_passes_shellcheck(tmp_path, c
     out = tmp_path / "sweep"
     # overrides between the options: without them demo.json's own hierarchy has no baseline within 2 %
     assert sweep_cmd.main(["--config", str(CONFIGS / "demo.json"), "--budgets", "3e13", *DEMO64, "--seeds", "2",
-                           "--out", str(out), "--slurm", "--dry-run", "--sbatch=--partition=gpu"]) == 0
+                           "--out", str(out), "--slurm", "--dry-run", "--sbatch=--partition=gpu --gpus-per-node=4",
+                           "--sbatch-follow-up=--time=5"]) == 0
     text = capsys.readouterr().out
     script = text.split("(not written: --dry-run)\n", 1)[1].split("\n$ sbatch", 1)[0]
     assert "#SBATCH --array=0-3" in script and "#SBATCH --job-name=hgscale-sweep-sweep" in script
     assert "    2@1-8@4-2@1_3e13_s1\n    6@1_3e13_s0\n" in script and f"SWEEP_DIR={out.resolve()}" in script
-    assert "$ sbatch --parsable --partition=gpu " in text and "--dependency=afterany:<array job>" in text
+    assert f"$ sbatch --parsable --partition=gpu --gpus-per-node=4 {out.resolve()}/slurm/round-1.sbatch" in text
+    # the follow-up job: one CPU where the arrays run (their partition), no GPUs; --sbatch-follow-up last
+    follow = next(line for line in text.splitlines() if "--dependency=afterany:<array jobs>" in line)
+    head = follow.split("--wrap")[0]
+    assert " --ntasks=1 --cpus-per-task=1 --time=00:30:00 --partition=gpu --time=5 --job-name=" in head
+    assert "gpus-per-node" not in head
     assert not out.exists()  # a dry run writes nothing
     if shutil.which("shellcheck"):
         (tmp_path / "round.sbatch").write_text(script)
         r = subprocess.run(["shellcheck", str(tmp_path / "round.sbatch")], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout
+
+
+def test_the_follow_up_job_takes_only_where_and_on_whose_account_jobs_run():
+    args = ["--partition", "gpu", "-A", "proj", "--qos=high", "-pbig", "--gpus-per-node=8", "--gres", "gpu:8",
+            "--reservation=r1", "-N", "4", "--clusters=c2", "--exclusive"]
+    assert follow_up_args(args, ["--time=5"]) == ["--partition", "gpu", "-A", "proj", "--qos=high", "-pbig",
+                                                  "--reservation=r1", "--clusters=c2", "--time=5"]
 
 
 def test_paired_interval_against_a_hand_computation():

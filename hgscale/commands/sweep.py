@@ -17,7 +17,8 @@ DESCRIPTION = __doc__.split("\n")[0].split(": ", 1)[1]
 EPILOG = """\
 models: the config's hierarchy, or each of --models; every Hourglass among them gets its baselines, vanilla N@1
   Transformers of the same width (every other model key kept): --match flops = the N whose analytic training FLOPs
-  per token is closest (refused when none is within --tolerance, 2 %), params = closest parameter count, depth = the
+  per token is closest (refused when none is within --tolerance, 2 %), causal = the same over the (query, key) pairs
+  attention sees (what kernels that skip the masked half execute), params = closest parameter count, depth = the
   Hourglass's total layer count; none = no baselines (the listed models alone, e.g. init variants in --grid cells).
 budgets: training FLOPs; each model trains round(budget / (FLOPs per token x tokens per step)) steps, its cosine
   (train.decay_steps 0) over those steps; validation every divisor of the steps closest to --evals per run, so the
@@ -49,8 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides for every run, e.g. data.url=data/demo")
     p.add_argument("--models", default="", help='hierarchies to compare, comma-separated, e.g. "2@1 8@4 2@1,3@1 6@3 '
                                                 '3@1" (default: the config\'s model.hierarchy)')
-    p.add_argument("--match", default="flops", help="baselines per Hourglass: flops, params, depth (comma-separated), "
-                                                    "or none")
+    p.add_argument("--match", default="flops", help="baselines per Hourglass: flops, causal, params, depth "
+                                                    "(comma-separated), or none")
     p.add_argument("--tolerance", type=float, default=0.02, help="--match flops: the largest relative gap (0.02)")
     p.add_argument("--budgets", default="", help="training FLOPs per comparison, comma-separated, e.g. 3e14,1e15")
     p.add_argument("--seeds", type=int, default=1, help="final runs per model and budget (seeds 0..N-1)")

@@ -8,6 +8,9 @@ A baseline keeps every model key of the Hourglass (width, heads, d_ff, attention
 - ``flops``: the N whose analytic training FLOPs per token (:func:`hgscale.models.flops.flops_per_token`, the count
   the trainer logs as ``train/flops``) is closest; refused when none is within the tolerance (2 %), since a
   comparison at equal budget would then run the two models for different numbers of tokens;
+- ``causal``: the same on the FLOPs attention executes when its kernel skips the masked half (``causal=True``: only
+  the (query, key) pairs a query sees; the blocked CPU kernel and the fused GPU kernel skip masked blocks), refused
+  likewise: the Hourglass shortens attention, so the two counts can pick different baselines;
 - ``params``: the N whose parameter count is closest;
 - ``depth``: N = every layer of the Hourglass (the sum of its levels' layer counts; resampling not counted).
 
@@ -30,9 +33,10 @@ def vanilla(model: ModelConfig, n: int) -> ModelConfig:
 
 
 def measure(by: str, model: ModelConfig, seq_len: int) -> float:
-    """The quantity ``by`` matches: training FLOPs per token, parameters, or layers."""
-    if by == "flops":
-        return flops_per_token(model, seq_len)
+    """The quantity ``by`` matches: training FLOPs per token (causal: over visible pairs only), parameters, or
+    layers."""
+    if by in ("flops", "causal"):
+        return flops_per_token(model, seq_len, causal=by == "causal")
     if by == "params":
         return float(sum(layer_params(model)))
     return float(model.n_layers())
@@ -51,7 +55,7 @@ def closest(model: ModelConfig, seq_len: int, by: str) -> list[tuple[float, int]
     return sorted(gaps, key=lambda g: (abs(g[0]), g[1]))[:2]
 
 
-def _suggestion(model: ModelConfig, seq_len: int, tolerance: float) -> str:
+def _suggestion(model: ModelConfig, seq_len: int, tolerance: float, by: str) -> str:
     """A nearby Hourglass (its innermost level's layer count changed) that some N@1 meets within the tolerance."""
     levels = model.levels()
     mid = len(levels) // 2
@@ -60,7 +64,7 @@ def _suggestion(model: ModelConfig, seq_len: int, tolerance: float) -> str:
         if n == n0:
             continue
         h = " ".join(f"{a}@{f}" for a, f in levels[:mid] + [(n, k)] + levels[mid + 1:])
-        gap, base = closest(dataclasses.replace(model, hierarchy=h), seq_len, "flops")[0]
+        gap, base = closest(dataclasses.replace(model, hierarchy=h), seq_len, by)[0]
         if abs(gap) <= tolerance:
             return f", or change the Hourglass (e.g. '{h}' meets {base}@1 within {abs(gap):.2%})"
     return ""
@@ -68,20 +72,21 @@ def _suggestion(model: ModelConfig, seq_len: int, tolerance: float) -> str:
 
 def match_baseline(model: ModelConfig, seq_len: int, by: str, tolerance: float = 0.02) -> tuple[int, float]:
     """(N, relative gap of N@1 against the Hourglass in ``by``); a SweepError when no vanilla model can be built or,
-    for ``flops``, none is within ``tolerance``."""
+    for ``flops`` and ``causal``, none is within ``tolerance``."""
     try:
         found = closest(model, seq_len, by)
     except ConfigError as e:
         raise SweepError(f"no vanilla baseline of '{model.hierarchy}' can be built from this config: "
                          f"{e.problems[0]}") from None
     gap, n = found[0]
-    if by == "flops" and abs(gap) > tolerance:
+    if by in ("flops", "causal") and abs(gap) > tolerance:
         near = " and ".join(f"{b}@1 {g:+.1%}" for g, b in found)
-        fpt = measure("flops", model, seq_len)
-        raise SweepError(f"--match flops: no vanilla Transformer of the same width is within {tolerance:.0%} of the "
-                         f"training FLOPs of Hourglass '{model.hierarchy}' ({fpt:.4g} FLOPs/token at data.seq_len "
+        fpt = measure(by, model, seq_len)
+        what = "training FLOPs" if by == "flops" else "causal training FLOPs"
+        raise SweepError(f"--match {by}: no vanilla Transformer of the same width is within {tolerance:.0%} of the "
+                         f"{what} of Hourglass '{model.hierarchy}' ({fpt:.4g} FLOPs/token at data.seq_len "
                          f"{seq_len}): the nearest are {near}; match by --match params or depth, allow more with "
-                         f"--tolerance{_suggestion(model, seq_len, tolerance)}")
+                         f"--tolerance{_suggestion(model, seq_len, tolerance, by)}")
     return n, gap
 
 

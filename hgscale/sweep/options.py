@@ -16,7 +16,8 @@ from dataclasses import asdict, dataclass
 from hgscale.core.notation import parse_hierarchy
 from hgscale.core.status import UserError
 
-MATCHES = ("flops", "params", "depth", "none")  # none: the listed models alone (e.g. variants in --grid cells)
+# none: the listed models alone (e.g. variants of one model in --grid cells)
+MATCHES = ("flops", "causal", "params", "depth", "none")
 # keys the sweep sets itself for every run, and the option that sets them
 SWEEP_KEYS = {"train.steps": "--budgets", "train.seed": "--seeds", "data.seed": "--seeds",
               "train.eval_interval": "--evals", "run_dir": "--out", "checkpoint.dir": "--out",

@@ -26,6 +26,7 @@ from pathlib import Path
 from hgscale.config import ConfigError, load_config
 from hgscale.core.notation import parse_hierarchy
 from hgscale.core.secrets import mask_value
+from hgscale.models.flops import flops_per_token
 from hgscale.sweep.match import eval_interval, match_baseline, step_cost, steps_for
 from hgscale.sweep.options import Options, SweepError, check_counts
 from hgscale.training.layout import ParallelLayout
@@ -105,6 +106,7 @@ def _groups(opts: Options, cell: dict, cfg, problems: list[str]) -> list[dict]:
     groups, short = [], []
     for h, entry in _models(opts, cfg).items():
         fpt, tps = _cost(opts, cfg, h)
+        causal = flops_per_token(dataclasses.replace(cfg.model, hierarchy=h), cfg.data.seq_len, causal=True)
         for budget in opts.budgets:
             steps = steps_for(budget, fpt, tps)
             if steps < 1:
@@ -112,7 +114,8 @@ def _groups(opts: Options, cell: dict, cfg, problems: list[str]) -> list[dict]:
                 continue
             groups.append({"model": h, "role": entry["role"], "matches": entry["matches"], "budget": budget,
                            "cell": cell, "steps": steps, "flops": steps * fpt * tps, "flops_per_token": fpt,
-                           "tokens_per_step": tps, "eval_interval": eval_interval(steps, opts.evals)})
+                           "causal_flops_per_token": causal, "tokens_per_step": tps,
+                           "eval_interval": eval_interval(steps, opts.evals)})
     if short:
         cost, h, fpt, tps, _ = max(short)
         small = ",".join(budget_label(b) for b in sorted({s[-1] for s in short}))

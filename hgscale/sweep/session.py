@@ -80,7 +80,8 @@ def summary(plan: dict) -> list[str]:
     for h, r in models.items():
         params = sum(layer_params(dataclasses.replace(cfg.model, hierarchy=h)))
         match = "; ".join(f"{m['by']}-matched to {m['hourglass']} ({m['gap']:+.1%})" for m in r["matches"])
-        lines.append(f"  {h:24s} {r['role']:9s} {r['flops_per_token']:.4g} FLOPs/token  {params:,} parameters"
+        causal = f" (causal {r['causal_flops_per_token']:.4g})" if "causal_flops_per_token" in r else ""
+        lines.append(f"  {h:24s} {r['role']:9s} {r['flops_per_token']:.4g} FLOPs/token{causal}  {params:,} parameters"
                      + (f"  {match}" if match else ""))
     for r in unique(plan["runs"]):
         lines.append(f"  {r['name']}: {r['steps']} steps x {r['tokens_per_step']} tokens = {r['flops']:.4g} FLOPs "

@@ -15,7 +15,7 @@ from hgscale.config import load_config
 from hgscale.core.status import USER_ERROR
 from hgscale.models.flops import flops_per_token, layer_params
 from hgscale.sweep.match import match_baseline
-from hgscale.sweep.options import Options, parse_match
+from hgscale.sweep.options import Options, SweepError, parse_match
 from hgscale.sweep.plan import build_plan, comparisons
 from hgscale.sweep.runs import resolve_finals
 from hgscale.sweep.slurm import follow_up_args
@@ -98,6 +98,17 @@ def test_steps_per_budget_and_the_runs_of_a_tuned_sweep(tmp_path, monkeypatch):
         "checkpoint.resume=auto", f"tracking.run_name=t/{run['name']}"]
 
 
+def test_causal_match_counts_only_the_pairs_attention_sees():
+    """At T 512 attention is most of a d 64 model's FLOPs and the Hourglass shortens it: over visible pairs only the
+    FLOPs-matched 6@1 is 2.8 % cheaper, outside the default tolerance."""
+    cfg = load_config(CONFIGS / "demo.json", DEMO64)
+    hg, base = (flops_per_token(m, 512, causal=True) for m in (cfg.model, _vanilla(cfg, 6)))
+    assert match_baseline(cfg.model, 512, "causal", tolerance=0.03) == (6, pytest.approx(base / hg - 1))
+    assert base / hg - 1 == pytest.approx(-0.028, abs=5e-4)
+    with pytest.raises(SweepError, match=r"--match causal: .* causal training FLOPs .* nearest are 6@1 -2\.8% and 7@1"):
+        match_baseline(cfg.model, 512, "causal")
+
+
 def test_match_none_trains_the_listed_models_alone_in_each_cell(tmp_path):
     opts = Options(config=str(CONFIGS / "demo.json"), overrides=tuple(DEMO64), budgets=(3e13,), seeds=2,
                    match=parse_match("none"), grid=(("model.init_layers", ("down=normal", "shortened=normal")),))
@@ -158,7 +169,7 @@ def test_a_diverged_tuning_value_counts_as_the_worst(tmp_path):
     (["--budgets", "1e14", "--tune", "model.d_ff=128,512"], "--tune model.d_ff=128 changes the FLOPs of a step"),
     (["--budgets", "1e14", "--grid", "train.steps=10,20"], "the sweep sets train.steps itself"),
     (["--budgets", "lots"], "--budgets 'lots': 'lots' is not a positive number of training FLOPs"),
-    (["--budgets", "1e14", "--match", "width"], "--match 'width': 'width' is not one of flops, params, depth, none"),
+    (["--budgets", "1e14", "--match", "width"], "'width' is not one of flops, causal, params, depth, none"),
     (["--budgets", "1e14", "--match", "flops,none"], "none (no baselines) cannot be combined with a match"),
     (["--budgets", "1e14", "--id", "a b"], "sweep id 'a b': use letters, digits"),
 ])

@@ -230,12 +230,16 @@ def _check_config(cfg: ModelConfig) -> None:
         raise ConfigError(problems, "model config")
 
 
-def layer_scheme(cfg: ModelConfig, index: int) -> str:
-    """The initialisation of layer ``index``: model.init, unless model.init_layers names its group (embed, full,
-    down, shortened, up, head)."""
+def layer_group(cfg: ModelConfig, index: int) -> str:
+    """The model.init_layers group of layer ``index``: embed, full (a block at factor 1), down, shortened (a block of
+    a shortened level), up or head."""
     kind, *args = layer_plan(cfg)[index]
-    group = kind if kind != "block" else "full" if args[0] == 1 else "shortened"
-    return parse_init_layers(cfg.init_layers).get(group, cfg.init)
+    return kind if kind != "block" else "full" if args[0] == 1 else "shortened"
+
+
+def layer_scheme(cfg: ModelConfig, index: int) -> str:
+    """The initialisation of layer ``index``: model.init, unless model.init_layers names its group."""
+    return parse_init_layers(cfg.init_layers).get(layer_group(cfg, index), cfg.init)
 
 
 def build_layer(cfg: ModelConfig, index: int, seed: int = 0) -> nn.Module:

@@ -55,7 +55,7 @@ def scales(model_cfg, tokens: torch.Tensor, seed: int = 0) -> dict:
 
 
 def table(name: str, init: str, res: dict) -> str:
-    lines = [f"{name}, model.init={init}: loss before step 1 {res['loss']:.3f} nats/token",
+    lines = [f"{name}, {init}: loss before step 1 {res['loss']:.3f} nats/token",
              "| layer | kind | group | weight std | RMS after |", "|---|---|---|---|---|"]
     lines += [f"| {r['index']} | {r['kind']} | {r['group']} | {r['weight_std']:.4f} | {r['rms']:.3f} |"
               for r in res["layers"]]
@@ -74,11 +74,12 @@ def main(argv=None) -> int:
     cfg = load_config(args.config, args.overrides)
     tokens = text_batch(args.batch, cfg.data.seq_len)
     result = {"command": common.command(__file__, argv), "seq_len": cfg.data.seq_len, "models": {}}
+    layers = f" model.init_layers='{cfg.model.init_layers}'" if cfg.model.init_layers else ""
     for h in args.models.split(","):
         for init in args.init.split(","):
             res = scales(dataclasses.replace(cfg.model, hierarchy=h.strip(), init=init, dropout=0.0), tokens)
-            result["models"][f"{h.strip()} / {init}"] = res
-            print(table(h.strip(), init, res) + "\n")
+            result["models"][f"{h.strip()} / {init}{layers}"] = res
+            print(table(h.strip(), f"model.init={init}{layers}", res) + "\n")
     common.write_result(args.out, result)
     return 0
 

@@ -69,7 +69,8 @@ class ModelConfig:
     init_std: float = fld(0.02, "Standard deviation of the normal initialisation of weights (model.init = 'normal').",
                           gt=0)
     init_layers: str = fld("", f"Layer groups initialised otherwise than model.init: space-separated group=scheme "
-                               f"pairs (groups: {', '.join(INIT_GROUPS)}), e.g. 'down=normal up=normal'.")
+                               f"pairs (groups: {', '.join(INIT_GROUPS)}). 'full=normal' (blocks at factor 1 from "
+                               f"N(0, init_std)) is the small-budget recipe of BENCHMARKS.md.")
     vanilla_attention: str = fld("full", "Attention of the full-resolution (factor 1) blocks: 'full' (model.attention) "
                                          "or 'lsh' (trax PureLSHSelfAttention: shared QK, rotary, causal).")
     lsh_chunk_len: int = fld(256, "LSH: sorted positions per chunk (trax chunk_len).")

@@ -10,7 +10,9 @@ per corpus (the label before '='), with every gap paired by seed and a 95 % t-in
   baseline (each at its own best init and, in a tuned sweep, its own tuned lr);
 - the init effect: per model and budget, model.init=trax - model.init=normal;
 - ablation sweeps (``--match none``, ``--grid model.init_layers=...``): each cell - the cell whose model.init_layers is
-  empty (the control), per budget.
+  empty (the control), per budget;
+- a recipe sweep (one setting for every model, e.g. ``model.init_layers=full=normal``): each of its models and budgets
+  - the same model and budget in each cell of the corpus's ``--sweep`` (same seeds, so paired).
 
 Reads each run's metrics.jsonl (no tracking store needed) and writes the tables as markdown and
 benchmarks/results/sweep_study.json.
@@ -70,6 +72,18 @@ def cell_effect(rows: list[dict], key: str, value: str, control: str) -> list[di
     return out
 
 
+def against_cells(recipe_rows: list[dict], rows: list[dict]) -> list[dict]:
+    """Each recipe row - the same model and budget in every cell of the main sweep, paired by seed."""
+    out = []
+    for r in recipe_rows:
+        for o in rows:
+            if (o["model"], o["budget"]) == (r["model"], r["budget"]):
+                d = {f"d_{k}": x for k, x in gap(r, o).items()}
+                out.append({"model": r["model"], "budget": r["budget"], "cell": cell_label(o["cell"]),
+                            "control_tune": o["tune"], "mean": r["mean"], "control_mean": o["mean"], **d})
+    return out
+
+
 def _ci(g: dict, pre: str = "") -> str:
     if g[pre + "lo"] is None:
         return f"{g[pre + 'mean']:+.4f} ({g[pre + 'seeds']} seed)"
@@ -101,6 +115,13 @@ def markdown(study: dict) -> str:
             for e in effects:
                 lines.append(f"| {corpus} | {e['model']} | {budget_label(e['budget'])} | {e['value']} | "
                              f"{e['mean']:.4f} | {e['control_mean']:.4f} | {_ci(e, 'd_')} |")
+    for corpus, effects in study["recipes"].items():
+        if corpus == list(study["recipes"])[0]:
+            lines += ["", "| corpus | model | budget | recipe bpc | against | its bpc | recipe - it, 95 % CI |",
+                      "|---|---|---|---|---|---|---|"]
+        for e in effects:
+            lines.append(f"| {corpus} | {e['model']} | {budget_label(e['budget'])} | {e['mean']:.4f} | {e['cell']} "
+                         f"({_tuned(e['control_tune'])}) | {e['control_mean']:.4f} | {_ci(e, 'd_')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -113,18 +134,24 @@ def main(argv=None) -> int:
     ap.add_argument("--sweep", action="append", default=[], metavar="LABEL=DIR", help="a sweep with --grid model.init")
     ap.add_argument("--ablation", action="append", default=[], metavar="LABEL=DIR",
                     help='a --match none sweep with --grid model.init_layers=\'"",...\'')
+    ap.add_argument("--recipe", action="append", default=[], metavar="LABEL=DIR",
+                    help="a sweep of one setting for every model, compared with the --sweep of the same LABEL")
     ap.add_argument("--md", default="", help="also write the tables here")
     common.add_out(ap, "sweep_study")
     args = ap.parse_args(argv)
-    study = {"command": common.command(__file__, argv), "sweeps": {}, "ablations": {}}
+    study = {"command": common.command(__file__, argv), "sweeps": {}, "ablations": {}, "recipes": {}}
+    main_rows = {}
     for label, d in _labelled(args.sweep).items():
         plan, rows = rows_of(d)
+        main_rows[label] = rows
         study["sweeps"][label] = {"dir": d, "best_vs_best": best_vs_best(plan, rows),
                                   "init_effect": cell_effect(rows, "model.init", "trax", "normal")}
     for label, d in _labelled(args.ablation).items():
         _, rows = rows_of(d)
         values = sorted({r["cell"].get("model.init_layers") for r in rows} - {'""'})
         study["ablations"][label] = [e for v in values for e in cell_effect(rows, "model.init_layers", v, '""')]
+    for label, d in _labelled(args.recipe).items():
+        study["recipes"][label] = against_cells(rows_of(d)[1], main_rows[label])
     md = markdown(study)
     print(md)
     if args.md:

@@ -40,8 +40,13 @@ def test_study_tables_pair_seeds_across_cells(tmp_path, monkeypatch):
                      tmp_path / "c.json")
     _finish(abl, lambda r: 2.5 - (0.1 + 0.01 * r["seed"]) * (r["cell"]["model.init_layers"] == "down=normal"))
 
+    recipe = build_plan(Options(config=CONFIG, overrides=(*DEMO64, "model.init_layers=full=normal"), budgets=(3e13,),
+                                seeds=3), "r", tmp_path / "r", tmp_path / "c.json")
+    _finish(recipe, lambda r: 2.3 + r["seed"] / 100)  # 6@1: 0.15 below its trax runs, seed by seed
+
     assert sweep_study.main(["--sweep", f"demo={tmp_path / 'm'}", "--ablation", f"demo={tmp_path / 'a'}",
-                             "--out", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md")]) == 0
+                             "--recipe", f"demo={tmp_path / 'r'}", "--out", str(tmp_path / "s.json"),
+                             "--md", str(tmp_path / "s.md")]) == 0
     study = json.loads((tmp_path / "s.json").read_text())["sweeps"]["demo"]
     (best,) = study["best_vs_best"]  # Hourglass at normal (2.42 mean) against 6@1 at trax (2.46 mean)
     assert (best["hg_cell"], best["base_cell"], best["seeds"]) == ("model.init=normal", "model.init=trax", 3)
@@ -52,5 +57,9 @@ def test_study_tables_pair_seeds_across_cells(tmp_path, monkeypatch):
     (ablation,) = json.loads((tmp_path / "s.json").read_text())["ablations"]["demo"]
     assert (ablation["value"], ablation["d_seeds"]) == ("down=normal", 2)
     assert ablation["d_mean"] == pytest.approx(-0.105) and ablation["d_lo"] < -0.105 < ablation["d_hi"]
+    against = {(e["model"], e["cell"]): e for e in json.loads((tmp_path / "s.json").read_text())["recipes"]["demo"]}
+    assert len(against) == 4 and against[("6@1", "model.init=trax")]["d_mean"] == pytest.approx(-0.15)
+    assert against[("6@1", "model.init=trax")]["d_sd"] == pytest.approx(0, abs=1e-12)
+    assert against[("2@1 8@4 2@1", "model.init=normal")]["d_mean"] == pytest.approx(2.31 - 2.42)
     row = "| demo | 3e13 | 2@1 8@4 2@1 (normal, —) | 2.4200 | 6@1 (trax, —) | 2.4600 | -0.0400 [-0.0648, -0.0152] |"
     assert row in (tmp_path / "s.md").read_text()

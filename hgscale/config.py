@@ -25,6 +25,7 @@ from hgscale.core.loader import ConfigError, build, fld, range_problems, read_js
 from hgscale.core.loader import field_docs as _field_docs
 from hgscale.core.notation import (
     INIT_GROUPS,
+    INIT_RECIPES,
     INIT_SCHEMES,
     checkpointed_levels,
     mixture_problems,
@@ -69,8 +70,9 @@ class ModelConfig:
     init_std: float = fld(0.02, "Standard deviation of the normal initialisation of weights (model.init = 'normal').",
                           gt=0)
     init_layers: str = fld("", f"Layer groups initialised otherwise than model.init: space-separated group=scheme "
-                               f"pairs (groups: {', '.join(INIT_GROUPS)}). 'full=normal' (blocks at factor 1 from "
-                               f"N(0, init_std)) is the small-budget recipe of BENCHMARKS.md.")
+                               f"pairs (groups: {', '.join(INIT_GROUPS)}), or a named recipe: "
+                               + "; ".join(f"'{k}' = '{v}'" for k, v in INIT_RECIPES.items())
+                               + " (blocks at factor 1 from N(0, init_std): the small-budget recipe of BENCHMARKS.md).")
     vanilla_attention: str = fld("full", "Attention of the full-resolution (factor 1) blocks: 'full' (model.attention) "
                                          "or 'lsh' (trax PureLSHSelfAttention: shared QK, rotary, causal).")
     lsh_chunk_len: int = fld(256, "LSH: sorted positions per chunk (trax chunk_len).")

@@ -133,7 +133,8 @@ def _image_dataset(tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("kinds", [["model.downsample=linear", "model.upsample=linear", "model.attention=rotary"],
-                                   ["model.downsample=avg", "model.upsample=attention_linear"]])
+                                   ["model.downsample=avg", "model.upsample=attention_linear",
+                                    "model.init_layers=small_budget"]])
 def test_image_models_and_other_resampling_export_exactly(tmp_path, kinds):
     from transformers import AutoModelForCausalLM
 
@@ -159,6 +160,10 @@ def test_image_models_and_other_resampling_export_exactly(tmp_path, kinds):
         torch.testing.assert_close(hf(x).logits, model(x), rtol=0, atol=1e-5)
     greedy = hf.generate(x[:1, :41], max_new_tokens=30, do_sample=False)
     assert torch.equal(greedy, generate(model, x[:1, :41], 30, temperature=0))
+    # a fresh model from the exported config draws hgscale's initial weights (model.init, model.init_layers)
+    fresh = AutoModelForCausalLM.from_config(hf.config, trust_remote_code=True).model.state_dict()
+    ours = HourglassLM(cfg.model).state_dict()
+    assert fresh.keys() == ours.keys() and all(torch.equal(fresh[k], ours[k]) for k in ours)
 
 
 def test_training_starts_from_an_export_in_either_format(hf_dir, trained_checkpoint, demo_data, tmp_path):  # noqa: F811

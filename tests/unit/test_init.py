@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from hgscale.config import ModelConfig
+from hgscale.config import ModelConfig, field_docs
+from hgscale.core.notation import parse_init_layers
 from hgscale.models import HourglassLM
 from hgscale.models.hourglass import init_layer_
 
@@ -111,6 +112,15 @@ def test_init_layers_give_each_named_group_its_scheme_and_the_rest_model_init():
             ref = normal[i] if i in want else trax[i]
             assert all(torch.equal(a, b) for a, b in zip(layer.state_dict().values(), ref.state_dict().values(),
                                                           strict=True)), (spec, i)
+
+
+def test_a_named_recipe_is_its_pairs():
+    """model.init_layers = "small_budget" builds exactly the weights of "full=normal", and a config shows its pairs."""
+    named, pairs = (HourglassLM(ModelConfig(**CFG, init="trax", init_layers=s), seed=5).state_dict()
+                    for s in ("small_budget", "full=normal"))
+    assert named.keys() == pairs.keys() and all(torch.equal(named[k], pairs[k]) for k in named)
+    assert parse_init_layers(" small_budget ") == {"full": "normal"}
+    assert "'small_budget' = 'full=normal'" in dict((k, doc) for k, doc, _ in field_docs())["model.init_layers"]
 
 
 @pytest.mark.parametrize("spec, why", [

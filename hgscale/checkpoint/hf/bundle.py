@@ -12,9 +12,12 @@ those modules, or an hgscale import left over, is an error here, not a silently 
 from __future__ import annotations
 
 import ast
+import builtins
 import dataclasses
+import dis
 import inspect
 import textwrap
+import types
 from importlib import import_module
 from pathlib import Path
 
@@ -25,7 +28,8 @@ TOKENIZER_MODULE = "hgscale.checkpoint.hf.tokenization"
 # modules the generated text needs
 SHIMMED = {"hgscale.config": ("hgscale.core.notation",)}
 # Modules of which the model needs a few names only (the other grammars of config values stay out)
-ONLY = {"hgscale.core.notation": ("_LEVEL_RE", "parse_hierarchy", "INIT_SCHEMES", "INIT_GROUPS", "parse_init_layers")}
+ONLY = {"hgscale.core.notation": ("_LEVEL_RE", "parse_hierarchy", "INIT_SCHEMES", "INIT_GROUPS", "INIT_RECIPES",
+                                    "parse_init_layers")}
 CONFIG_METHODS = ("levels", "total_factor", "n_layers")  # what the model code calls on its config
 
 
@@ -181,11 +185,30 @@ def _header(root: str, modules: list[str]) -> str:
 
 
 def _check(text: str) -> None:
-    """The file compiles and names no hgscale module (``hgscale`` only in comments and strings)."""
+    """The file compiles, names no hgscale module (``hgscale`` only in comments and strings) and reads no global
+    name it does not define (a name of a partly bundled module left out of ONLY)."""
     tree = ast.parse(text)
     for node in ast.walk(tree):
         mod = node.module if isinstance(node, ast.ImportFrom) else None
         names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
         if (mod or "").split(".")[0] == PACKAGE or any(n.split(".")[0] == PACKAGE for n in names):
             raise BundleError(f"the modeling file still imports hgscale (line {node.lineno})")
-    compile(text, "modeling_hourglass.py", "exec")
+    missing = _undefined_globals(compile(text, "modeling_hourglass.py", "exec"))
+    if missing:
+        raise BundleError(f"the modeling file reads {', '.join(sorted(missing))} but does not define it: add it to "
+                          f"bundle.ONLY or bundle its module")
+
+
+def _undefined_globals(module: types.CodeType) -> set[str]:
+    """Global names that code of ``module`` (its functions, and its own top level) reads and neither the module's
+    top level nor a ``global`` statement nor builtins define."""
+    defined, read, todo = set(dir(builtins)) | {"__file__", "__annotations__"}, set(), [module]
+    while todo:
+        code = todo.pop()
+        for ins in dis.get_instructions(code):
+            if ins.opname == "STORE_GLOBAL" or (code is module and ins.opname == "STORE_NAME"):
+                defined.add(ins.argval)
+            elif ins.opname == "LOAD_GLOBAL" or (code is module and ins.opname == "LOAD_NAME"):
+                read.add(ins.argval)
+        todo += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+    return read - defined

@@ -1,7 +1,7 @@
 """The matched-FLOPs study of BENCHMARKS.md: what crosses the --grid cells of finished hgscale sweeps.
 
     python benchmarks/sweep_study.py --sweep demo=runs/sweeps/study-demo --sweep debian=runs/sweeps/study-debian \\
-        [--ablation demo=runs/sweeps/ablate-demo ...] [--md study.md]
+        [--ablation demo=runs/sweeps/ablate-demo ...] [--recipe demo=runs/sweeps/recipe-demo ...] [--md study.md]
 
 ``hgscale report --sweep`` compares an Hourglass with its baselines inside one grid cell (one model.init). This adds,
 per corpus (the label before '='), with every gap paired by seed and a 95 % t-interval over the per-seed differences:
@@ -9,8 +9,8 @@ per corpus (the label before '='), with every gap paired by seed and a 95 % t-in
 - best against best: per model and budget the cell with the lowest mean final validation bpc, then Hourglass - its
   baseline (each at its own best init and, in a tuned sweep, its own tuned lr);
 - the init effect: per model and budget, model.init=trax - model.init=normal;
-- ablation sweeps (``--match none``, ``--grid model.init_layers=...``): each cell - the cell whose model.init_layers is
-  empty (the control), per budget;
+- ablation sweeps (one ``--grid`` key, e.g. ``model.init_layers='"",down=normal,...'`` with ``--match none``, or
+  ``train.warmup_steps=10,0,40``): per model and budget, each cell - the cell of the key's first value (the control);
 - a recipe sweep (one setting for every model, e.g. ``model.init_layers=full=normal``): each of its models and budgets
   - the same model and budget in each cell of the corpus's ``--sweep`` (same seeds, so paired).
 
@@ -67,7 +67,7 @@ def cell_effect(rows: list[dict], key: str, value: str, control: str) -> list[di
         ctl = index.get((rest, model, budget, control))
         if v == value and ctl is not None:
             d = {f"d_{k}": x for k, x in gap(r, ctl).items()}
-            out.append({"model": model, "budget": budget, "cell": rest, "value": value, "control": control,
+            out.append({"model": model, "budget": budget, "cell": rest, "key": key, "value": value, "control": control,
                         "mean": r["mean"], "control_mean": ctl["mean"], **d})
     return out
 
@@ -108,13 +108,15 @@ def markdown(study: dict) -> str:
         for e in sorted(s["init_effect"], key=lambda e: (e["model"], e["budget"])):
             lines.append(f"| {corpus} | {e['model']} | {budget_label(e['budget'])} | {e['mean']:.4f} | "
                          f"{e['control_mean']:.4f} | {_ci(e, 'd_')} |")
-    if study["ablations"]:
-        lines += ["", "| corpus | model | budget | model.init_layers | bpc | control bpc | gap, 95 % CI |",
-                  "|---|---|---|---|---|---|---|"]
-        for corpus, effects in study["ablations"].items():
-            for e in effects:
-                lines.append(f"| {corpus} | {e['model']} | {budget_label(e['budget'])} | {e['value']} | "
-                             f"{e['mean']:.4f} | {e['control_mean']:.4f} | {_ci(e, 'd_')} |")
+    key = None
+    for corpus, effects in study["ablations"].items():
+        for e in effects:
+            if e["key"] != key:  # a table per ablated key
+                key = e["key"]
+                lines += ["", f"| corpus | model | budget | {key} | bpc | control ({e['control']}) bpc "
+                              f"| gap, 95 % CI |", "|---|---|---|---|---|---|---|"]
+            lines.append(f"| {corpus} | {e['model']} | {budget_label(e['budget'])} | {e['value']} | "
+                         f"{e['mean']:.4f} | {e['control_mean']:.4f} | {_ci(e, 'd_')} |")
     for corpus, effects in study["recipes"].items():
         if corpus == list(study["recipes"])[0]:
             lines += ["", "| corpus | model | budget | recipe bpc | against | its bpc | recipe - it, 95 % CI |",
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     ap = common.parser(__doc__)
     ap.add_argument("--sweep", action="append", default=[], metavar="LABEL=DIR", help="a sweep with --grid model.init")
     ap.add_argument("--ablation", action="append", default=[], metavar="LABEL=DIR",
-                    help='a --match none sweep with --grid model.init_layers=\'"",...\'')
+                    help="a sweep with one --grid key, whose first value is the control")
     ap.add_argument("--recipe", action="append", default=[], metavar="LABEL=DIR",
                     help="a sweep of one setting for every model, compared with the --sweep of the same LABEL")
     ap.add_argument("--md", default="", help="also write the tables here")
@@ -147,9 +149,9 @@ def main(argv=None) -> int:
         study["sweeps"][label] = {"dir": d, "best_vs_best": best_vs_best(plan, rows),
                                   "init_effect": cell_effect(rows, "model.init", "trax", "normal")}
     for label, d in _labelled(args.ablation).items():
-        _, rows = rows_of(d)
-        values = sorted({r["cell"].get("model.init_layers") for r in rows} - {'""'})
-        study["ablations"][label] = [e for v in values for e in cell_effect(rows, "model.init_layers", v, '""')]
+        plan, rows = rows_of(d)
+        (key, (control, *values)), = plan["options"]["grid"]  # one key; its first value is the control
+        study["ablations"][label] = [e for v in sorted(values) for e in cell_effect(rows, key, v, control)]
     for label, d in _labelled(args.recipe).items():
         study["recipes"][label] = against_cells(rows_of(d)[1], main_rows[label])
     md = markdown(study)

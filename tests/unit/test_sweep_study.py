@@ -1,5 +1,5 @@
 """benchmarks/sweep_study.py on sweeps whose runs leave known final values: the comparisons across --grid cells
-(best init against best init, trax - normal, each model.init_layers cell - the control), paired by seed."""
+(best init against best init, trax - normal, each ablation cell - the control), paired by seed."""
 import json
 from pathlib import Path
 
@@ -39,12 +39,17 @@ def test_study_tables_pair_seeds_across_cells(tmp_path, monkeypatch):
                              grid=(("model.init_layers", ('""', "down=normal")),)), "a", tmp_path / "a",
                      tmp_path / "c.json")
     _finish(abl, lambda r: 2.5 - (0.1 + 0.01 * r["seed"]) * (r["cell"]["model.init_layers"] == "down=normal"))
+    warm = build_plan(Options(config=CONFIG, overrides=DEMO64, budgets=(3e13,), seeds=2, match=(),
+                              grid=(("train.warmup_steps", ("10", "0", "40")),)), "w", tmp_path / "w",
+                      tmp_path / "c.json")
+    _finish(warm, lambda r: 2.5 + int(r["cell"]["train.warmup_steps"]) / 100 + r["seed"] / 1000)
 
     recipe = build_plan(Options(config=CONFIG, overrides=(*DEMO64, "model.init_layers=full=normal"), budgets=(3e13,),
                                 seeds=3), "r", tmp_path / "r", tmp_path / "c.json")
     _finish(recipe, lambda r: 2.3 + r["seed"] / 100)  # 6@1: 0.15 below its trax runs, seed by seed
 
     assert sweep_study.main(["--sweep", f"demo={tmp_path / 'm'}", "--ablation", f"demo={tmp_path / 'a'}",
+                             "--ablation", f"other={tmp_path / 'w'}",
                              "--recipe", f"demo={tmp_path / 'r'}", "--out", str(tmp_path / "s.json"),
                              "--md", str(tmp_path / "s.md")]) == 0
     study = json.loads((tmp_path / "s.json").read_text())["sweeps"]["demo"]
@@ -57,6 +62,12 @@ def test_study_tables_pair_seeds_across_cells(tmp_path, monkeypatch):
     (ablation,) = json.loads((tmp_path / "s.json").read_text())["ablations"]["demo"]
     assert (ablation["value"], ablation["d_seeds"]) == ("down=normal", 2)
     assert ablation["d_mean"] == pytest.approx(-0.105) and ablation["d_lo"] < -0.105 < ablation["d_hi"]
+    warmup = json.loads((tmp_path / "s.json").read_text())["ablations"]["other"]  # any key; control: the first value
+    assert [(e["key"], e["control"], e["value"], e["d_seeds"]) for e in warmup] == [("train.warmup_steps", "10", v, 2)
+                                                                                      for v in ("0", "40")]
+    assert [e["d_mean"] for e in warmup] == pytest.approx([-0.10, 0.30]) and warmup[0]["d_sd"] == pytest.approx(0)
+    assert "| corpus | model | budget | train.warmup_steps | bpc | control (10) bpc | gap, 95 % CI |" in \
+        (tmp_path / "s.md").read_text()
     against = {(e["model"], e["cell"]): e for e in json.loads((tmp_path / "s.json").read_text())["recipes"]["demo"]}
     assert len(against) == 4 and against[("6@1", "model.init=trax")]["d_mean"] == pytest.approx(-0.15)
     assert against[("6@1", "model.init=trax")]["d_sd"] == pytest.approx(0, abs=1e-12)

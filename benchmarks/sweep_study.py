@@ -35,9 +35,11 @@ def rows_of(sweep_dir: str) -> tuple[dict, list[dict]]:
     return plan, [r for r in summarize(results, plan["options"].get("tolerance", 0.02)) if r["n"]]
 
 
-def gap(a: dict, b: dict) -> dict:
+def gap(a: dict, b: dict, prefix: str = "") -> dict:
+    """a - b paired by seed: seeds, mean, sd and the 95 % interval, each key led by ``prefix``."""
     seeds = sorted(set(a["by_seed"]) & set(b["by_seed"]))
-    return {"seeds": len(seeds), **paired_interval([a["by_seed"][s] - b["by_seed"][s] for s in seeds])}
+    g = {"seeds": len(seeds), **paired_interval([a["by_seed"][s] - b["by_seed"][s] for s in seeds])}
+    return {prefix + k: x for k, x in g.items()}
 
 
 def _best(rows: list[dict], model: str, budget: float) -> dict | None:
@@ -66,9 +68,8 @@ def cell_effect(rows: list[dict], key: str, value: str, control: str) -> list[di
     for (rest, model, budget, v), r in index.items():
         ctl = index.get((rest, model, budget, control))
         if v == value and ctl is not None:
-            d = {f"d_{k}": x for k, x in gap(r, ctl).items()}
             out.append({"model": model, "budget": budget, "cell": rest, "key": key, "value": value, "control": control,
-                        "mean": r["mean"], "control_mean": ctl["mean"], **d})
+                        "mean": r["mean"], "control_mean": ctl["mean"], **gap(r, ctl, "d_")})
     return out
 
 
@@ -78,9 +79,9 @@ def against_cells(recipe_rows: list[dict], rows: list[dict]) -> list[dict]:
     for r in recipe_rows:
         for o in rows:
             if (o["model"], o["budget"]) == (r["model"], r["budget"]):
-                d = {f"d_{k}": x for k, x in gap(r, o).items()}
                 out.append({"model": r["model"], "budget": r["budget"], "cell": cell_label(o["cell"]),
-                            "control_tune": o["tune"], "mean": r["mean"], "control_mean": o["mean"], **d})
+                            "control_tune": o["tune"], "mean": r["mean"], "control_mean": o["mean"],
+                            **gap(r, o, "d_")})
     return out
 
 
@@ -117,10 +118,10 @@ def markdown(study: dict) -> str:
                               f"| gap, 95 % CI |", "|---|---|---|---|---|---|---|"]
             lines.append(f"| {corpus} | {e['model']} | {budget_label(e['budget'])} | {e['value']} | "
                          f"{e['mean']:.4f} | {e['control_mean']:.4f} | {_ci(e, 'd_')} |")
+    if study["recipes"]:
+        lines += ["", "| corpus | model | budget | recipe bpc | against | its bpc | recipe - it, 95 % CI |",
+                  "|---|---|---|---|---|---|---|"]
     for corpus, effects in study["recipes"].items():
-        if corpus == list(study["recipes"])[0]:
-            lines += ["", "| corpus | model | budget | recipe bpc | against | its bpc | recipe - it, 95 % CI |",
-                      "|---|---|---|---|---|---|---|"]
         for e in effects:
             lines.append(f"| {corpus} | {e['model']} | {budget_label(e['budget'])} | {e['mean']:.4f} | {e['cell']} "
                          f"({_tuned(e['control_tune'])}) | {e['control_mean']:.4f} | {_ci(e, 'd_')} |")
@@ -150,9 +151,13 @@ def main(argv=None) -> int:
                                   "init_effect": cell_effect(rows, "model.init", "trax", "normal")}
     for label, d in _labelled(args.ablation).items():
         plan, rows = rows_of(d)
-        (key, (control, *values)), = plan["options"]["grid"]  # one key; its first value is the control
+        if len(plan["options"]["grid"]) != 1:
+            ap.error(f"--ablation {label}={d}: the sweep needs exactly one --grid key (its first value the control)")
+        (key, (control, *values)), = plan["options"]["grid"]
         study["ablations"][label] = [e for v in sorted(values) for e in cell_effect(rows, key, v, control)]
     for label, d in _labelled(args.recipe).items():
+        if label not in main_rows:
+            ap.error(f"--recipe {label}={d}: give the main sweep of {label!r} too (--sweep {label}=DIR)")
         study["recipes"][label] = against_cells(rows_of(d)[1], main_rows[label])
     md = markdown(study)
     print(md)

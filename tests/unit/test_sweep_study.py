@@ -74,3 +74,20 @@ def test_study_tables_pair_seeds_across_cells(tmp_path, monkeypatch):
     assert against[("2@1 8@4 2@1", "model.init=normal")]["d_mean"] == pytest.approx(2.31 - 2.42)
     row = "| demo | 3e13 | 2@1 8@4 2@1 (normal, —) | 2.4200 | 6@1 (trax, —) | 2.4600 | -0.0400 [-0.0648, -0.0152] |"
     assert row in (tmp_path / "s.md").read_text()
+
+
+def test_an_ablation_of_two_keys_or_a_recipe_without_its_sweep_is_one_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    import sweep_study
+
+    two = build_plan(Options(config=CONFIG, overrides=DEMO64, budgets=(3e13,), seeds=1, match=(),
+                             grid=(("model.init", ("trax", "normal")), ("train.warmup_steps", ("0", "10")))),
+                     "t", tmp_path / "t", tmp_path / "c.json")
+    save_plan(two)
+    for argv, why in ((["--ablation", f"x={tmp_path / 't'}"], "needs exactly one --grid key"),
+                      (["--recipe", f"x={tmp_path / 't'}"], "give the main sweep of 'x' too (--sweep x=DIR)")):
+        with pytest.raises(SystemExit) as e:
+            sweep_study.main([*argv, "--out", str(tmp_path / "s.json")])
+        assert e.value.code == 2 and why in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
